@@ -1,0 +1,33 @@
+"""``python -m server``: one server process against ``REDIS_URL`` (run several behind a balancer)."""
+
+from __future__ import annotations
+
+import uvicorn
+
+from server.logs import setup_logging
+from server.settings import Settings
+
+WS_MAX_MESSAGE = 64 * 1024  # a bigger client frame closes the socket with 1009
+
+
+def main() -> None:
+    settings = Settings.from_env()
+    setup_logging(settings.log_level)
+    uvicorn.run(
+        "server.app:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        ws="websockets-sansio",
+        ws_max_size=WS_MAX_MESSAGE,
+        timeout_graceful_shutdown=5,
+        log_config=None,
+        log_level=settings.log_level,
+        access_log=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

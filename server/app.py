@@ -1,0 +1,105 @@
+"""The Starlette app: lifespan (Redis, store, hub), routes, and error handling."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+
+from server import jobs, streams
+from server.hub import Hub, SubscribeTimeout
+from server.problems import Problem
+from server.settings import Settings
+from server.store import Store
+from worker.registry import load
+
+log = logging.getLogger("server")
+
+STATIC = Path(__file__).resolve().parent.parent / "static"
+
+
+def unavailable(request: Request, exc: Exception) -> Response:
+    log.warning("Redis unavailable: %s", exc)
+    return Problem(503, "Service unavailable", "Redis is unreachable; try again.", headers={"Retry-After": "2"}).response()
+
+
+def problem(request: Request, exc: Problem) -> Response:
+    return exc.response()
+
+
+def http_error(request: Request, exc: HTTPException) -> Response:
+    return Problem(exc.status_code, exc.detail or "Error", headers=exc.headers).response()
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    try:
+        async with asyncio.timeout(2.0):
+            await request.app.state.store.redis.ping()
+    except Exception as e:
+        return unavailable(request, e)
+    return JSONResponse({"status": "ready"})
+
+
+def page(name: str):
+    async def endpoint(request: Request) -> Response:
+        return FileResponse(STATIC / name)
+
+    return endpoint
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    settings = settings or Settings.from_env()
+    registry = load(settings.jobs_module)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        redis = Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5, socket_keepalive=True)
+        store = Store(redis, settings)
+        hub = Hub(redis, store)
+        app.state.settings, app.state.registry, app.state.store, app.state.hub = settings, registry, store, hub
+        reader = asyncio.create_task(hub.run())
+        try:
+            yield
+        finally:
+            reader.cancel()
+            with contextlib.suppress(BaseException):
+                await reader
+            await redis.aclose()
+
+    routes = [
+        Route("/", page("index.html")),
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/jobs", jobs.submit, methods=["POST"]),
+        Route("/jobs", jobs.list_jobs, methods=["GET"]),
+        Route("/jobs/{job_id}", jobs.status, methods=["GET"]),
+        Route("/jobs/{job_id}", jobs.cancel, methods=["DELETE"]),
+        Route("/jobs/{job_id}/result", jobs.result),
+        Route("/jobs/{job_id}/events", streams.job_events),
+        Route("/events", streams.events),
+        WebSocketRoute("/ws", streams.websocket),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
+    ]
+    handlers = {
+        Problem: problem,
+        HTTPException: http_error,
+        RedisConnectionError: unavailable,
+        RedisTimeoutError: unavailable,
+        SubscribeTimeout: unavailable,
+    }
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)

@@ -1,0 +1,155 @@
+"""The contract shared by server and worker: job document, event format, Redis layout.
+
+Everything here is pure (no I/O) and is the single definition of each fact:
+
+* the job document's shape (``new_document``), which is the body of status answers,
+  the SSE ``data:``, the WebSocket ``job`` and the webhook payload;
+* the event as stored and published: ``b"<seq> <event>\\n" + <document JSON>``. The short
+  header lets a server route and order an event without parsing the JSON, and the
+  document bytes are relayed to every client untouched;
+* the Redis keys and channels, all under the ``progress:`` prefix (arq keeps ``arq:*``);
+* the Lua script through which every change of a job document goes (compare-and-set on
+  ``seq``, store and publish in one atomic step).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+from datetime import datetime, timezone
+from typing import Any
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
+STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+TERMINAL = frozenset((SUCCEEDED, FAILED, CANCELLED))
+
+PREFIX = "progress:"
+JOBS_INDEX = PREFIX + "jobs"  # sorted set: job id -> created time (µs)
+EVENTS_PATTERN = PREFIX + "ev:*"  # every job's channel, for dashboards
+WAKE_CHANNEL = PREFIX + "wake"  # "a job was enqueued": workers poll at once
+CANCEL_CHANNEL = PREFIX + "cancel"  # payload: job id; the worker running it stops it
+
+
+def job_key(job_id: str) -> str:
+    """Hash with fields ``seq``, ``state``, ``type`` and ``ev`` (the packed event)."""
+    return f"{PREFIX}job:{job_id}"
+
+
+def result_key(job_id: str) -> str:
+    return f"{PREFIX}result:{job_id}"
+
+
+def tombstone_key(job_id: str) -> str:
+    """Outlives the document so that an expired job answers 410, not 404."""
+    return f"{PREFIX}gone:{job_id}"
+
+
+def cancel_key(job_id: str) -> str:
+    return f"{PREFIX}cancel:{job_id}"
+
+
+def channel(job_id: str) -> str:
+    return f"{PREFIX}ev:{job_id}"
+
+
+CHANNEL_PREFIX_LEN = len(channel(""))
+
+
+def new_job_id() -> str:
+    """``j_`` + 144 random bits, URL-safe."""
+    return "j_" + secrets.token_urlsafe(18)
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def links(job_id: str) -> dict[str, str]:
+    base = f"/jobs/{job_id}"
+    return {"self": base, "events": base + "/events", "result": base + "/result"}
+
+
+def new_document(job_id: str, job_type: str, created_at: str) -> dict[str, Any]:
+    """A queued job's document: every field of the public shape, in its public order."""
+    return {
+        "id": job_id,
+        "type": job_type,
+        "status": QUEUED,
+        "progress": None,
+        "message": None,
+        "stage": None,
+        "seq": 1,
+        "attempt": 0,
+        "created_at": created_at,
+        "started_at": None,
+        "updated_at": created_at,
+        "finished_at": None,
+        "eta_s": None,
+        "error": None,
+        "links": links(job_id),
+    }
+
+
+def event_name(status: str) -> str:
+    """SSE ``event:`` and WebSocket ``event``: the status once terminal, else progress."""
+    return status if status in TERMINAL else "progress"
+
+
+def dumps(obj: Any) -> bytes:
+    """Compact JSON; NaN and infinities are refused so every client can parse it."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def pack(doc: dict[str, Any]) -> bytes:
+    """Serialize a document once, into the event that is stored and published."""
+    return b"%d %s\n" % (doc["seq"], event_name(doc["status"]).encode()) + dumps(doc)
+
+
+def unpack(raw: bytes) -> tuple[int, str, bytes]:
+    """``(seq, event, document JSON)`` from a packed event, without parsing the JSON."""
+    header, _, body = raw.partition(b"\n")
+    seq, _, name = header.partition(b" ")
+    return int(seq), name.decode(), body
+
+
+# The one write path for a job document (both server and worker call it).
+# KEYS: job hash, tombstone, result
+# ARGV: expected seq, new seq, new state, packed event, channel, ttl (s) of the document,
+#       terminal (1/0), tombstone ttl (s), result JSON ('' for none)
+# Returns {1, seq} when written; {0, current seq, current state} when refused because the
+# stored seq is not the expected one, or the job is already terminal (no change after the end).
+WRITE_SCRIPT = """
+local cur = redis.call('HMGET', KEYS[1], 'seq', 'state')
+local seq = tonumber(cur[1]) or 0
+local state = cur[2] or ''
+if seq ~= tonumber(ARGV[1]) or state == 'succeeded' or state == 'failed' or state == 'cancelled' then
+  return {0, seq, state}
+end
+redis.call('HSET', KEYS[1], 'seq', ARGV[2], 'state', ARGV[3], 'ev', ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[6])
+if ARGV[7] == '1' then
+  redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[8])
+  if ARGV[9] ~= '' then
+    redis.call('SET', KEYS[3], ARGV[9], 'EX', ARGV[6])
+  end
+end
+redis.call('PUBLISH', ARGV[5], ARGV[4])
+return {1, tonumber(ARGV[2])}
+"""
+
+
+def encode_cursor(seqs: dict[str, int]) -> str:
+    """Opaque resume cursor of a multi-job stream: the last seq seen of each job."""
+    raw = ",".join(f"{job_id}:{seq}" for job_id, seq in seqs.items())
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> dict[str, int]:
+    """Inverse of ``encode_cursor``; raises ValueError on anything malformed."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        pairs = (item.rpartition(":") for item in raw.split(",") if item)
+        return {job_id: int(seq) for job_id, _, seq in pairs if job_id}
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError("malformed cursor") from e

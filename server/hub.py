@@ -1,0 +1,282 @@
+"""In-process fan-out: one Redis pub/sub connection per server process, a mailbox per client.
+
+Guarantees (SPEC "What nothing lost means"):
+
+* ``Hub.watch`` returns only once Redis has confirmed the subscription, so a snapshot read
+  after it cannot miss a change: any later change is published to a channel we hear.
+* ``Mailbox`` keeps at most one pending event per job (the newest) and drops any event whose
+  seq is not above what the client has already been given: seq never repeats or goes back,
+  a slow client skips intermediate states (conflation), and memory stays bounded.
+* ``Hub.dispatch`` is synchronous and never waits on a client.
+* After a lost connection the hub reconnects, re-subscribes and re-reads the snapshot of
+  every watched job (pub/sub is at-most-once; the stored document is the truth).
+
+Per-job channels are subscribed on a process's first local watcher and dropped after its
+last, so each process hears only the jobs its clients watch. Dashboards ("all jobs") use
+one pattern subscription, held while at least one such watcher is connected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable
+
+from redis.asyncio import Redis
+
+from server import contract
+from server.store import Store
+
+log = logging.getLogger("server.hub")
+
+SEEN_CAP = 10_000  # per mailbox: how many jobs' last seq it remembers (oldest forgotten first)
+HUB_CHANNEL = contract.PREFIX + "hub"  # always subscribed, so the connection is never idle-empty
+
+
+class Event:
+    """One change of one job, framed once per transport and shared by every client."""
+
+    __slots__ = ("job_id", "seq", "name", "doc", "_sse", "_ws")
+
+    def __init__(self, job_id: str, raw: bytes) -> None:
+        self.job_id = job_id
+        self.seq, self.name, self.doc = contract.unpack(raw)
+        self._sse: bytes | None = None
+        self._ws: str | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.name in contract.TERMINAL
+
+    @property
+    def sse(self) -> bytes:
+        if self._sse is None:
+            self._sse = b"id: %d\nevent: %s\ndata: %s\n\n" % (self.seq, self.name.encode(), self.doc)
+        return self._sse
+
+    @property
+    def ws(self) -> str:
+        if self._ws is None:
+            self._ws = '{"event":"%s","job":%s}' % (self.name, self.doc.decode())
+        return self._ws
+
+
+class Mailbox:
+    """The newest undelivered event per job, for one client connection."""
+
+    __slots__ = ("_pending", "_seen", "_waiter", "conflated")
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Event] = {}
+        self._seen: dict[str, int] = {}
+        self._waiter: asyncio.Future | None = None
+        self.conflated = 0
+
+    def expect(self, job_id: str, since: int) -> None:
+        """The client already has ``job_id`` up to seq ``since``: deliver only newer events."""
+        if since > self._seen.get(job_id, 0):
+            self._remember(job_id, since)
+
+    def put(self, event: Event) -> None:
+        if event.seq <= self._seen.get(event.job_id, 0):
+            return
+        self._remember(event.job_id, event.seq)
+        if event.job_id in self._pending:
+            self.conflated += 1
+        self._pending[event.job_id] = event
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _remember(self, job_id: str, seq: int) -> None:
+        self._seen.pop(job_id, None)
+        self._seen[job_id] = seq
+        if len(self._seen) > SEEN_CAP:
+            del self._seen[next(iter(self._seen))]
+
+    def forget(self, job_id: str) -> None:
+        self._pending.pop(job_id, None)
+        self._seen.pop(job_id, None)
+
+    async def get(self) -> Event:
+        while not self._pending:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        job_id = next(iter(self._pending))
+        return self._pending.pop(job_id)
+
+
+class SubscribeTimeout(Exception):
+    """Redis did not confirm a subscription in time (it is down or unreachable)."""
+
+
+class Hub:
+    def __init__(self, redis: Redis, store: Store, confirm_timeout: float = 5.0) -> None:
+        self.redis = redis
+        self.store = store
+        self.confirm_timeout = confirm_timeout
+        self._watchers: dict[str, set[Mailbox]] = {}
+        self._all: set[Mailbox] = set()
+        self._ready: dict[str, asyncio.Future] = {}  # channel or pattern -> confirmed
+        self._pubsub = None
+        self.reconnects = 0
+
+    # -- what the endpoints call ------------------------------------------------------
+
+    async def watch(self, mailbox: Mailbox, job_ids: Iterable[str]) -> None:
+        """Route ``job_ids``' events to ``mailbox``; returns once Redis confirmed them."""
+        waits = []
+        for job_id in job_ids:
+            watchers = self._watchers.setdefault(job_id, set())
+            watchers.add(mailbox)
+            waits.append(self._want(contract.channel(job_id), pattern=False))
+        await self._confirmed(waits)
+
+    def unwatch(self, mailbox: Mailbox, job_ids: Iterable[str]) -> None:
+        for job_id in job_ids:
+            watchers = self._watchers.get(job_id)
+            if watchers is None:
+                continue
+            watchers.discard(mailbox)
+            mailbox.forget(job_id)
+            if not watchers:
+                del self._watchers[job_id]
+                self._drop(contract.channel(job_id), pattern=False)
+
+    async def watch_all(self, mailbox: Mailbox) -> None:
+        self._all.add(mailbox)
+        await self._confirmed([self._want(contract.EVENTS_PATTERN, pattern=True)])
+
+    def unwatch_all(self, mailbox: Mailbox) -> None:
+        self._all.discard(mailbox)
+        if not self._all:
+            self._drop(contract.EVENTS_PATTERN, pattern=True)
+
+    def watched(self, mailbox: Mailbox) -> list[str]:
+        return [job_id for job_id, watchers in self._watchers.items() if mailbox in watchers]
+
+    @property
+    def connections(self) -> int:
+        return len({mb for watchers in self._watchers.values() for mb in watchers} | self._all)
+
+    # -- subscription bookkeeping -----------------------------------------------------
+
+    def _want(self, name: str, pattern: bool) -> asyncio.Future:
+        fut = self._ready.get(name)
+        if fut is None:
+            fut = self._ready[name] = asyncio.get_running_loop().create_future()
+            self._send(pattern, True, name)
+        return fut
+
+    def _drop(self, name: str, pattern: bool) -> None:
+        fut = self._ready.pop(name, None)
+        if fut is not None and not fut.done():
+            fut.cancel()
+        self._send(pattern, False, name)
+
+    def _send(self, pattern: bool, subscribe: bool, name: str) -> None:
+        pubsub = self._pubsub
+        if pubsub is None:
+            return  # not connected: the reconnect subscribes everything in self._ready
+        if pattern:
+            call = pubsub.psubscribe if subscribe else pubsub.punsubscribe
+        else:
+            call = pubsub.subscribe if subscribe else pubsub.unsubscribe
+        task = asyncio.ensure_future(call(name))
+        task.add_done_callback(_ignore_errors)
+
+    async def _confirmed(self, waits: list[asyncio.Future]) -> None:
+        pending = [fut for fut in waits if not fut.done()]
+        if not pending:
+            return
+        done, not_done = await asyncio.wait([asyncio.shield(f) for f in pending], timeout=self.confirm_timeout)
+        if not_done:
+            raise SubscribeTimeout("Redis did not confirm the subscription")
+
+    # -- the reader ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Read the pub/sub connection forever, reconnecting with back-off."""
+        delay = 0.2
+        while True:
+            pubsub = self.redis.pubsub()
+            resync = None
+            try:
+                channels = [HUB_CHANNEL] + [n for n in self._ready if n != contract.EVENTS_PATTERN]
+                await pubsub.subscribe(*channels)
+                if contract.EVENTS_PATTERN in self._ready:
+                    await pubsub.psubscribe(contract.EVENTS_PATTERN)
+                self._pubsub = pubsub
+                resync = asyncio.create_task(self._resync()) if self.reconnects else None
+                delay = 0.2
+                await self._read(pubsub)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                self.reconnects += 1
+                log.warning("pub/sub connection lost (%s); reconnecting in %.1f s", e, delay)
+            finally:
+                self._pubsub = None
+                for name, fut in list(self._ready.items()):
+                    if fut.done():  # must be confirmed again on the next connection
+                        self._ready[name] = asyncio.get_running_loop().create_future()
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            if resync is not None:
+                resync.cancel()
+
+    async def _read(self, pubsub) -> None:
+        prefix = contract.CHANNEL_PREFIX_LEN
+        watchers, all_ = self._watchers, self._all
+        while True:
+            msg = await pubsub.get_message(timeout=None)
+            if msg is None:
+                continue
+            kind = msg["type"]
+            if kind == "message":
+                job_id = msg["channel"][prefix:].decode()
+                targets = watchers.get(job_id)
+                if targets:
+                    event = Event(job_id, msg["data"])
+                    for mailbox in targets:
+                        mailbox.put(event)
+            elif kind == "pmessage":
+                if all_:
+                    event = Event(msg["channel"][prefix:].decode(), msg["data"])
+                    for mailbox in all_:
+                        mailbox.put(event)
+            elif kind == "subscribe" or kind == "psubscribe":
+                name = msg["channel"].decode()
+                fut = self._ready.get(name)
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
+
+    async def _resync(self) -> None:
+        """After a reconnect: wait for the subscriptions, then re-send every watched snapshot."""
+        with contextlib.suppress(SubscribeTimeout):
+            await self._confirmed(list(self._ready.values()))
+        for job_id in list(self._watchers):
+            raw = await self.store.read(job_id)
+            if raw is not None:
+                event = Event(job_id, raw)
+                for mailbox in list(self._watchers.get(job_id, ())):
+                    mailbox.put(event)
+        if self._all:
+            for job_id in await self.redis.zrevrange(contract.JOBS_INDEX, 0, 99):
+                job_id = job_id.decode()
+                raw = await self.store.read(job_id)
+                if raw is not None:
+                    event = Event(job_id, raw)
+                    for mailbox in list(self._all):
+                        mailbox.put(event)
+        log.info("pub/sub re-established; snapshots re-sent")
+
+
+def _ignore_errors(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()  # the reader notices a dead connection and reconnects

@@ -1,0 +1,243 @@
+"""The request-reply half of the API: submit, status (plain and long poll), result, cancel, list."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from arq.constants import default_queue_name, job_key_prefix
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from server import contract
+from server.hub import Event, Mailbox
+from server.problems import Problem, gone, invalid, not_found
+from server.store import WriteRefused
+
+JSON = "application/json"
+MAX_PAGE = 100
+
+
+async def load(request: Request, job_id: str) -> Event:
+    """The job's current event, or 404 / 410."""
+    store = request.app.state.store
+    raw = await store.read(job_id)
+    if raw is None:
+        raise gone(job_id) if await store.is_gone(job_id) else not_found(job_id)
+    return Event(job_id, raw)
+
+
+def int_param(request: Request, name: str, default: int, low: int = 0, high: int | None = None) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise invalid(name, "must be an integer") from None
+    if value < low or (high is not None and value > high):
+        raise invalid(name, f"must be between {low} and {high}" if high is not None else f"must be >= {low}")
+    return value
+
+
+# -- POST /jobs --------------------------------------------------------------------------
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise ValueError("duplicate key in object")
+    return obj
+
+
+def strict_json(body: bytes) -> Any:
+    """Parse a request body: no NaN/Infinity, no duplicate keys, no runaway nesting."""
+    try:
+        return json.loads(body, parse_constant=_reject_constant, object_pairs_hook=_no_duplicate_keys)
+    except (ValueError, RecursionError) as e:
+        raise Problem(400, "Malformed JSON", str(e) if not isinstance(e, RecursionError) else "nested too deeply") from None
+
+
+async def read_json(request: Request) -> Any:
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != JSON and not media_type.endswith("+json"):
+        raise Problem(415, "Unsupported media type", "Send the body as application/json.")
+    limit = request.app.state.settings.max_body_bytes
+    too_large = Problem(413, "Body too large", f"The body must be at most {limit} bytes.")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return strict_json(bytes(body))
+
+
+async def submit(request: Request) -> Response:
+    payload = await read_json(request)
+    if not isinstance(payload, dict):
+        raise invalid("body", "must be a JSON object")
+    unknown = set(payload) - {"type", "params", "webhook"}
+    if unknown:
+        raise invalid(sorted(unknown)[0], "unknown field")
+    registry = request.app.state.registry
+    job_type = payload.get("type")
+    if not isinstance(job_type, str) or job_type not in registry:
+        raise invalid("type", f"must be one of: {', '.join(sorted(registry))}")
+    params = payload.get("params", {})
+    if not isinstance(params, dict):
+        raise invalid("params", "must be a JSON object")
+    try:
+        registry[job_type].params.model_validate(params)
+    except ValidationError as e:
+        errors = [{"field": ".".join(["params", *map(str, err["loc"])]), "message": err["msg"]} for err in e.errors()]
+        raise Problem(422, "Invalid params", errors[0]["field"] + ": " + errors[0]["message"], errors=errors) from None
+    doc = await request.app.state.store.create(job_type, params)
+    headers = {"Location": doc["links"]["self"], "Retry-After": "1"}
+    return Response(contract.dumps(doc), 202, headers, media_type=JSON)
+
+
+# -- GET /jobs/{id} ----------------------------------------------------------------------
+
+
+async def status(request: Request) -> Response:
+    job_id = request.path_params["job_id"]
+    event = await load(request, job_id)
+    wait = request.query_params.get("wait")
+    if wait is not None:
+        event = await long_poll(request, event, wait)
+    etag = f'"{event.seq}"'
+    headers = {"ETag": etag, "Cache-Control": "no-cache"}
+    if not event.terminal:
+        headers["Retry-After"] = "1"
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers=headers)
+    if event.name == contract.SUCCEEDED and wait is None and request.query_params.get("redirect") != "0":
+        headers["Location"] = f"/jobs/{job_id}/result"
+        return Response(event.doc, 303, headers, media_type=JSON)
+    return Response(event.doc, 200, headers, media_type=JSON)
+
+
+async def long_poll(request: Request, event: Event, wait: str) -> Event:
+    """Hold the request until the job's seq passes ``after`` or ``wait`` seconds pass."""
+    try:
+        seconds = min(float(wait), request.app.state.settings.long_poll_max)
+    except ValueError:
+        raise invalid("wait", "must be a number of seconds") from None
+    if not seconds >= 0:
+        raise invalid("wait", "must be >= 0")
+    after = int_param(request, "after", event.seq)
+    if event.seq > after or event.terminal or seconds == 0:
+        return event
+    hub = request.app.state.hub
+    mailbox = Mailbox()
+    mailbox.expect(event.job_id, after)
+    await hub.watch(mailbox, [event.job_id])
+    try:
+        mailbox.put(await load(request, event.job_id))  # the change may have come before the watch
+        async with asyncio.timeout(seconds):
+            return await mailbox.get()
+    except TimeoutError:
+        return event
+    finally:
+        hub.unwatch(mailbox, [event.job_id])
+
+
+# -- GET /jobs/{id}/result ---------------------------------------------------------------
+
+
+async def result(request: Request) -> Response:
+    job_id = request.path_params["job_id"]
+    event = await load(request, job_id)
+    if event.name != contract.SUCCEEDED:
+        doc = json.loads(event.doc)
+        state = doc["status"]
+        detail = f"Job {job_id!r} is {state}; a result exists only once it has succeeded."
+        headers = {} if event.terminal else {"Retry-After": "1"}
+        raise Problem(409, "No result", detail, headers=headers, job_status=state, error=doc["error"])
+    value = await request.app.state.store.result(job_id)
+    return Response(value if value is not None else b"null", 200, media_type=JSON)
+
+
+# -- DELETE /jobs/{id} -------------------------------------------------------------------
+
+
+async def cancel(request: Request) -> Response:
+    """Queued: cancelled at once (200). Running: the worker is told to stop (202)."""
+    job_id = request.path_params["job_id"]
+    store = request.app.state.store
+    redis = store.redis
+    for _ in range(5):
+        event = await load(request, job_id)
+        doc = json.loads(event.doc)
+        if event.terminal:
+            raise Problem(409, "Job already finished", f"Job {job_id!r} is {doc['status']}.", job_status=doc["status"])
+        if doc["status"] == contract.QUEUED:
+            try:
+                doc = await store.write(doc, status=contract.CANCELLED, eta_s=None)
+            except WriteRefused:
+                continue  # a worker took it, or it changed: look again
+            async with redis.pipeline(transaction=True) as tx:
+                tx.zrem(default_queue_name, job_id)
+                tx.delete(job_key_prefix + job_id)
+                await tx.execute()
+            return Response(contract.dumps(doc), 200, media_type=JSON)
+        async with redis.pipeline(transaction=True) as tx:
+            tx.set(contract.cancel_key(job_id), b"1", ex=store.settings.job_ttl)
+            tx.publish(contract.CANCEL_CHANNEL, job_id)
+            await tx.execute()
+        return Response(event.doc, 202, media_type=JSON)
+    raise Problem(409, "Job is changing", "Try again.", headers={"Retry-After": "1"})
+
+
+# -- GET /jobs ---------------------------------------------------------------------------
+
+
+async def list_jobs(request: Request) -> Response:
+    """Newest first; ``status`` and ``type`` filters; ``cursor`` from the previous page's ``next``."""
+    limit = int_param(request, "limit", 20, 1, MAX_PAGE)
+    cursor = int_param(request, "cursor", 0, 0) or "+inf"
+    want_status = request.query_params.get("status")
+    if want_status is not None and want_status not in contract.STATES:
+        raise invalid("status", f"must be one of: {', '.join(contract.STATES)}")
+    want_type = request.query_params.get("type")
+    store = request.app.state.store
+    items: list[bytes] = []
+    upper: Any = f"({cursor}" if cursor != "+inf" else cursor
+    scanned, last_score, exhausted = 0, None, False
+    while len(items) < limit and scanned < limit * 20:
+        batch = await store.redis.zrevrangebyscore(contract.JOBS_INDEX, upper, "-inf", start=0, num=limit, withscores=True)
+        if not batch:
+            exhausted = True
+            break
+        async with store.redis.pipeline(transaction=False) as pipe:
+            for job_id, _ in batch:
+                pipe.hget(contract.job_key(job_id.decode()), "ev")
+            raws = await pipe.execute()
+        for (_, score), raw in zip(batch, raws):
+            scanned += 1
+            last_score = int(score)
+            upper = f"({last_score}"
+            doc = raw and contract.unpack(raw)[2]
+            if doc and _matches(doc, want_status, want_type):
+                items.append(doc)
+                if len(items) == limit:
+                    break
+    next_cursor = b"null" if exhausted or last_score is None else b"%d" % last_score
+    body = b'{"items":[' + b",".join(items) + b'],"next":' + next_cursor + b"}"
+    return Response(body, 200, media_type=JSON)
+
+
+def _matches(doc: bytes, status: str | None, job_type: str | None) -> bool:
+    if not (status or job_type):
+        return True
+    parsed = json.loads(doc)
+    return (not status or parsed["status"] == status) and (not job_type or parsed["type"] == job_type)

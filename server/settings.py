@@ -1,0 +1,42 @@
+"""One settings object, read from environment variables (every one is in the README table)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    jobs_module: str = "worker.demo"  # comma-separated modules that register job types
+    job_timeout: float = 300.0  # default per-job timeout, seconds
+    result_ttl: int = 3600  # a finished job's document and result live this long, seconds
+    tombstone_ttl: int = 7 * 86400  # after that, 410 Gone instead of 404 for this long
+    job_ttl: int = 86400  # an unfinished job's document lives this long without a change
+    max_body_bytes: int = 1 << 20
+    progress_interval: float = 0.05  # worker: at most one progress publish per job per interval
+    worker_concurrency: int = 10  # jobs run at once by one worker process
+    sse_ping: float = 15.0  # heartbeat comment on idle SSE streams, seconds
+    sse_retry_ms: int = 2000  # the SSE `retry:` hint
+    send_timeout: float = 10.0  # a client that does not take a write for this long is dropped
+    long_poll_max: float = 30.0  # cap of ?wait= on GET /jobs/{id}
+    log_level: str = "info"
+    debug: bool = False  # tracebacks in failed jobs' errors
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        values = {}
+        for f in fields(cls):
+            raw = env.get(f.name.upper())
+            if raw is None or raw == "":
+                continue
+            kind = type(f.default)
+            try:
+                values[f.name] = raw.lower() in ("1", "true", "yes", "on") if kind is bool else kind(raw)
+            except ValueError:
+                raise SystemExit(f"Setting {f.name.upper()}={raw!r} is not a valid {kind.__name__}") from None
+        return cls(**values)

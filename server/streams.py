@@ -1,0 +1,255 @@
+"""Live transports: SSE per job, SSE for many jobs, and one WebSocket for many jobs.
+
+Each is a thin adapter over the hub: make a mailbox, ``watch`` (subscription confirmed),
+read the snapshot into the mailbox, then write whatever the mailbox yields. The bytes
+written are the ones the worker published, framed once per event (``hub.Event``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from sse_starlette import EventSourceResponse
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from server import contract
+from server.hub import Event, Mailbox, SubscribeTimeout
+from server.jobs import int_param, load
+from server.problems import Problem, invalid
+
+log = logging.getLogger("server.streams")
+
+MAX_JOBS_PER_STREAM = 100
+SNAPSHOT_ALL = 100  # a dashboard starts with this many of the newest jobs
+
+
+class Stream(EventSourceResponse):
+    """An SSE response that always runs ``on_close`` (unwatching its mailbox), however it ends."""
+
+    def __init__(self, request: Request, frames: AsyncIterator[bytes], on_close: Callable[[], None]) -> None:
+        s = request.app.state.settings
+        super().__init__(frames, ping=s.sse_ping, send_timeout=s.send_timeout, sep="\n")
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+def retry_frame(request: Request) -> bytes:
+    return b"retry: %d\n\n" % request.app.state.settings.sse_retry_ms
+
+
+def since_param(request: Request) -> int:
+    last_event_id = request.headers.get("last-event-id")
+    if last_event_id is not None:
+        try:
+            return max(0, int(last_event_id))
+        except ValueError:
+            raise Problem(400, "Bad Last-Event-ID", "Last-Event-ID must be a seq (an integer).") from None
+    return int_param(request, "since", 0)
+
+
+async def job_events(request: Request) -> Response:
+    """``GET /jobs/{id}/events``: the current document if newer than the client's, then changes."""
+    job_id = request.path_params["job_id"]
+    since = since_param(request)
+    hub = request.app.state.hub
+    mailbox = Mailbox()
+    mailbox.expect(job_id, since)
+    await hub.watch(mailbox, [job_id])
+    try:
+        snapshot = await load(request, job_id)
+    except BaseException:
+        hub.unwatch(mailbox, [job_id])
+        raise
+    if snapshot.terminal and snapshot.seq <= since:
+        hub.unwatch(mailbox, [job_id])
+        return Response(status_code=204)  # the client has the end already: EventSource stops
+    mailbox.put(snapshot)
+
+    async def frames() -> AsyncIterator[bytes]:
+        yield retry_frame(request)
+        while True:
+            event = await mailbox.get()
+            yield event.sse
+            if event.terminal:
+                return
+
+    return Stream(request, frames(), lambda: hub.unwatch(mailbox, [job_id]))
+
+
+async def events(request: Request) -> Response:
+    """``GET /events?job=A&job=B`` (or no ``job``: every job) with a resume cursor as ``id:``."""
+    job_ids = list(dict.fromkeys(request.query_params.getlist("job")))
+    if len(job_ids) > MAX_JOBS_PER_STREAM:
+        raise invalid("job", f"at most {MAX_JOBS_PER_STREAM} jobs per stream")
+    cursor = request.headers.get("last-event-id") or request.query_params.get("cursor")
+    try:
+        seen = contract.decode_cursor(cursor) if cursor else {}
+    except ValueError:
+        raise Problem(400, "Bad cursor", "Last-Event-ID or cursor is not one this server gave.") from None
+    hub, store = request.app.state.hub, request.app.state.store
+    mailbox = Mailbox()
+    for job_id, seq in seen.items():
+        mailbox.expect(job_id, seq)
+    if job_ids:
+        await hub.watch(mailbox, job_ids)
+        close = lambda: hub.unwatch(mailbox, job_ids)  # noqa: E731
+    else:
+        await hub.watch_all(mailbox)
+        close = lambda: hub.unwatch_all(mailbox)  # noqa: E731
+        job_ids = [job_id.decode() for job_id in await store.redis.zrevrange(contract.JOBS_INDEX, 0, SNAPSHOT_ALL - 1)]
+    try:
+        for job_id in job_ids:
+            raw = await store.read(job_id)
+            if raw is not None:
+                mailbox.put(Event(job_id, raw))
+    except BaseException:
+        close()
+        raise
+
+    async def frames() -> AsyncIterator[bytes]:
+        yield retry_frame(request)
+        while True:
+            event = await mailbox.get()
+            seen.pop(event.job_id, None)
+            seen[event.job_id] = event.seq
+            if len(seen) > MAX_JOBS_PER_STREAM:
+                del seen[next(iter(seen))]
+            yield b"id: %s\nevent: %s\ndata: %s\n\n" % (contract.encode_cursor(seen).encode(), event.name.encode(), event.doc)
+
+    return Stream(request, frames(), close)
+
+
+class Connection:
+    """One ``/ws`` client: many jobs on one socket, one writer task, one mailbox."""
+
+    def __init__(self, ws: WebSocket) -> None:
+        self.ws = ws
+        self.app = ws.app
+        self.hub = ws.app.state.hub
+        self.mailbox = Mailbox()
+        self.jobs: set[str] = set()
+        self.all = False
+        self.send_lock = asyncio.Lock()
+
+    async def send(self, text: str) -> None:
+        async with self.send_lock:
+            async with asyncio.timeout(self.app.state.settings.send_timeout):
+                await self.ws.send_text(text)
+
+    async def error(self, message: str, **extra) -> None:
+        await self.send(json.dumps({"event": "error", "message": message, **extra}))
+
+    async def write_loop(self) -> None:
+        while True:
+            event = await self.mailbox.get()
+            await self.send(event.ws)
+            if event.terminal and event.job_id in self.jobs and not self.all:
+                self.jobs.discard(event.job_id)
+                self.hub.unwatch(self.mailbox, [event.job_id])
+
+    async def handle(self, text: str) -> None:
+        try:
+            msg = json.loads(text)
+        except ValueError:
+            return await self.error("message is not JSON")
+        if not isinstance(msg, dict):
+            return await self.error("message must be a JSON object")
+        op = msg.get("op")
+        if op == "subscribe" and msg.get("all") is True:
+            await self.subscribe_all()
+        elif op in ("subscribe", "unsubscribe"):
+            jobs = msg.get("jobs")
+            if not isinstance(jobs, list) or not all(isinstance(j, str) and j for j in jobs):
+                return await self.error("jobs must be a list of job ids", op=op)
+            if op == "unsubscribe":
+                self.hub.unwatch(self.mailbox, jobs)
+                self.jobs.difference_update(jobs)
+                return
+            since = msg.get("since") or {}
+            if not isinstance(since, dict) or not all(isinstance(v, int) for v in since.values()):
+                return await self.error("since must map job ids to seqs", op=op)
+            await self.subscribe(list(dict.fromkeys(jobs)), since)
+        else:
+            await self.error(f"unknown op {op!r}; use subscribe or unsubscribe")
+
+    async def subscribe(self, jobs: list[str], since: dict[str, int]) -> None:
+        new = [j for j in jobs if j not in self.jobs]
+        if len(self.jobs) + len(new) > MAX_JOBS_PER_STREAM:
+            return await self.error(f"at most {MAX_JOBS_PER_STREAM} jobs per connection", op="subscribe")
+        for job_id in new:
+            self.mailbox.expect(job_id, since.get(job_id, 0))
+        self.jobs.update(new)
+        await self.hub.watch(self.mailbox, new)
+        store = self.app.state.store
+        for job_id in new:
+            raw = await store.read(job_id)
+            if raw is None:
+                self.jobs.discard(job_id)
+                self.hub.unwatch(self.mailbox, [job_id])
+                gone = await store.is_gone(job_id)
+                await self.error("job expired" if gone else "job not found", job=job_id, status=410 if gone else 404)
+            else:
+                self.mailbox.put(Event(job_id, raw))
+
+    async def subscribe_all(self) -> None:
+        if self.all:
+            return
+        self.all = True
+        await self.hub.watch_all(self.mailbox)
+        store = self.app.state.store
+        for job_id in await store.redis.zrevrange(contract.JOBS_INDEX, 0, SNAPSHOT_ALL - 1):
+            raw = await store.read(job_id.decode())
+            if raw is not None:
+                self.mailbox.put(Event(job_id.decode(), raw))
+
+    async def read_loop(self) -> None:
+        while True:
+            message = await self.ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            text = message.get("text")
+            if text is None:
+                await self.error("send JSON text frames")
+                continue
+            try:
+                await self.handle(text)
+            except SubscribeTimeout:
+                await self.error("service unavailable: try again", status=503)
+
+    def close(self) -> None:
+        self.hub.unwatch(self.mailbox, list(self.jobs))
+        if self.all:
+            self.hub.unwatch_all(self.mailbox)
+
+
+async def websocket(ws: WebSocket) -> None:
+    await ws.accept()
+    conn = Connection(ws)
+    tasks = [asyncio.create_task(conn.read_loop()), asyncio.create_task(conn.write_loop())]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        conn.close()
+    failure = next((t.exception() for t in done if t.exception() is not None), None)
+    if isinstance(failure, TimeoutError):  # the client stopped taking our writes
+        log.info("websocket client too slow; closing")
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(1.0):
+                await ws.close(1013)
+    elif failure is not None and not isinstance(failure, WebSocketDisconnect):
+        log.warning("websocket connection failed: %r", failure)
+        with contextlib.suppress(Exception):
+            await ws.close(1011)

@@ -1,0 +1,46 @@
+"""``python -m worker``: one arq worker process against ``REDIS_URL``.
+
+arq's worker exits on some Redis connection errors; this loop starts it again (with a
+back-off) so a Redis restart does not leave a deployment without workers. SIGTERM and
+SIGINT stop it: running jobs are re-queued by arq and marked ``queued`` again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from server.logs import setup_logging
+from server.settings import Settings
+from worker.registry import load
+from worker.runtime import ProgressWorker
+
+log = logging.getLogger("worker")
+
+
+def main() -> None:
+    settings = Settings.from_env()
+    setup_logging(settings.log_level)
+    registry = load(settings.jobs_module)
+    delay = 0.5
+    while True:
+        asyncio.set_event_loop(asyncio.new_event_loop())
+        worker = ProgressWorker(settings, registry)
+        started = time.monotonic()
+        try:
+            worker.run()
+            return  # stopped by a signal
+        except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+            if time.monotonic() - started > 30:
+                delay = 0.5
+            log.warning("worker lost Redis (%s); restarting in %.1f s", e, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+if __name__ == "__main__":
+    main()

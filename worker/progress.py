@@ -1,0 +1,142 @@
+"""What a running job sees: ``ctx.progress(...)``, ``ctx.cancelled``, its id and attempt.
+
+``progress()`` is throttled per job to one publish per ``PROGRESS_INTERVAL``; the first
+update, every stage change and the final state always go out, and an update held back by the
+throttle is published when the interval ends, so the last word before a pause is never lost.
+Each publish is one ``Store.write``: document stored and event published atomically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from server import contract
+from server.store import Store, WriteRefused
+
+ETA_SMOOTHING = 0.3  # weight of the newest rate sample in the moving average
+
+
+class JobEnded(Exception):
+    """The stored job is already terminal (cancelled while queued): stop, write nothing."""
+
+
+class JobContext:
+    def __init__(self, store: Store, doc: dict[str, Any], interval: float) -> None:
+        self.store = store
+        self.doc = doc
+        self.interval = interval
+        self.cancel_requested = False
+        self.task: asyncio.Task | None = None  # the job code, cancelled on request
+        self._pending: dict[str, Any] = {}
+        self._last_publish = 0.0
+        self._published = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._lock = asyncio.Lock()
+        self._rate: float | None = None  # EWMA of progress points per second
+        self._sample: tuple[float, float] | None = None  # (time, progress) of the last report
+
+    @property
+    def id(self) -> str:
+        return self.doc["id"]
+
+    @property
+    def attempt(self) -> int:
+        return self.doc["attempt"]
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_requested
+
+    async def progress(self, pct: float | None = None, message: str | None = None, stage: str | None = None) -> None:
+        """Report progress (0-100, or None if unknown), a message and/or a stage name."""
+        if self.cancel_requested:
+            raise asyncio.CancelledError()
+        now = time.monotonic()
+        if pct is not None:
+            pct = min(100.0, max(0.0, float(pct)))
+            self._pending["progress"] = round(pct, 2)
+            self._pending["eta_s"] = self._estimate(pct, now)
+        if message is not None:
+            self._pending["message"] = str(message)
+        stage_changed = stage is not None and stage != self._pending.get("stage", self.doc["stage"])
+        if stage is not None:
+            self._pending["stage"] = str(stage)
+        wait = self.interval - (now - self._last_publish)
+        if not self._published or stage_changed or wait <= 0:
+            await self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(wait, self._flush_later)
+
+    def _estimate(self, pct: float, now: float) -> float | None:
+        if self._sample is not None:
+            t0, p0 = self._sample
+            if now > t0 and pct >= p0:
+                rate = (pct - p0) / (now - t0)
+                self._rate = rate if self._rate is None else ETA_SMOOTHING * rate + (1 - ETA_SMOOTHING) * self._rate
+        self._sample = (now, pct)
+        if not self._rate:
+            return None
+        return round((100.0 - pct) / self._rate, 1)
+
+    def _flush_later(self) -> None:
+        self._timer = None
+        asyncio.ensure_future(self.flush())
+
+    async def flush(self) -> None:
+        """Publish what the throttle is holding back, now."""
+        async with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if self._pending and self.doc["status"] == contract.RUNNING:
+                changes, self._pending = self._pending, {}
+                await self.write(**changes)
+                self._last_publish = time.monotonic()
+                self._published = True
+
+    async def finish(self, status: str, result: Any = None, **changes: Any) -> None:
+        """Write the final (or re-queued) state, with anything the throttle held back."""
+        async with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            changes = {**self._pending, **changes, "status": status}
+            self._pending = {}
+            if status in contract.TERMINAL:
+                changes["eta_s"] = None
+            await self.write(result=result, **changes)
+
+    async def write(self, result: Any = None, **changes: Any) -> None:
+        """One atomic store + publish; re-based on the stored seq if another writer moved it."""
+        for _ in range(3):
+            try:
+                self.doc = await self.store.write(self.doc, result=result, **changes)
+                return
+            except WriteRefused as refused:
+                if refused.state in contract.TERMINAL or not refused.state:
+                    raise JobEnded(refused.state) from None
+                stored = await self.store.document(self.id)
+                if stored is None:
+                    raise JobEnded("missing") from None
+                self.doc = stored
+        raise RuntimeError(f"job {self.id}: document keeps changing under this worker")
+
+
+class ThreadJobContext:
+    """The context handed to a plain (sync) job function, which runs in a thread."""
+
+    def __init__(self, ctx: JobContext, loop: asyncio.AbstractEventLoop) -> None:
+        self._ctx = ctx
+        self._loop = loop
+        self.id, self.attempt = ctx.id, ctx.attempt
+
+    @property
+    def cancelled(self) -> bool:
+        return self._ctx.cancel_requested
+
+    def progress(self, pct: float | None = None, message: str | None = None, stage: str | None = None) -> None:
+        """Like ``JobContext.progress``; raises ``CancelledError`` in the thread once cancelled."""
+        future = asyncio.run_coroutine_threadsafe(self._ctx.progress(pct, message, stage), self._loop)
+        future.result()

@@ -1,0 +1,57 @@
+"""Job types, registered by name with a params model.
+
+The server imports the job modules only to validate params against these models; it never
+runs job code. The worker runs the registered functions::
+
+    from pydantic import BaseModel
+    from worker.registry import job
+
+    class ResizeParams(BaseModel):
+        url: str
+
+    @job("resize", params=ResizeParams, timeout=60)
+    async def resize(ctx, params: ResizeParams):
+        await ctx.progress(50, message="half way")
+        return {"ok": True}
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+
+
+@dataclass(frozen=True)
+class JobType:
+    name: str
+    fn: Callable[..., Any]  # async def fn(ctx, params) or a plain def, run in a thread
+    params: type[BaseModel]
+    timeout: float | None = None  # seconds; None: the JOB_TIMEOUT setting
+
+
+REGISTRY: dict[str, JobType] = {}
+
+
+def job(name: str, *, params: type[BaseModel], timeout: float | None = None) -> Callable:
+    """Register the decorated function as job type ``name``."""
+
+    def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if name in REGISTRY and REGISTRY[name].fn is not fn:
+            raise ValueError(f"job type {name!r} is registered twice")
+        REGISTRY[name] = JobType(name, fn, params, timeout)
+        return fn
+
+    return register
+
+
+def load(modules: str) -> dict[str, JobType]:
+    """Import each comma-separated module (registering its jobs) and return the registry."""
+    for module in filter(None, (m.strip() for m in modules.split(","))):
+        importlib.import_module(module)
+    if not REGISTRY:
+        raise SystemExit(f"No job types registered by JOBS_MODULE={modules!r}")
+    return REGISTRY

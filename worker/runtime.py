@@ -1,0 +1,213 @@
+"""The arq worker that runs registered job types and keeps their documents true.
+
+Each job type becomes an arq function of the same name, wrapped by ``run_job``, which owns
+the document's life on this worker: ``running`` with the attempt number on start, progress
+while it runs, and exactly one of ``succeeded``/``failed``/``cancelled`` at the end (or back
+to ``queued`` when the worker is stopped and arq re-queues the job).
+
+Two differences from a stock arq worker:
+
+* it wakes as soon as a job is enqueued (``contract.WAKE_CHANNEL``) instead of waiting for
+  the next poll, so the time from 202 to ``running`` is not a polling interval;
+* cancellation is ours, not arq's abort set (which has pruning bugs): the server publishes
+  the job id on ``contract.CANCEL_CHANNEL`` and sets ``contract.cancel_key``; the worker
+  running that job cancels its task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import traceback
+from typing import Any
+
+from arq import Worker
+from arq.connections import RedisSettings, create_pool
+from arq.worker import func
+from pydantic import ValidationError
+
+from server import contract
+from server.settings import Settings
+from server.store import Store, job_dumps, job_loads
+from worker.progress import JobContext, JobEnded, ThreadJobContext
+from worker.registry import JobType
+
+log = logging.getLogger("worker")
+
+MAX_TRIES = 3  # runs of one job, counting re-runs after a crashed or stopped worker
+ARQ_TIMEOUT_MARGIN = 5.0  # our timeout fires first; arq's is only a backstop
+
+
+class ProgressWorker(Worker):
+    def __init__(self, settings: Settings, registry: dict[str, JobType], **kwargs: Any) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.running: dict[str, JobContext] = {}
+        self._wake = asyncio.Event()
+        self._listener: asyncio.Task | None = None
+        functions = [
+            func(
+                self._job_function(job_type),
+                name=job_type.name,
+                timeout=self._timeout(job_type) + ARQ_TIMEOUT_MARGIN,
+                max_tries=1_000_000,  # tries are counted by run_job, which can write `failed`
+            )
+            for job_type in registry.values()
+        ]
+        super().__init__(
+            functions,
+            redis_settings=RedisSettings.from_dsn(settings.redis_url),
+            max_jobs=settings.worker_concurrency,
+            keep_result=0,  # results live in our own keys, as JSON
+            job_serializer=job_dumps,
+            job_deserializer=job_loads,
+            **kwargs,
+        )
+
+    def _timeout(self, job_type: JobType) -> float:
+        return job_type.timeout if job_type.timeout is not None else self.settings.job_timeout
+
+    def _job_function(self, job_type: JobType):
+        async def job_function(arq_ctx: dict[str, Any], params: dict[str, Any]) -> None:
+            await self.run_job_type(job_type, arq_ctx["job_id"], arq_ctx["job_try"], params)
+
+        job_function.__qualname__ = job_type.name
+        return job_function
+
+    async def main(self) -> None:
+        """arq's main loop, except that an enqueue or a finished job wakes it at once."""
+        self._pool = await self._connect()
+        self.ctx["redis"] = self.pool
+        self.store = Store(self.pool, self.settings)
+        self._listener = asyncio.create_task(self._listen())
+        log.info("worker ready for job types: %s", ", ".join(self.registry))
+        while True:
+            self._wake.clear()
+            await self._poll_iteration()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.poll_delay_s)
+
+    async def _connect(self):
+        return await create_pool(
+            self.redis_settings,
+            job_serializer=self.job_serializer,
+            job_deserializer=self.job_deserializer,
+            default_queue_name=self.queue_name,
+        )
+
+    def _release_sem_dec_counter_on_complete(self) -> None:
+        super()._release_sem_dec_counter_on_complete()
+        self._wake.set()  # a slot is free: look at the queue now
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(BaseException):
+                await self._listener
+        await super().close()
+
+    async def _listen(self) -> None:
+        """Wake and cancel notices, on one pub/sub connection, re-established after errors."""
+        while True:
+            pubsub = self.pool.pubsub()
+            try:
+                await pubsub.subscribe(contract.WAKE_CHANNEL, contract.CANCEL_CHANNEL)
+                await self._check_cancel_keys()  # notices sent while we were not listening
+                self._wake.set()
+                while True:
+                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
+                    if msg is None:
+                        continue
+                    if msg["channel"] == contract.CANCEL_CHANNEL.encode():
+                        self._cancel(msg["data"].decode())
+                    else:
+                        self._wake.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a Redis blip: listen again after a pause
+                log.warning("worker notice listener lost Redis (%s); reconnecting", e)
+                await asyncio.sleep(1.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+    async def _check_cancel_keys(self) -> None:
+        for job_id in list(self.running):
+            if await self.pool.exists(contract.cancel_key(job_id)):
+                self._cancel(job_id)
+
+    def _cancel(self, job_id: str) -> None:
+        ctx = self.running.get(job_id)
+        if ctx is not None and not ctx.cancel_requested:
+            log.info("job %s: cancel requested", job_id)
+            ctx.cancel_requested = True
+            if ctx.task is not None:
+                ctx.task.cancel()
+
+    async def run_job_type(self, job_type: JobType, job_id: str, attempt: int, params: dict[str, Any]) -> None:
+        doc = await self.store.document(job_id)
+        if doc is None or doc["status"] in contract.TERMINAL:
+            log.info("job %s: %s before it started; not running it", job_id, doc and doc["status"] or "expired")
+            return
+        ctx = JobContext(self.store, doc, self.settings.progress_interval)
+        self.running[job_id] = ctx
+        try:
+            await self._run(ctx, job_type, attempt, params)
+        except JobEnded as e:
+            log.info("job %s: ended elsewhere (%s) while running here", job_id, e)
+        finally:
+            self.running.pop(job_id, None)
+
+    async def _run(self, ctx: JobContext, job_type: JobType, attempt: int, params: dict[str, Any]) -> None:
+        job_id = ctx.id
+        if attempt > MAX_TRIES:
+            await ctx.finish(contract.FAILED, attempt=attempt, error=error("MaxTriesExceeded", f"gave up after {attempt - 1} attempts"))
+            return
+        await ctx.write(status=contract.RUNNING, attempt=attempt, started_at=contract.now_iso())
+        log.info("job %s: running %s, attempt %d", job_id, job_type.name, attempt)
+        if await self.pool.exists(contract.cancel_key(job_id)):
+            ctx.cancel_requested = True
+        try:
+            parsed = job_type.params.model_validate(params)
+            if ctx.cancel_requested:
+                raise asyncio.CancelledError()
+            ctx.task = asyncio.create_task(self._call(job_type, ctx, parsed))
+            async with asyncio.timeout(self._timeout(job_type)):
+                result = await ctx.task
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():  # this worker is stopping: arq re-queues the job
+                log.info("job %s: worker stopping, re-queued", job_id)
+                await asyncio.shield(ctx.finish(contract.QUEUED, message="worker stopped; job re-queued"))
+                raise
+            log.info("job %s: cancelled", job_id)
+            await ctx.finish(contract.CANCELLED)
+        except TimeoutError:
+            log.info("job %s: timed out", job_id)
+            await ctx.finish(contract.FAILED, error=error("TimeoutError", f"job exceeded its {self._timeout(job_type):g} s timeout"))
+        except ValidationError as e:
+            await ctx.finish(contract.FAILED, error=error("InvalidParams", str(e)))
+        except JobEnded:
+            raise
+        except Exception as e:
+            log.info("job %s: failed: %s: %s", job_id, type(e).__name__, e)
+            detail = {"traceback": traceback.format_exc()} if self.settings.debug else {}
+            await ctx.finish(contract.FAILED, error=error(type(e).__name__, str(e), **detail))
+        else:
+            try:
+                contract.dumps(result)
+            except (TypeError, ValueError) as e:
+                await ctx.finish(contract.FAILED, error=error("ResultNotJSON", str(e)))
+                return
+            log.info("job %s: succeeded", job_id)
+            await ctx.finish(contract.SUCCEEDED, result=result, progress=100.0)
+
+    async def _call(self, job_type: JobType, ctx: JobContext, params: Any) -> Any:
+        if inspect.iscoroutinefunction(job_type.fn):
+            return await job_type.fn(ctx, params)
+        return await asyncio.to_thread(job_type.fn, ThreadJobContext(ctx, asyncio.get_running_loop()), params)
+
+
+def error(kind: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {"type": kind, "message": message, **extra}
