@@ -8,6 +8,8 @@ import logging
 from pathlib import Path
 
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.applications import Starlette
@@ -62,13 +64,28 @@ def page(name: str):
     return endpoint
 
 
+def connect(url: str) -> Redis:
+    """A client that retries a command twice on a dropped connection (e.g. after a Redis restart).
+    Retrying is safe for our writes: creation rewrites the same keys and a document write is a
+    compare-and-set, so a second attempt after a lost reply is refused, not applied twice."""
+    retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), 2)
+    return Redis.from_url(
+        url,
+        socket_connect_timeout=2,
+        socket_timeout=5,
+        socket_keepalive=True,
+        retry=retry,
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+    )
+
+
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings.from_env()
     registry = load(settings.jobs_module)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
-        redis = Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5, socket_keepalive=True)
+        redis = connect(settings.redis_url)
         store = Store(redis, settings)
         hub = Hub(redis, store)
         app.state.settings, app.state.registry, app.state.store, app.state.hub = settings, registry, store, hub

@@ -139,6 +139,25 @@ return {1, tonumber(ARGV[2])}
 """
 
 
+# Creating a job: the document, the index entry and arq's job + queue entry, all or nothing.
+# Idempotent, so a retry after a lost reply changes nothing (the id is already there).
+# KEYS: job hash, jobs index, arq job key, arq queue
+# ARGV: job id, type, packed event, document ttl (s), index score, index trim-below score,
+#       arq job payload, arq job ttl (ms), enqueue time (ms), channel, wake channel
+CREATE_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'seq', 1, 'state', 'queued', 'type', ARGV[2], 'ev', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[6])
+redis.call('SET', KEYS[3], ARGV[7], 'PX', ARGV[8])
+redis.call('ZADD', KEYS[4], ARGV[9], ARGV[1])
+redis.call('PUBLISH', ARGV[10], ARGV[3])
+redis.call('PUBLISH', ARGV[11], ARGV[1])
+return 1
+"""
+
+
 def encode_cursor(seqs: dict[str, int]) -> str:
     """Opaque resume cursor of a multi-job stream: the last seq seen of each job."""
     raw = ",".join(f"{job_id}:{seq}" for job_id, seq in seqs.items())

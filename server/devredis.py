@@ -68,11 +68,12 @@ class RedisProcess:
             "--protected-mode", "yes",
             "--logfile", str(self.data_dir / "redis.log"),
         ]  # fmt: skip
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        with open(self.data_dir / "redis.stderr", "ab") as stderr:
+            self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=stderr)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited: {self.proc.stderr.read().decode(errors='replace')}")
+                raise RuntimeError(f"redis-server exited: {(self.data_dir / 'redis.stderr').read_text()}")
             if self.ping():
                 return self
             time.sleep(0.02)

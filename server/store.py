@@ -31,6 +31,7 @@ class Store:
         self.redis = redis
         self.settings = settings
         self._write = redis.register_script(contract.WRITE_SCRIPT)
+        self._create = redis.register_script(contract.CREATE_SCRIPT)
 
     async def read(self, job_id: str) -> bytes | None:
         """The job's packed event (``contract.unpack`` it), or None."""
@@ -48,23 +49,28 @@ class Store:
         return await self.redis.get(contract.result_key(job_id))
 
     async def create(self, job_type: str, params: dict[str, Any]) -> dict[str, Any]:
-        """Store a queued job and enqueue it for arq in one MULTI: all of it, or nothing."""
+        """Store a queued job and enqueue it for arq, atomically (``contract.CREATE_SCRIPT``)."""
         job_id = contract.new_job_id()
         doc = contract.new_document(job_id, job_type, contract.now_iso())
         event = contract.pack(doc)
         enqueued_ms = now_ms()
-        arq_job = serialize_job(job_type, (params,), {}, None, enqueued_ms, serializer=job_dumps)
-        key = contract.job_key(job_id)
-        async with self.redis.pipeline(transaction=True) as tx:
-            tx.hset(key, mapping={"seq": doc["seq"], "state": doc["status"], "type": job_type, "ev": event})
-            tx.expire(key, self.settings.job_ttl)
-            tx.zadd(contract.JOBS_INDEX, {job_id: time.time_ns() // 1000})
-            tx.zremrangebyscore(contract.JOBS_INDEX, "-inf", (enqueued_ms - self.settings.tombstone_ttl * 1000) * 1000)
-            tx.psetex(job_key_prefix + job_id, expires_extra_ms, arq_job)
-            tx.zadd(default_queue_name, {job_id: enqueued_ms})
-            tx.publish(contract.channel(job_id), event)
-            tx.publish(contract.WAKE_CHANNEL, job_id)
-            await tx.execute()
+        now_us = time.time_ns() // 1000
+        await self._create(
+            keys=[contract.job_key(job_id), contract.JOBS_INDEX, job_key_prefix + job_id, default_queue_name],
+            args=[
+                job_id,
+                job_type,
+                event,
+                self.settings.job_ttl,
+                now_us,
+                now_us - self.settings.tombstone_ttl * 1_000_000,
+                serialize_job(job_type, (params,), {}, None, enqueued_ms, serializer=job_dumps),
+                expires_extra_ms,
+                enqueued_ms,
+                contract.channel(job_id),
+                contract.WAKE_CHANNEL,
+            ],
+        )
         return doc
 
     async def write(self, doc: dict[str, Any], result: Any = None, **changes: Any) -> dict[str, Any]:

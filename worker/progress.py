@@ -63,11 +63,7 @@ class JobContext:
         stage_changed = stage is not None and stage != self._pending.get("stage", self.doc["stage"])
         if stage is not None:
             self._pending["stage"] = str(stage)
-        wait = self.interval - (now - self._last_publish)
-        if not self._published or stage_changed or wait <= 0:
-            await self.flush()
-        elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(wait, self._flush_later)
+        await self._publish(force=not self._published or stage_changed)
 
     def _estimate(self, pct: float, now: float) -> float | None:
         if self._sample is not None:
@@ -82,19 +78,23 @@ class JobContext:
 
     def _flush_later(self) -> None:
         self._timer = None
-        asyncio.ensure_future(self.flush())
+        asyncio.ensure_future(self._publish())
 
-    async def flush(self) -> None:
-        """Publish what the throttle is holding back, now."""
+    async def _publish(self, force: bool = False) -> None:
+        """Publish what is pending if the interval has passed (or ``force``); else set a timer."""
         async with self._lock:
+            wait = self.interval - (time.monotonic() - self._last_publish)
+            if not force and wait > 0:
+                if self._timer is None and self._pending:
+                    self._timer = asyncio.get_running_loop().call_later(wait, self._flush_later)
+                return
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
             if self._pending and self.doc["status"] == contract.RUNNING:
                 changes, self._pending = self._pending, {}
+                self._last_publish, self._published = time.monotonic(), True
                 await self.write(**changes)
-                self._last_publish = time.monotonic()
-                self._published = True
 
     async def finish(self, status: str, result: Any = None, **changes: Any) -> None:
         """Write the final (or re-queued) state, with anything the throttle held back."""

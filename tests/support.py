@@ -1,0 +1,200 @@
+"""Test harness: real processes (Redis-compatible server, uvicorn server, arq worker) and real clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+
+from server import contract
+from server.devredis import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+TERMINAL = contract.TERMINAL
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> Any:
+    """Poll ``condition`` until it returns something truthy; fail the test at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
+        time.sleep(interval)
+
+
+async def async_wait_until(condition: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
+        await asyncio.sleep(0.02)
+
+
+@dataclass
+class Proc:
+    """A child process (``python -m server`` or ``python -m worker``) with its log in a file."""
+
+    module: str
+    env: dict[str, str]
+    log_path: Path
+    proc: subprocess.Popen | None = None
+    port: int = 0
+    _log: Any = field(default=None, repr=False)
+
+    def start(self) -> Proc:
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", self.module], env=self.env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def send(self, sig: int) -> None:
+        if self.alive():
+            self.proc.send_signal(sig)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+        if self.alive():
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self._log:
+            self._log.close()
+            self._log = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def process_env(redis_url: str, **settings: Any) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "REDIS_URL"))}
+    env.update({"REDIS_URL": redis_url, "LOG_LEVEL": "info", "PYTHONUNBUFFERED": "1"})
+    env.update({k.upper(): str(v) for k, v in settings.items()})
+    return env
+
+
+def start_server(redis_url: str, tmp: Path, **settings: Any) -> Proc:
+    port = free_port()
+    env = process_env(redis_url, port=port, host="127.0.0.1", **settings)
+    server = Proc("server", env, tmp / f"server-{port}.log", port=port).start()
+    try:
+        wait_until(lambda: _healthy(server), timeout=20, what=f"server on port {port}")
+    except AssertionError:
+        server.stop()
+        raise AssertionError(f"server did not start:\n{server.log()[-3000:]}") from None
+    return server
+
+
+def _healthy(server: Proc) -> bool:
+    if not server.alive():
+        raise AssertionError(f"server exited:\n{server.log()[-3000:]}")
+    try:
+        return httpx.get(server.url + "/healthz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def start_worker(redis_url: str, tmp: Path, name: str = "worker", **settings: Any) -> Proc:
+    """Start a worker and return once it listens for wake-ups (it then starts jobs at once)."""
+    client = redis.Redis.from_url(redis_url)
+    before = client.pubsub_numsub(contract.WAKE_CHANNEL)[0][1]
+    worker = Proc("worker", process_env(redis_url, **settings), tmp / f"{name}-{time.monotonic_ns()}.log").start()
+
+    def ready() -> bool:
+        if not worker.alive():
+            raise AssertionError(f"worker exited:\n{worker.log()[-3000:]}")
+        return client.pubsub_numsub(contract.WAKE_CHANNEL)[0][1] > before
+
+    try:
+        wait_until(ready, timeout=20, what="worker to listen")
+    finally:
+        client.close()
+    return worker
+
+
+# -- clients ------------------------------------------------------------------------------
+
+
+@dataclass
+class SSE:
+    event: str | None
+    id: str | None
+    data: str
+
+    @property
+    def doc(self) -> dict[str, Any]:
+        return json.loads(self.data)
+
+
+async def sse_frames(response: httpx.Response) -> AsyncIterator[SSE | dict[str, Any]]:
+    """Parse an SSE body; yields SSE events, and ``{"retry": ms}`` / ``{"comment": text}`` items."""
+    fields: dict[str, list[str]] = {}
+    async for line in response.aiter_lines():
+        if line == "":
+            if "data" in fields:
+                yield SSE(fields.get("event", [None])[-1], fields.get("id", [None])[-1], "\n".join(fields["data"]))
+            fields = {}
+        elif line.startswith(":"):
+            yield {"comment": line[1:]}
+        else:
+            name, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if name == "retry":
+                yield {"retry": int(value)}
+            else:
+                fields.setdefault(name, []).append(value)
+
+
+async def watch_sse(client: httpx.AsyncClient, url: str, headers: dict[str, str] | None = None) -> list[SSE]:
+    """Read an SSE stream to its end (the server ends a job stream after the terminal event)."""
+    out = []
+    async with client.stream("GET", url, headers=headers) as response:
+        assert response.status_code == 200, await response.aread()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        async for item in sse_frames(response):
+            if isinstance(item, SSE):
+                out.append(item)
+    return out
+
+
+async def submit(client: httpx.AsyncClient, base: str, **params: Any) -> dict[str, Any]:
+    r = await client.post(base + "/jobs", json={"type": "demo", "params": params})
+    assert r.status_code == 202, r.text
+    return r.json()
+
+
+def assert_stream_ok(docs: list[dict[str, Any]], final: str) -> None:
+    """seq strictly increasing, exactly one terminal event and it is the last one."""
+    seqs = [d["seq"] for d in docs]
+    assert seqs == sorted(set(seqs)), f"seq not strictly increasing: {seqs}"
+    terminal = [d for d in docs if d["status"] in TERMINAL]
+    assert len(terminal) == 1 and docs[-1] is terminal[0], [d["status"] for d in docs]
+    assert docs[-1]["status"] == final, docs[-1]

@@ -1,0 +1,98 @@
+"""The shared contract, without I/O: document shape, event packing, ids, cursors."""
+
+import json
+import re
+
+import pytest
+
+from server import contract
+from server.hub import Event, Mailbox
+
+PUBLIC_FIELDS = [
+    "id", "type", "status", "progress", "message", "stage", "seq", "attempt", "created_at",
+    "started_at", "updated_at", "finished_at", "eta_s", "error", "links",
+]  # fmt: skip
+
+
+def test_new_document_has_the_public_shape():
+    """A new document carries every public field, queued at seq 1, with its links."""
+    doc = contract.new_document("j_x", "demo", "2026-01-01T00:00:00.000Z")
+    assert list(doc) == PUBLIC_FIELDS
+    assert (doc["status"], doc["seq"], doc["progress"]) == ("queued", 1, None)
+    assert doc["links"] == {"self": "/jobs/j_x", "events": "/jobs/j_x/events", "result": "/jobs/j_x/result"}
+
+
+def test_pack_unpack_round_trip_keeps_document_bytes():
+    """The packed event carries seq and event name in a header and the JSON untouched."""
+    doc = contract.new_document("j_x", "demo", contract.now_iso()) | {"status": "failed", "seq": 7}
+    seq, name, body = contract.unpack(contract.pack(doc))
+    assert (seq, name) == (7, "failed")
+    assert json.loads(body) == doc
+    assert body == contract.dumps(doc)
+
+
+def test_event_name_is_progress_until_terminal():
+    assert [contract.event_name(s) for s in contract.STATES] == ["progress", "progress", "succeeded", "failed", "cancelled"]
+
+
+def test_dumps_refuses_nan():
+    with pytest.raises(ValueError):
+        contract.dumps({"progress": float("nan")})
+
+
+def test_job_ids_are_random_url_safe_and_unique():
+    """144 random bits, URL-safe alphabet, no repeats in 10,000."""
+    ids = {contract.new_job_id() for _ in range(10_000)}
+    assert len(ids) == 10_000
+    assert all(re.fullmatch(r"j_[A-Za-z0-9_-]{24}", i) for i in ids)
+
+
+def test_cursor_round_trip_and_malformed_cursor():
+    seqs = {"j_a": 3, "j_b:x": 10}
+    assert contract.decode_cursor(contract.encode_cursor(seqs)) == seqs
+    with pytest.raises(ValueError):
+        contract.decode_cursor("!!!not-base64")
+
+
+def test_iso_timestamps_are_utc_milliseconds():
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", contract.now_iso())
+
+
+def event(job_id: str, seq: int, status: str = "running") -> Event:
+    doc = contract.new_document(job_id, "demo", "t") | {"seq": seq, "status": status}
+    return Event(job_id, contract.pack(doc))
+
+
+def test_event_frames_once_per_transport():
+    """SSE frame and WebSocket text are built from the same bytes, once."""
+    ev = event("j_a", 5, "succeeded")
+    assert ev.sse.startswith(b"id: 5\nevent: succeeded\ndata: {") and ev.sse.endswith(b"}\n\n")
+    assert ev.sse is ev.sse
+    msg = json.loads(ev.ws)
+    assert msg["event"] == "succeeded" and msg["job"]["seq"] == 5
+
+
+@pytest.mark.anyio
+async def test_mailbox_keeps_newest_per_job_and_never_goes_back():
+    """A slow reader skips to the newest document; older or repeated seqs are dropped."""
+    box = Mailbox()
+    for seq in (2, 3, 4):
+        box.put(event("j_a", seq))
+    box.put(event("j_b", 2))
+    box.put(event("j_a", 3))  # older than what is pending: dropped
+    assert box.conflated == 2
+    first, second = await box.get(), await box.get()
+    assert (first.job_id, first.seq) == ("j_a", 4)
+    assert (second.job_id, second.seq) == ("j_b", 2)
+    box.put(event("j_a", 4))  # already delivered: dropped
+    box.put(event("j_a", 5, "succeeded"))
+    assert (await box.get()).seq == 5
+
+
+@pytest.mark.anyio
+async def test_mailbox_expect_skips_what_the_client_has():
+    box = Mailbox()
+    box.expect("j_a", 10)
+    box.put(event("j_a", 10))
+    box.put(event("j_a", 11))
+    assert (await box.get()).seq == 11

@@ -1,0 +1,72 @@
+"""A client that stops reading costs bounded memory and slows nobody else."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+
+import httpx
+import pytest
+
+from support import assert_stream_ok, start_server, submit, watch_sse
+
+pytestmark = pytest.mark.anyio
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def stalled_client(port: int, request: bytes) -> socket.socket:
+    """A raw connection with a tiny receive buffer that sends its request and never reads."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(request)
+    return sock
+
+
+WS_HANDSHAKE = (
+    b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+def ws_subscribe_frame(job_id: str) -> bytes:
+    """A masked client text frame subscribing to ``job_id`` (RFC 6455 section 5.2)."""
+    payload = json.dumps({"op": "subscribe", "jobs": [job_id]}).encode()
+    assert len(payload) < 126
+    mask = os.urandom(4)
+    return bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+async def test_stalled_sse_and_ws_readers(redis_server, worker, tmp_path):
+    server = start_server(redis_server.url, tmp_path, send_timeout=1)
+    stalled: list[socket.socket] = []
+    try:
+        async with httpx.AsyncClient(timeout=60) as client:
+            job = await submit(client, server.url, steps=10_000, interval=0)  # ~6 MB of events
+            path = job["links"]["events"]
+            baseline = rss_kib(server.pid)
+            for _ in range(10):
+                stalled.append(stalled_client(server.port, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()))
+                ws = stalled_client(server.port, WS_HANDSHAKE)
+                assert ws.recv(4096).startswith(b"HTTP/1.1 101")  # then subscribe, and never read again
+                ws.sendall(ws_subscribe_frame(job["id"]))
+                stalled.append(ws)
+            started = time.monotonic()
+            docs = [e.doc for e in await watch_sse(client, server.url + path)]
+            took = time.monotonic() - started
+        assert_stream_ok(docs, "succeeded")
+        assert took < 30, f"a reading client took {took:.1f} s beside stalled ones"
+        growth = rss_kib(server.pid) - baseline
+        assert growth < 30_000, f"server grew by {growth} KiB with stalled readers"
+        async with httpx.AsyncClient(timeout=5) as client:
+            assert (await client.get(server.url + "/healthz")).status_code == 200
+    finally:
+        for sock in stalled:
+            sock.close()
+        server.stop()

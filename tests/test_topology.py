@@ -1,0 +1,93 @@
+"""Several processes against one Redis, and Redis going away and coming back."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+
+from server.devredis import RedisProcess
+from support import assert_stream_ok, start_server, start_worker, submit, watch_sse
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_submit_on_one_server_watch_on_another(redis_server, worker, server, tmp_path):
+    """Two server processes, one worker: a job submitted on A is streamed by B over SSE and WS."""
+    other = start_server(redis_server.url, tmp_path)
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            job = await submit(client, server.url, steps=5, interval=0.1)
+
+            async def over_ws() -> list[dict]:
+                docs = []
+                async with connect(other.url.replace("http", "ws") + "/ws") as ws:
+                    await ws.send(json.dumps({"op": "subscribe", "jobs": [job["id"]]}))
+                    while not docs or docs[-1]["status"] != "succeeded":
+                        docs.append(json.loads(await ws.recv())["job"])
+                return docs
+
+            sse, ws_docs = await asyncio.wait_for(
+                asyncio.gather(watch_sse(client, other.url + job["links"]["events"]), over_ws()), 30
+            )
+        assert_stream_ok([e.doc for e in sse], "succeeded")
+        assert_stream_ok(ws_docs, "succeeded")
+    finally:
+        other.stop()
+
+
+async def test_redis_down_gives_503_and_recovery_is_automatic(tmp_path):
+    """Redis killed: POST 503 + Retry-After, /readyz 503. Restarted on the same port with its AOF:
+    the server and worker reconnect by themselves and a job accepted before the crash still finishes."""
+    redis = RedisProcess(tmp_path / "redis").start()
+    server = start_server(redis.url, tmp_path)
+    worker = start_worker(redis.url, tmp_path)
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            assert (await client.get("/readyz")).status_code == 200
+            redis.kill()
+            r = await client.post("/jobs", json={"type": "demo", "params": {"steps": 1}})
+            assert r.status_code == 503 and int(r.headers["retry-after"]) > 0
+            assert r.headers["content-type"] == "application/problem+json"
+            assert (await client.get("/readyz")).status_code == 503
+            assert (await client.get("/healthz")).status_code == 200
+            redis.start()
+
+            async def ready():
+                return (await client.get("/readyz")).status_code == 200
+
+            deadline = asyncio.get_running_loop().time() + 20
+            while not await ready():
+                assert asyncio.get_running_loop().time() < deadline, "server did not reconnect"
+                await asyncio.sleep(0.1)
+            job = await submit(client, server.url, steps=2, interval=0)
+            events = await watch_sse(client, server.url + job["links"]["events"])
+            assert events[-1].event == "succeeded"
+        assert worker.alive()
+    finally:
+        worker.stop()
+        server.stop()
+        redis.stop()
+
+
+async def test_job_accepted_before_redis_crash_survives_it(tmp_path):
+    """202 means durable: with AOF, a job queued before a SIGKILL of Redis runs after the restart."""
+    redis = RedisProcess(tmp_path / "redis").start()
+    server = start_server(redis.url, tmp_path)
+    worker = None
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            job = await submit(client, server.url, steps=2, interval=0)
+            redis.kill()
+            redis.start()
+            worker = start_worker(redis.url, tmp_path)
+            events = await watch_sse(client, server.url + job["links"]["events"])
+            assert events[-1].event == "succeeded"
+    finally:
+        if worker:
+            worker.stop()
+        server.stop()
+        redis.stop()
