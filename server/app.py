@@ -100,6 +100,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     routes = [
         Route("/", page("index.html")),
+        Route("/dashboard", page("dashboard.html")),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/jobs", jobs.submit, methods=["POST"]),
