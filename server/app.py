@@ -108,6 +108,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/jobs/{job_id}", jobs.status, methods=["GET"]),
         Route("/jobs/{job_id}", jobs.cancel, methods=["DELETE"]),
         Route("/jobs/{job_id}/result", jobs.result),
+        Route("/jobs/{job_id}/retry", jobs.retry, methods=["POST"]),
         Route("/jobs/{job_id}/events", streams.job_events),
         Route("/events", streams.events),
         WebSocketRoute("/ws", streams.websocket),

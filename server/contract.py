@@ -49,6 +49,11 @@ def cancel_key(job_id: str) -> str:
     return f"{PREFIX}cancel:{job_id}"
 
 
+def idempotency_key(scope: str, key: str) -> str:
+    """Remembers ``"<job id> <request hash>"`` for an ``Idempotency-Key`` (per tenant scope)."""
+    return f"{PREFIX}idem:{scope}:{key}"
+
+
 def channel(job_id: str) -> str:
     return f"{PREFIX}ev:{job_id}"
 
@@ -59,6 +64,14 @@ CHANNEL_PREFIX_LEN = len(channel(""))
 def new_job_id() -> str:
     """``j_`` + 144 random bits, URL-safe."""
     return "j_" + secrets.token_urlsafe(18)
+
+
+def webhook_delivery_id(job_id: str, seq: int) -> str:
+    """The arq job id of a webhook delivery, also its ``webhook-id``: one per final state."""
+    return f"wh_{job_id}_{seq}"
+
+
+WEBHOOK_FUNCTION = "_webhook"  # the worker's internal arq function that delivers webhooks
 
 
 def now_iso() -> str:
@@ -86,6 +99,7 @@ def new_document(job_id: str, job_type: str, created_at: str) -> dict[str, Any]:
         "updated_at": created_at,
         "finished_at": None,
         "eta_s": None,
+        "stalled": False,
         "error": None,
         "links": links(job_id),
     }
@@ -114,13 +128,15 @@ def unpack(raw: bytes) -> tuple[int, str, bytes]:
 
 
 # The one write path for a job document (both server and worker call it).
-# KEYS: job hash, tombstone, result
+# KEYS: job hash, tombstone, result, arq queue, arq job key of the webhook delivery
 # ARGV: expected seq, new seq, new state, packed event, channel, ttl (s) of the document,
-#       terminal (1/0), tombstone ttl (s), result JSON ('' for none)
+#       terminal (1/0), tombstone ttl (s), result JSON ('' for none),
+#       webhook delivery arq payload, its ttl (ms), enqueue time (ms), delivery id, wake channel
 # Returns {1, seq} when written; {0, current seq, current state} when refused because the
 # stored seq is not the expected one, or the job is already terminal (no change after the end).
+# A final state of a job that has a webhook enqueues its delivery in the same step.
 WRITE_SCRIPT = """
-local cur = redis.call('HMGET', KEYS[1], 'seq', 'state')
+local cur = redis.call('HMGET', KEYS[1], 'seq', 'state', 'webhook')
 local seq = tonumber(cur[1]) or 0
 local state = cur[2] or ''
 if seq ~= tonumber(ARGV[1]) or state == 'succeeded' or state == 'failed' or state == 'cancelled' then
@@ -133,20 +149,56 @@ if ARGV[7] == '1' then
   if ARGV[9] ~= '' then
     redis.call('SET', KEYS[3], ARGV[9], 'EX', ARGV[6])
   end
+  if cur[3] then
+    redis.call('SET', KEYS[5], ARGV[10], 'PX', ARGV[11])
+    redis.call('ZADD', KEYS[4], ARGV[12], ARGV[13])
+    redis.call('PUBLISH', ARGV[14], ARGV[13])
+  end
 end
 redis.call('PUBLISH', ARGV[5], ARGV[4])
 return {1, tonumber(ARGV[2])}
 """
 
 
+# Running a failed or cancelled job again (POST /jobs/{id}/retry): back to queued, re-enqueued.
+# KEYS: job hash, tombstone, result, arq job key, arq queue
+# ARGV: expected seq, new seq, packed event, channel, document ttl (s), arq payload,
+#       arq job ttl (ms), enqueue time (ms), wake channel, job id
+# Returns {1, seq} or {0, current seq, current state}.
+REOPEN_SCRIPT = """
+local cur = redis.call('HMGET', KEYS[1], 'seq', 'state')
+local seq = tonumber(cur[1]) or 0
+if seq ~= tonumber(ARGV[1]) or (cur[2] ~= 'failed' and cur[2] ~= 'cancelled') then
+  return {0, seq, cur[2] or ''}
+end
+redis.call('HSET', KEYS[1], 'seq', ARGV[2], 'state', 'queued', 'ev', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('DEL', KEYS[2], KEYS[3])
+redis.call('SET', KEYS[4], ARGV[6], 'PX', ARGV[7])
+redis.call('ZADD', KEYS[5], ARGV[8], ARGV[10])
+redis.call('PUBLISH', ARGV[4], ARGV[3])
+redis.call('PUBLISH', ARGV[9], ARGV[10])
+return {1, tonumber(ARGV[2])}
+"""
+
+
 # Creating a job: the document, the index entry and arq's job + queue entry, all or nothing.
-# Idempotent, so a retry after a lost reply changes nothing (the id is already there).
-# KEYS: job hash, jobs index, arq job key, arq queue
+# Idempotent, so a retry after a lost reply changes nothing (the id is already there). With an
+# idempotency key, a key seen before returns what it remembers ("<job id> <request hash>")
+# instead of creating anything, so concurrent identical requests make exactly one job.
+# KEYS: job hash, jobs index, arq job key, arq queue, idempotency key
 # ARGV: job id, type, packed event, document ttl (s), index score, index trim-below score,
-#       arq job payload, arq job ttl (ms), enqueue time (ms), channel, wake channel
+#       arq job payload, arq job ttl (ms), enqueue time (ms), channel, wake channel,
+#       params JSON, webhook URL ('' for none), idempotency value ('' for no key), its ttl (s)
 CREATE_SCRIPT = """
+if ARGV[14] ~= '' then
+  local prior = redis.call('GET', KEYS[5])
+  if prior then return prior end
+  redis.call('SET', KEYS[5], ARGV[14], 'EX', ARGV[15])
+end
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'seq', 1, 'state', 'queued', 'type', ARGV[2], 'ev', ARGV[3])
+redis.call('HSET', KEYS[1], 'seq', 1, 'state', 'queued', 'type', ARGV[2], 'ev', ARGV[3], 'params', ARGV[12])
+if ARGV[13] ~= '' then redis.call('HSET', KEYS[1], 'webhook', ARGV[13]) end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[6])

@@ -11,10 +11,10 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from server import contract
+from server import contract, webhooks
 from server.hub import Event, Mailbox
 from server.problems import Problem, gone, invalid, not_found
-from server.store import WriteRefused
+from server.store import IdempotencyConflict, WriteRefused
 
 JSON = "application/json"
 MAX_PAGE = 100
@@ -100,9 +100,33 @@ async def submit(request: Request) -> Response:
     except ValidationError as e:
         errors = [{"field": ".".join(["params", *map(str, err["loc"])]), "message": err["msg"]} for err in e.errors()]
         raise Problem(422, "Invalid params", errors[0]["field"] + ": " + errors[0]["message"], errors=errors) from None
-    doc = await request.app.state.store.create(job_type, params)
-    headers = {"Location": doc["links"]["self"], "Retry-After": "1"}
+    webhook = payload.get("webhook")
+    if webhook is not None:
+        problem = webhooks.check_submitted(webhook, request.app.state.settings)
+        if problem:
+            raise invalid("webhook", problem)
+    key = request.headers.get("idempotency-key")
+    if key is not None and not (0 < len(key) <= 255 and key.isprintable()):
+        raise invalid("Idempotency-Key", "must be 1 to 255 printable characters")
+    try:
+        doc, _ = await request.app.state.store.create(job_type, params, webhook, ("", key) if key else None)
+    except IdempotencyConflict:
+        raise Problem(
+            422,
+            "Idempotency-Key reused",
+            "This Idempotency-Key was used with a different request.",
+            errors=[{"field": "Idempotency-Key", "message": "already used with a different request"}],
+        ) from None
+    headers = {"Location": doc["links"]["self"], "Retry-After": retry_after(doc)}
     return Response(contract.dumps(doc), 202, headers, media_type=JSON)
+
+
+def retry_after(doc: dict[str, Any]) -> str:
+    """Polling hint: follows the ETA (a quarter of it), between 1 and 10 seconds."""
+    eta = doc.get("eta_s")
+    if doc["status"] == contract.RUNNING and eta:
+        return str(min(10, max(1, round(eta / 4))))
+    return "1"
 
 
 # -- GET /jobs/{id} ----------------------------------------------------------------------
@@ -117,7 +141,7 @@ async def status(request: Request) -> Response:
     etag = f'"{event.seq}"'
     headers = {"ETag": etag, "Cache-Control": "no-cache"}
     if not event.terminal:
-        headers["Retry-After"] = "1"
+        headers["Retry-After"] = retry_after(json.loads(event.doc))
     if request.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers=headers)
     if event.name == contract.SUCCEEDED and wait is None and request.query_params.get("redirect") != "0":
@@ -196,6 +220,25 @@ async def cancel(request: Request) -> Response:
             await tx.execute()
         return Response(event.doc, 202, media_type=JSON)
     raise Problem(409, "Job is changing", "Try again.", headers={"Retry-After": "1"})
+
+
+# -- POST /jobs/{id}/retry ---------------------------------------------------------------
+
+
+async def retry(request: Request) -> Response:
+    """Run a failed or cancelled job again, as its next attempt: 202 + the queued document."""
+    job_id = request.path_params["job_id"]
+    event = await load(request, job_id)
+    doc = json.loads(event.doc)
+    if doc["status"] not in (contract.FAILED, contract.CANCELLED):
+        detail = f"Job {job_id!r} is {doc['status']}; only failed or cancelled jobs can be retried."
+        raise Problem(409, "Job cannot be retried", detail, job_status=doc["status"])
+    await request.app.state.store.redis.delete(contract.cancel_key(job_id))
+    try:
+        doc = await request.app.state.store.reopen(doc)
+    except WriteRefused:
+        raise Problem(409, "Job is changing", "Try again.", headers={"Retry-After": "1"}) from None
+    return Response(contract.dumps(doc), 202, {"Location": doc["links"]["self"]}, media_type=JSON)
 
 
 # -- GET /jobs ---------------------------------------------------------------------------

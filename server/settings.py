@@ -16,6 +16,11 @@ class Settings:
     result_ttl: int = 3600  # a finished job's document and result live this long, seconds
     tombstone_ttl: int = 7 * 86400  # after that, 410 Gone instead of 404 for this long
     job_ttl: int = 86400  # an unfinished job's document lives this long without a change
+    idempotency_ttl: int = 86400  # an Idempotency-Key is remembered this long, seconds
+    lease: float = 10.0  # worker: a running job is re-run this long after its worker died, seconds
+    stall_after: float = 60.0  # a running job without progress for this long is marked stalled
+    webhook_secret: str = ""  # whsec_... (Standard Webhooks); empty: webhooks are refused
+    webhook_allowed_hosts: str = ""  # hosts or CIDRs a webhook may reach despite the SSRF guard
     max_body_bytes: int = 1 << 20
     progress_interval: float = 0.05  # worker: at most one progress publish per job per interval
     worker_concurrency: int = 10  # jobs run at once by one worker process

@@ -8,6 +8,7 @@ the stored state, so the caller decides (re-read and retry, or give up on a fini
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from typing import Any
@@ -26,79 +27,13 @@ class WriteRefused(Exception):
         self.seq, self.state = seq, state
 
 
-class Store:
-    def __init__(self, redis: Redis, settings: Settings) -> None:
-        self.redis = redis
-        self.settings = settings
-        self._write = redis.register_script(contract.WRITE_SCRIPT)
-        self._create = redis.register_script(contract.CREATE_SCRIPT)
+class IdempotencyConflict(Exception):
+    """The Idempotency-Key was used before with a different request."""
 
-    async def read(self, job_id: str) -> bytes | None:
-        """The job's packed event (``contract.unpack`` it), or None."""
-        return await self.redis.hget(contract.job_key(job_id), "ev")
 
-    async def document(self, job_id: str) -> dict[str, Any] | None:
-        raw = await self.read(job_id)
-        return None if raw is None else json.loads(contract.unpack(raw)[2])
-
-    async def is_gone(self, job_id: str) -> bool:
-        """True when the job existed but its document has expired (answer 410, not 404)."""
-        return bool(await self.redis.exists(contract.tombstone_key(job_id)))
-
-    async def result(self, job_id: str) -> bytes | None:
-        return await self.redis.get(contract.result_key(job_id))
-
-    async def create(self, job_type: str, params: dict[str, Any]) -> dict[str, Any]:
-        """Store a queued job and enqueue it for arq, atomically (``contract.CREATE_SCRIPT``)."""
-        job_id = contract.new_job_id()
-        doc = contract.new_document(job_id, job_type, contract.now_iso())
-        event = contract.pack(doc)
-        enqueued_ms = now_ms()
-        now_us = time.time_ns() // 1000
-        await self._create(
-            keys=[contract.job_key(job_id), contract.JOBS_INDEX, job_key_prefix + job_id, default_queue_name],
-            args=[
-                job_id,
-                job_type,
-                event,
-                self.settings.job_ttl,
-                now_us,
-                now_us - self.settings.tombstone_ttl * 1_000_000,
-                serialize_job(job_type, (params,), {}, None, enqueued_ms, serializer=job_dumps),
-                expires_extra_ms,
-                enqueued_ms,
-                contract.channel(job_id),
-                contract.WAKE_CHANNEL,
-            ],
-        )
-        return doc
-
-    async def write(self, doc: dict[str, Any], result: Any = None, **changes: Any) -> dict[str, Any]:
-        """Store ``doc`` with ``changes`` as the next seq and publish it; returns the new doc."""
-        new = {**doc, **changes, "seq": doc["seq"] + 1, "updated_at": contract.now_iso()}
-        terminal = new["status"] in contract.TERMINAL
-        if terminal and new["finished_at"] is None:
-            new["finished_at"] = new["updated_at"]
-        job_id = new["id"]
-        s = self.settings
-        ok, *stored = await self._write(
-            keys=[contract.job_key(job_id), contract.tombstone_key(job_id), contract.result_key(job_id)],
-            args=[
-                doc["seq"],
-                new["seq"],
-                new["status"],
-                contract.pack(new),
-                contract.channel(job_id),
-                s.result_ttl if terminal else s.job_ttl,
-                1 if terminal else 0,
-                s.tombstone_ttl,
-                contract.dumps(result) if terminal and result is not None else b"",
-            ],
-        )
-        if not ok:
-            seq, state = stored
-            raise WriteRefused(int(seq), state.decode() if isinstance(state, bytes) else state)
-        return new
+def request_hash(job_type: str, params: dict[str, Any], webhook: str | None) -> str:
+    canonical = json.dumps([job_type, params, webhook], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
 def job_dumps(obj: Any) -> bytes:
@@ -112,3 +47,176 @@ def job_loads(raw: bytes) -> Any:
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _decode(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class Store:
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self.redis = redis
+        self.settings = settings
+        self._write = redis.register_script(contract.WRITE_SCRIPT)
+        self._create = redis.register_script(contract.CREATE_SCRIPT)
+        self._reopen = redis.register_script(contract.REOPEN_SCRIPT)
+
+    async def read(self, job_id: str) -> bytes | None:
+        """The job's packed event (``contract.unpack`` it), or None."""
+        return await self.redis.hget(contract.job_key(job_id), "ev")
+
+    async def document(self, job_id: str) -> dict[str, Any] | None:
+        raw = await self.read(job_id)
+        return None if raw is None else json.loads(contract.unpack(raw)[2])
+
+    async def field(self, job_id: str, name: str) -> str | None:
+        """A stored fact beside the document: ``params`` (JSON), ``webhook``, ``type``."""
+        value = await self.redis.hget(contract.job_key(job_id), name)
+        return None if value is None else _decode(value)
+
+    async def is_gone(self, job_id: str) -> bool:
+        """True when the job existed but its document has expired (answer 410, not 404)."""
+        return bool(await self.redis.exists(contract.tombstone_key(job_id)))
+
+    async def result(self, job_id: str) -> bytes | None:
+        return await self.redis.get(contract.result_key(job_id))
+
+    async def create(
+        self,
+        job_type: str,
+        params: dict[str, Any],
+        webhook: str | None = None,
+        idempotency: tuple[str, str] | None = None,
+    ) -> tuple[dict[str, Any], bool]:
+        """Store a queued job and enqueue it for arq, atomically (``contract.CREATE_SCRIPT``).
+
+        ``idempotency`` is ``(scope, key)``; returns ``(document, created)``: with a key seen
+        before for the same request, the existing job's document and False. A key seen with
+        another request raises ``IdempotencyConflict``.
+        """
+        job_id = contract.new_job_id()
+        doc = contract.new_document(job_id, job_type, contract.now_iso())
+        event = contract.pack(doc)
+        enqueued_ms = now_ms()
+        now_us = time.time_ns() // 1000
+        fingerprint = request_hash(job_type, params, webhook)
+        idem_key = contract.idempotency_key(*idempotency) if idempotency else contract.idempotency_key("", "")
+        answer = await self._create(
+            keys=[contract.job_key(job_id), contract.JOBS_INDEX, job_key_prefix + job_id, default_queue_name, idem_key],
+            args=[
+                job_id,
+                job_type,
+                event,
+                self.settings.job_ttl,
+                now_us,
+                now_us - self.settings.tombstone_ttl * 1_000_000,
+                serialize_job(job_type, (params,), {}, None, enqueued_ms, serializer=job_dumps),
+                expires_extra_ms,
+                enqueued_ms,
+                contract.channel(job_id),
+                contract.WAKE_CHANNEL,
+                contract.dumps(params),
+                webhook or "",
+                f"{job_id} {fingerprint}" if idempotency else "",
+                self.settings.idempotency_ttl,
+            ],
+        )
+        if answer in (1, 0):
+            return doc, True
+        prior_id, _, prior_hash = _decode(answer).partition(" ")
+        if prior_id == job_id:  # our own earlier attempt, whose reply was lost
+            return doc, True
+        if prior_hash != fingerprint:
+            raise IdempotencyConflict(prior_id)
+        prior = await self.document(prior_id)
+        if prior is None:
+            raise IdempotencyConflict(prior_id)  # remembered, but the job itself has expired
+        return prior, False
+
+    async def write(
+        self, doc: dict[str, Any], result: Any = None, result_ttl: int | None = None, **changes: Any
+    ) -> dict[str, Any]:
+        """Store ``doc`` with ``changes`` as the next seq and publish it; returns the new doc."""
+        new = {**doc, **changes, "seq": doc["seq"] + 1, "updated_at": contract.now_iso()}
+        terminal = new["status"] in contract.TERMINAL
+        if terminal and new["finished_at"] is None:
+            new["finished_at"] = new["updated_at"]
+        job_id = new["id"]
+        s = self.settings
+        delivery = contract.webhook_delivery_id(job_id, new["seq"])
+        enqueued_ms = now_ms()
+        ok, *stored = await self._write(
+            keys=[
+                contract.job_key(job_id),
+                contract.tombstone_key(job_id),
+                contract.result_key(job_id),
+                default_queue_name,
+                job_key_prefix + delivery,
+            ],
+            args=[
+                doc["seq"],
+                new["seq"],
+                new["status"],
+                contract.pack(new),
+                contract.channel(job_id),
+                (result_ttl or s.result_ttl) if terminal else s.job_ttl,
+                1 if terminal else 0,
+                s.tombstone_ttl,
+                contract.dumps(result) if terminal and result is not None else b"",
+                serialize_job(contract.WEBHOOK_FUNCTION, (job_id, new["seq"]), {}, None, enqueued_ms, serializer=job_dumps)
+                if terminal
+                else b"",
+                expires_extra_ms,
+                enqueued_ms,
+                delivery,
+                contract.WAKE_CHANNEL,
+            ],
+        )
+        if not ok:
+            seq, state = stored
+            raise WriteRefused(int(seq), _decode(state))
+        return new
+
+    async def reopen(self, doc: dict[str, Any]) -> dict[str, Any]:
+        """Queue a failed or cancelled job again as its next attempt (POST /jobs/{id}/retry)."""
+        job_id = doc["id"]
+        new = {
+            **doc,
+            "status": contract.QUEUED,
+            "seq": doc["seq"] + 1,
+            "updated_at": contract.now_iso(),
+            "finished_at": None,
+            "progress": None,
+            "eta_s": None,
+            "error": None,
+            "stalled": False,
+            "message": "retry requested",
+        }
+        params = json.loads(await self.field(job_id, "params") or "{}")
+        enqueued_ms = now_ms()
+        payload = serialize_job(doc["type"], (params,), {}, doc["attempt"] + 1, enqueued_ms, serializer=job_dumps)
+        ok, *stored = await self._reopen(
+            keys=[
+                contract.job_key(job_id),
+                contract.tombstone_key(job_id),
+                contract.result_key(job_id),
+                job_key_prefix + job_id,
+                default_queue_name,
+            ],
+            args=[
+                doc["seq"],
+                new["seq"],
+                contract.pack(new),
+                contract.channel(job_id),
+                self.settings.job_ttl,
+                payload,
+                expires_extra_ms,
+                enqueued_ms,
+                contract.WAKE_CHANNEL,
+                job_id,
+            ],
+        )
+        if not ok:
+            seq, state = stored
+            raise WriteRefused(int(seq), _decode(state))
+        return new

@@ -10,7 +10,7 @@ from server.hub import Event, Mailbox
 
 PUBLIC_FIELDS = [
     "id", "type", "status", "progress", "message", "stage", "seq", "attempt", "created_at",
-    "started_at", "updated_at", "finished_at", "eta_s", "error", "links",
+    "started_at", "updated_at", "finished_at", "eta_s", "stalled", "error", "links",
 ]  # fmt: skip
 
 

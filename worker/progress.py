@@ -36,6 +36,7 @@ class JobContext:
         self._lock = asyncio.Lock()
         self._rate: float | None = None  # EWMA of progress points per second
         self._sample: tuple[float, float] | None = None  # (time, progress) of the last report
+        self.last_report = time.monotonic()  # for the stall check
 
     @property
     def id(self) -> str:
@@ -63,6 +64,9 @@ class JobContext:
         stage_changed = stage is not None and stage != self._pending.get("stage", self.doc["stage"])
         if stage is not None:
             self._pending["stage"] = str(stage)
+        self.last_report = now
+        if self.doc["stalled"]:
+            self._pending["stalled"] = False
         await self._publish(force=not self._published or stage_changed)
 
     def _estimate(self, pct: float, now: float) -> float | None:
@@ -96,7 +100,12 @@ class JobContext:
                 self._last_publish, self._published = time.monotonic(), True
                 await self.write(**changes)
 
-    async def finish(self, status: str, result: Any = None, **changes: Any) -> None:
+    async def mark_stalled(self) -> None:
+        async with self._lock:
+            if self.doc["status"] == contract.RUNNING and not self.doc["stalled"]:
+                await self.write(stalled=True)
+
+    async def finish(self, status: str, result: Any = None, result_ttl: int | None = None, **changes: Any) -> None:
         """Write the final (or re-queued) state, with anything the throttle held back."""
         async with self._lock:
             if self._timer is not None:
@@ -104,15 +113,15 @@ class JobContext:
                 self._timer = None
             changes = {**self._pending, **changes, "status": status}
             self._pending = {}
-            if status in contract.TERMINAL:
-                changes["eta_s"] = None
-            await self.write(result=result, **changes)
+            if status != contract.RUNNING:
+                changes.update(eta_s=None, stalled=False)
+            await self.write(result=result, result_ttl=result_ttl, **changes)
 
-    async def write(self, result: Any = None, **changes: Any) -> None:
+    async def write(self, result: Any = None, result_ttl: int | None = None, **changes: Any) -> None:
         """One atomic store + publish; re-based on the stored seq if another writer moved it."""
         for _ in range(3):
             try:
-                self.doc = await self.store.write(self.doc, result=result, **changes)
+                self.doc = await self.store.write(self.doc, result=result, result_ttl=result_ttl, **changes)
                 return
             except WriteRefused as refused:
                 if refused.state in contract.TERMINAL or not refused.state:

@@ -31,18 +31,41 @@ class JobType:
     fn: Callable[..., Any]  # async def fn(ctx, params) or a plain def, run in a thread
     params: type[BaseModel]
     timeout: float | None = None  # seconds; None: the JOB_TIMEOUT setting
+    max_tries: int = 1  # runs on errors (1: no retry); crashed or stopped workers add up to 2 more
+    backoff: float = 1.0  # seconds before the first retry, doubled each time, with jitter
+    result_ttl: int | None = None  # seconds; None: the RESULT_TTL setting
+
+
+class Retry(Exception):
+    """Raise from job code to run the job again (counts against ``max_tries``)."""
+
+    def __init__(self, after: float | None = None, message: str = "retry requested by the job") -> None:
+        super().__init__(message)
+        self.after = after
 
 
 REGISTRY: dict[str, JobType] = {}
 
 
-def job(name: str, *, params: type[BaseModel], timeout: float | None = None) -> Callable:
+def job(
+    name: str,
+    *,
+    params: type[BaseModel],
+    timeout: float | None = None,
+    max_tries: int = 1,
+    backoff: float = 1.0,
+    result_ttl: int | None = None,
+) -> Callable:
     """Register the decorated function as job type ``name``."""
+    if not name or name.startswith("_"):
+        raise ValueError(f"job type name {name!r} must not be empty or start with '_'")
+    if max_tries < 1:
+        raise ValueError("max_tries must be >= 1")
 
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in REGISTRY and REGISTRY[name].fn is not fn:
             raise ValueError(f"job type {name!r} is registered twice")
-        REGISTRY[name] = JobType(name, fn, params, timeout)
+        REGISTRY[name] = JobType(name, fn, params, timeout, max_tries, backoff, result_ttl)
         return fn
 
     return register

@@ -20,24 +20,30 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import random
+import time
 import traceback
 from typing import Any
 
+from arq import Retry as ArqRetry
 from arq import Worker
 from arq.connections import RedisSettings, create_pool
+from arq.constants import in_progress_key_prefix
 from arq.worker import func
 from pydantic import ValidationError
 
 from server import contract
 from server.settings import Settings
 from server.store import Store, job_dumps, job_loads
+from worker import webhooks
 from worker.progress import JobContext, JobEnded, ThreadJobContext
-from worker.registry import JobType
+from worker.registry import JobType, Retry
 
 log = logging.getLogger("worker")
 
-MAX_TRIES = 3  # runs of one job, counting re-runs after a crashed or stopped worker
+CRASH_ALLOWANCE = 2  # runs beyond max_tries allowed for crashed or stopped workers
 ARQ_TIMEOUT_MARGIN = 5.0  # our timeout fires first; arq's is only a backstop
+WEBHOOK_TIMEOUT = 60.0  # arq's backstop for one delivery attempt
 
 
 class ProgressWorker(Worker):
@@ -47,6 +53,7 @@ class ProgressWorker(Worker):
         self.running: dict[str, JobContext] = {}
         self._wake = asyncio.Event()
         self._listener: asyncio.Task | None = None
+        self._heartbeat: asyncio.Task | None = None
         functions = [
             func(
                 self._job_function(job_type),
@@ -56,6 +63,9 @@ class ProgressWorker(Worker):
             )
             for job_type in registry.values()
         ]
+        functions.append(
+            func(self._deliver_webhook, name=contract.WEBHOOK_FUNCTION, timeout=WEBHOOK_TIMEOUT, max_tries=1_000_000)
+        )
         super().__init__(
             functions,
             redis_settings=RedisSettings.from_dsn(settings.redis_url),
@@ -65,6 +75,9 @@ class ProgressWorker(Worker):
             job_deserializer=job_loads,
             **kwargs,
         )
+
+    async def _deliver_webhook(self, arq_ctx: dict[str, Any], job_id: str, seq: int) -> None:
+        await webhooks.deliver(self.store, self.settings, job_id, seq, arq_ctx["job_try"])
 
     def _timeout(self, job_type: JobType) -> float:
         return job_type.timeout if job_type.timeout is not None else self.settings.job_timeout
@@ -82,6 +95,7 @@ class ProgressWorker(Worker):
         self.ctx["redis"] = self.pool
         self.store = Store(self.pool, self.settings)
         self._listener = asyncio.create_task(self._listen())
+        self._heartbeat = asyncio.create_task(self._beat())
         log.info("worker ready for job types: %s", ", ".join(self.registry))
         while True:
             self._wake.clear()
@@ -102,11 +116,39 @@ class ProgressWorker(Worker):
         self._wake.set()  # a slot is free: look at the queue now
 
     async def close(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(BaseException):
-                await self._listener
+        for task in (self._listener, self._heartbeat):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
         await super().close()
+
+    async def _beat(self) -> None:
+        """Renew the lease of every running job, and mark the ones without progress as stalled.
+
+        arq re-runs a job whose ``in-progress`` key has expired. arq sets that key to the longest
+        timeout of any function plus 10 s; we shorten it to ``LEASE`` and renew it while the job
+        runs here, so a job whose worker died runs again within one lease, not minutes later.
+        """
+        lease_ms = int(self.settings.lease * 1000)
+        while True:
+            await asyncio.sleep(self.settings.lease / 3)
+            running = list(self.running.values())
+            try:
+                if running:
+                    async with self.pool.pipeline(transaction=False) as pipe:
+                        for ctx in running:
+                            pipe.pexpire(in_progress_key_prefix + ctx.id, lease_ms)
+                        await pipe.execute()
+                now = time.monotonic()
+                for ctx in running:
+                    if now - ctx.last_report > self.settings.stall_after and not ctx.doc["stalled"]:
+                        log.info("job %s: no progress for %.0f s, stalled", ctx.id, now - ctx.last_report)
+                        await ctx.mark_stalled()
+            except JobEnded:
+                pass
+            except Exception as e:  # Redis blip: the next beat tries again
+                log.warning("lease renewal failed: %s", e)
 
     async def _listen(self) -> None:
         """Wake and cancel notices, on one pub/sub connection, re-established after errors."""
@@ -151,6 +193,7 @@ class ProgressWorker(Worker):
         if doc is None or doc["status"] in contract.TERMINAL:
             log.info("job %s: %s before it started; not running it", job_id, doc and doc["status"] or "expired")
             return
+        await self.pool.pexpire(in_progress_key_prefix + job_id, int(self.settings.lease * 1000))
         ctx = JobContext(self.store, doc, self.settings.progress_interval)
         self.running[job_id] = ctx
         try:
@@ -162,10 +205,12 @@ class ProgressWorker(Worker):
 
     async def _run(self, ctx: JobContext, job_type: JobType, attempt: int, params: dict[str, Any]) -> None:
         job_id = ctx.id
-        if attempt > MAX_TRIES:
-            await ctx.finish(contract.FAILED, attempt=attempt, error=error("MaxTriesExceeded", f"gave up after {attempt - 1} attempts"))
+        timeout = self._timeout(job_type)
+        if attempt > job_type.max_tries + CRASH_ALLOWANCE:
+            message = f"gave up after {attempt - 1} attempts"
+            await ctx.finish(contract.FAILED, attempt=attempt, error=error("MaxTriesExceeded", message))
             return
-        await ctx.write(status=contract.RUNNING, attempt=attempt, started_at=contract.now_iso())
+        await ctx.write(status=contract.RUNNING, attempt=attempt, started_at=contract.now_iso(), message=None, error=None)
         log.info("job %s: running %s, attempt %d", job_id, job_type.name, attempt)
         if await self.pool.exists(contract.cancel_key(job_id)):
             ctx.cancel_requested = True
@@ -174,39 +219,55 @@ class ProgressWorker(Worker):
             if ctx.cancel_requested:
                 raise asyncio.CancelledError()
             ctx.task = asyncio.create_task(self._call(job_type, ctx, parsed))
-            async with asyncio.timeout(self._timeout(job_type)):
+            async with asyncio.timeout(timeout):
                 result = await ctx.task
+            contract.dumps(result)
         except asyncio.CancelledError:
             if asyncio.current_task().cancelling():  # this worker is stopping: arq re-queues the job
                 log.info("job %s: worker stopping, re-queued", job_id)
                 await asyncio.shield(ctx.finish(contract.QUEUED, message="worker stopped; job re-queued"))
                 raise
             log.info("job %s: cancelled", job_id)
-            await ctx.finish(contract.CANCELLED)
+            await ctx.finish(contract.CANCELLED, result_ttl=job_type.result_ttl)
         except TimeoutError:
-            log.info("job %s: timed out", job_id)
-            await ctx.finish(contract.FAILED, error=error("TimeoutError", f"job exceeded its {self._timeout(job_type):g} s timeout"))
-        except ValidationError as e:
-            await ctx.finish(contract.FAILED, error=error("InvalidParams", str(e)))
+            log.info("job %s: timed out after %g s", job_id, timeout)
+            ctx.cancel_requested = True  # a sync job's thread stops at its next progress() call
+            failure = error("TimeoutError", f"job exceeded its {timeout:g} s timeout")
+            await ctx.finish(contract.FAILED, result_ttl=job_type.result_ttl, error=failure)
         except JobEnded:
             raise
         except Exception as e:
-            log.info("job %s: failed: %s: %s", job_id, type(e).__name__, e)
-            detail = {"traceback": traceback.format_exc()} if self.settings.debug else {}
-            await ctx.finish(contract.FAILED, error=error(type(e).__name__, str(e), **detail))
+            await self._failed(ctx, job_type, attempt, e)
         else:
-            try:
-                contract.dumps(result)
-            except (TypeError, ValueError) as e:
-                await ctx.finish(contract.FAILED, error=error("ResultNotJSON", str(e)))
-                return
             log.info("job %s: succeeded", job_id)
-            await ctx.finish(contract.SUCCEEDED, result=result, progress=100.0)
+            await ctx.finish(contract.SUCCEEDED, result=result, result_ttl=job_type.result_ttl, progress=100.0)
+
+    async def _failed(self, ctx: JobContext, job_type: JobType, attempt: int, e: Exception) -> None:
+        """Retry with back-off while tries remain (arq re-queues the job), else end ``failed``."""
+        if isinstance(e, ValidationError):
+            failure = error("InvalidParams", str(e))
+        elif isinstance(e, (TypeError, ValueError)) and "JSON" in str(e):
+            failure = error("ResultNotJSON", str(e))
+        else:
+            extra = {"traceback": traceback.format_exc()} if self.settings.debug else {}
+            failure = error(type(e).__name__, str(e), **extra)
+        if attempt < job_type.max_tries and not isinstance(e, ValidationError):
+            after = e.after if isinstance(e, Retry) and e.after is not None else backoff(job_type.backoff, attempt)
+            log.info("job %s: attempt %d failed (%s); retrying in %.2f s", ctx.id, attempt, failure["type"], after)
+            await ctx.finish(contract.QUEUED, message=f"retrying in {after:.1f} s", error=failure)
+            raise ArqRetry(defer=after)
+        log.info("job %s: failed: %s: %s", ctx.id, failure["type"], failure["message"])
+        await ctx.finish(contract.FAILED, result_ttl=job_type.result_ttl, error=failure)
 
     async def _call(self, job_type: JobType, ctx: JobContext, params: Any) -> Any:
         if inspect.iscoroutinefunction(job_type.fn):
             return await job_type.fn(ctx, params)
         return await asyncio.to_thread(job_type.fn, ThreadJobContext(ctx, asyncio.get_running_loop()), params)
+
+
+def backoff(base: float, attempt: int) -> float:
+    """Exponential back-off with jitter: about base * 2^(attempt-1), between 0.5x and 1.5x of it."""
+    return min(base * 2 ** (attempt - 1), 3600.0) * random.uniform(0.5, 1.5)
 
 
 def error(kind: str, message: str, **extra: Any) -> dict[str, Any]:
