@@ -97,6 +97,8 @@ class Proc:
 def process_env(redis_url: str, **settings: Any) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "REDIS_URL"))}
     env.update({"REDIS_URL": redis_url, "LOG_LEVEL": "info", "PYTHONUNBUFFERED": "1"})
+    # the tests' own job types (tests/testjobs.py) beside the shipped demo
+    env.update({"PYTHONPATH": str(ROOT / "tests"), "JOBS_MODULE": "worker.demo,testjobs"})
     env.update({k.upper(): str(v) for k, v in settings.items()})
     return env
 

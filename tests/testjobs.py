@@ -1,0 +1,67 @@
+"""Job types used by the tests (loaded with JOBS_MODULE=worker.demo,testjobs)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from pydantic import BaseModel, Field
+
+from worker.registry import Retry, job
+
+
+class Flaky(BaseModel):
+    fail_times: int = Field(ge=0)
+    use_retry: bool = False  # raise Retry (with after=0.05) instead of an error
+
+
+class Wait(BaseModel):
+    seconds: float = Field(ge=0, le=600)
+    report_every: float | None = None
+
+
+class Count(BaseModel):
+    steps: int = Field(ge=1, le=1000)
+    sleep: float = Field(0.01, ge=0)
+
+
+@job("flaky", params=Flaky, max_tries=3, backoff=0.05)
+async def flaky(ctx, params: Flaky) -> dict:
+    """Fails its first ``fail_times`` attempts, then succeeds."""
+    await ctx.progress(10, message=f"attempt {ctx.attempt}")
+    if ctx.attempt <= params.fail_times:
+        if params.use_retry:
+            raise Retry(after=0.05)
+        raise RuntimeError(f"attempt {ctx.attempt} failed")
+    return {"attempt": ctx.attempt}
+
+
+@job("wait", params=Wait, timeout=1.5)
+async def wait(ctx, params: Wait) -> str:
+    """Waits; reports every ``report_every`` seconds if set. Times out after 1.5 s."""
+    deadline = time.monotonic() + params.seconds
+    while time.monotonic() < deadline:
+        await asyncio.sleep(min(params.report_every or params.seconds, max(0.0, deadline - time.monotonic())))
+        if params.report_every:
+            await ctx.progress(None, message="still here")
+    return "waited"
+
+
+@job("count_sync", params=Count, timeout=5)
+def count_sync(ctx, params: Count) -> int:
+    """A plain (blocking) function: runs in a thread and reports from there."""
+    for i in range(1, params.steps + 1):
+        time.sleep(params.sleep)
+        ctx.progress(100 * i / params.steps, message=f"sync step {i}")
+    return params.steps
+
+
+@job("long", params=Wait, timeout=600)
+async def long(ctx, params: Wait) -> str:
+    """Reports progress every 0.1 s for ``seconds``; for crash and stall tests."""
+    steps = max(1, int(params.seconds / 0.1))
+    for i in range(1, steps + 1):
+        await asyncio.sleep(0.1)
+        if not params.report_every:
+            await ctx.progress(100 * i / steps, message=f"tick {i}")
+    return "done"
