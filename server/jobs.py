@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from server import contract, webhooks
+from server import contract, render, webhooks
 from server.hub import Event, Mailbox
 from server.problems import Problem, gone, invalid, not_found
 from server.store import IdempotencyConflict, WriteRefused
@@ -144,6 +144,9 @@ async def status(request: Request) -> Response:
         headers["Retry-After"] = retry_after(json.loads(event.doc))
     if request.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers=headers)
+    accept = request.headers.get("accept", "")
+    if "text/plain" in accept and "json" not in accept:
+        return Response(render.text_bar(json.loads(event.doc)) + "\n", 200, headers, media_type="text/plain")
     if event.name == contract.SUCCEEDED and wait is None and request.query_params.get("redirect") != "0":
         headers["Location"] = f"/jobs/{job_id}/result"
         return Response(event.doc, 303, headers, media_type=JSON)

@@ -15,10 +15,10 @@ from collections.abc import AsyncIterator, Callable
 
 from sse_starlette import EventSourceResponse
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from server import contract
+from server import contract, render
 from server.hub import Event, Mailbox, SubscribeTimeout
 from server.jobs import int_param, load
 from server.problems import Problem, invalid
@@ -75,16 +75,53 @@ async def job_events(request: Request) -> Response:
         hub.unwatch(mailbox, [job_id])
         return Response(status_code=204)  # the client has the end already: EventSource stops
     mailbox.put(snapshot)
+    close = lambda: hub.unwatch(mailbox, [job_id])  # noqa: E731
+    if wants_text(request):
+        return TextStream(mailbox, close)
+    html = request.query_params.get("format") == "html"
 
     async def frames() -> AsyncIterator[bytes]:
         yield retry_frame(request)
         while True:
             event = await mailbox.get()
-            yield event.sse
+            if html:  # htmx's SSE extension swaps this fragment in
+                fragment = render.html_bar(json.loads(event.doc)).encode()
+                yield b"id: %d\nevent: %s\ndata: %s\n\n" % (event.seq, event.name.encode(), fragment)
+            else:
+                yield event.sse
             if event.terminal:
                 return
 
-    return Stream(request, frames(), lambda: hub.unwatch(mailbox, [job_id]))
+    return Stream(request, frames(), close)
+
+
+def wants_text(request: Request) -> bool:
+    accept = request.headers.get("accept", "")
+    return "text/plain" in accept and "json" not in accept and "event-stream" not in accept
+
+
+class TextStream(StreamingResponse):
+    """``curl -N -H 'Accept: text/plain' .../events``: one bar redrawn in place until the end."""
+
+    def __init__(self, mailbox: Mailbox, on_close: Callable[[], None]) -> None:
+        async def lines() -> AsyncIterator[bytes]:
+            width = 0
+            while True:
+                event = await mailbox.get()
+                line = render.text_bar(json.loads(event.doc))
+                yield ("\r" + line.ljust(width) + ("\n" if event.terminal else "")).encode()
+                width = len(line)
+                if event.terminal:
+                    return
+
+        super().__init__(lines(), media_type="text/plain; charset=utf-8", headers={"X-Accel-Buffering": "no"})
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
 
 
 async def events(request: Request) -> Response:

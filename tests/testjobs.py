@@ -65,3 +65,15 @@ async def long(ctx, params: Wait) -> str:
         if not params.report_every:
             await ctx.progress(100 * i / steps, message=f"tick {i}")
     return "done"
+
+
+class Echo(BaseModel):
+    message: str = Field(max_length=10_000)
+    stage: str | None = None
+
+
+@job("echo", params=Echo)
+async def echo(ctx, params: Echo) -> dict:
+    """Reports ``message`` (and ``stage``) as given, then returns them."""
+    await ctx.progress(50, message=params.message, stage=params.stage)
+    return {"message": params.message}
