@@ -87,7 +87,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def lifespan(app: Starlette):
         redis = connect(settings.redis_url)
         store = Store(redis, settings)
-        hub = Hub(redis, store)
+        # the hub's own client, without retries: it must see every lost connection to resync
+        hub_redis = Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_keepalive=True)
+        hub = Hub(hub_redis, store)
         app.state.settings, app.state.registry, app.state.store, app.state.hub = settings, registry, store, hub
         reader = asyncio.create_task(hub.run())
         try:
@@ -97,6 +99,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             with contextlib.suppress(BaseException):
                 await reader
             await redis.aclose()
+            await hub_redis.aclose()
 
     routes = [
         Route("/", page("index.html")),

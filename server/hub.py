@@ -30,6 +30,8 @@ from server.store import Store
 
 log = logging.getLogger("server.hub")
 
+HEARTBEAT = 1.0  # seconds between the hub's own pings through Redis pub/sub
+HEARTBEAT_MISSES = 3  # silent pub/sub for this many heartbeats: the connection is dead (half-open)
 SEEN_CAP = 10_000  # per mailbox: how many jobs' last seq it remembers (oldest forgotten first)
 HUB_CHANNEL = contract.PREFIX + "hub"  # always subscribed, so the connection is never idle-empty
 
@@ -115,6 +117,7 @@ class SubscribeTimeout(Exception):
 
 class Hub:
     def __init__(self, redis: Redis, store: Store, confirm_timeout: float = 5.0) -> None:
+        """``redis`` must not retry on its own: a silent reconnect would skip the resync."""
         self.redis = redis
         self.store = store
         self.confirm_timeout = confirm_timeout
@@ -199,7 +202,26 @@ class Hub:
     # -- the reader ----------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Read the pub/sub connection forever, reconnecting with back-off."""
+        """Read the pub/sub connection forever, reconnecting with back-off.
+
+        A heartbeat is published to ``HUB_CHANNEL`` every ``HEARTBEAT`` seconds; if the
+        subscription hears nothing at all for ``HEARTBEAT_MISSES`` of them, the connection is
+        taken as dead and rebuilt (redis-py's own health check cannot see a half-open socket).
+        """
+        beat = asyncio.create_task(self._heartbeat())
+        try:
+            await self._run()
+        finally:
+            beat.cancel()
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT)
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(HEARTBEAT):
+                    await self.redis.publish(HUB_CHANNEL, b"")
+
+    async def _run(self) -> None:
         delay = 0.2
         while True:
             pubsub = self.redis.pubsub()
@@ -233,10 +255,15 @@ class Hub:
     async def _read(self, pubsub) -> None:
         prefix = contract.CHANNEL_PREFIX_LEN
         watchers, all_ = self._watchers, self._all
+        loop = asyncio.get_running_loop()
+        heard = loop.time()
         while True:
-            msg = await pubsub.get_message(timeout=None)
+            msg = await pubsub.get_message(timeout=HEARTBEAT)
             if msg is None:
+                if loop.time() - heard > HEARTBEAT * HEARTBEAT_MISSES:
+                    raise ConnectionError("no heartbeat on the pub/sub connection")
                 continue
+            heard = loop.time()
             kind = msg["type"]
             if kind == "message":
                 job_id = msg["channel"][prefix:].decode()

@@ -77,3 +77,17 @@ async def echo(ctx, params: Echo) -> dict:
     """Reports ``message`` (and ``stage``) as given, then returns them."""
     await ctx.progress(50, message=params.message, stage=params.stage)
     return {"message": params.message}
+
+
+class Flood(BaseModel):
+    count: int = Field(ge=1, le=100_000)
+    size: int = Field(100, ge=0, le=60_000)
+
+
+@job("flood", params=Flood)
+async def flood(ctx, params: Flood) -> int:
+    """``count`` progress updates as fast as they go, each with a ``size``-byte message."""
+    filler = "x" * params.size
+    for i in range(1, params.count + 1):
+        await ctx.progress(100 * i / params.count, message=f"{i} {filler}")
+    return params.count
