@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import pickle
 import signal
 
 import httpx
 import pytest
+import redis
 
 from server import contract
 from server.devredis import RedisProcess
@@ -250,5 +252,31 @@ async def test_worker_sigterm_requeues_running_job(own_redis, tmp_path):
         assert "failed" not in {d["status"] for d in docs}
     finally:
         for proc in (first, second, server):
+            if proc:
+                proc.stop()
+
+
+async def test_crafted_pickle_payload_fails_the_job_and_runs_nothing(own_redis, tmp_path):
+    """A pickle written into arq's job key (by someone who can write to Redis) is never unpickled:
+    the JSON deserializer rejects it, the job ends failed, and the payload's code does not run."""
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    server = start_server(own_redis.url, tmp_path)  # no worker yet: the job stays queued
+    worker = None
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            job = (await post(client, server.url, "demo", {"steps": 1, "interval": 0})).json()
+            crafted = pickle.dumps({"t": 1, "f": "demo", "a": [Exploit()], "k": {}, "et": 0})
+            redis.Redis.from_url(own_redis.url).set(f"arq:job:{job['id']}", crafted)
+            worker = start_worker(own_redis.url, tmp_path)
+            docs = [e.doc for e in await watch_sse(client, server.url + job["links"]["events"])]
+        assert docs[-1]["status"] == "failed" and docs[-1]["error"]["type"] == "JobRejected"
+        assert not marker.exists()
+    finally:
+        for proc in (worker, server):
             if proc:
                 proc.stop()

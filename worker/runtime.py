@@ -34,7 +34,7 @@ from pydantic import ValidationError
 
 from server import contract
 from server.settings import Settings
-from server.store import Store, job_dumps, job_loads
+from server.store import Store, WriteRefused, job_dumps, job_loads
 from worker import webhooks
 from worker.progress import JobContext, JobEnded, ThreadJobContext
 from worker.registry import JobType, Retry
@@ -110,6 +110,17 @@ class ProgressWorker(Worker):
             job_deserializer=self.job_deserializer,
             default_queue_name=self.queue_name,
         )
+
+    async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
+        """arq gave up on a job before calling us (unreadable payload, unknown function, expired):
+        end its document too, so no watcher waits forever and nothing in the payload ran."""
+        await super().finish_failed_job(job_id, result_data)
+        doc = await self.store.document(job_id)
+        if doc is not None and doc["status"] not in contract.TERMINAL:
+            log.warning("job %s: rejected by arq before it ran", job_id)
+            failure = error("JobRejected", "the worker could not run this job (unreadable, unknown or expired)")
+            with contextlib.suppress(WriteRefused):
+                await self.store.write(doc, status=contract.FAILED, eta_s=None, error=failure)
 
     def _release_sem_dec_counter_on_complete(self) -> None:
         super()._release_sem_dec_counter_on_complete()
