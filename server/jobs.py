@@ -102,7 +102,7 @@ async def submit(request: Request) -> Response:
         raise Problem(422, "Invalid params", errors[0]["field"] + ": " + errors[0]["message"], errors=errors) from None
     webhook = payload.get("webhook")
     if webhook is not None:
-        problem = webhooks.check_submitted(webhook, request.app.state.settings)
+        problem = await webhooks.check_submitted(webhook, request.app.state.settings)
         if problem:
             raise invalid("webhook", problem)
     key = request.headers.get("idempotency-key")

@@ -1,14 +1,211 @@
-"""Webhook delivery (placeholder: the full sender lands with the webhooks change)."""
+"""Webhook delivery: one attempt per call, retried by arq with exponential back-off and jitter.
+
+``deliver`` runs as its own arq job (``contract.WEBHOOK_FUNCTION``), enqueued atomically with a
+job's final state by ``Store.write``; ``attempt`` is arq's ``job_try`` (1, 2, ...). Each attempt:
+
+1. reads the job's stored document and webhook URL (gone: nothing to send, stop);
+2. resolves the URL's host once and checks every address with the SSRF guard
+   (``server.webhooks.resolve``), then connects to a checked address itself (the URL's host is
+   replaced by the IP; ``Host`` and, for https, SNI and certificate checks keep the name), so
+   DNS cannot answer differently between the check and the connection;
+3. POSTs the document signed as in Standard Webhooks, with a total deadline, no redirects,
+   no proxies from the environment, and at most ``MAX_RESPONSE_BYTES`` of the answer read;
+4. 2xx: done. 410: the receiver is gone, stop. Anything else (3xx, 4xx, 5xx, timeouts,
+   connection errors): ``arq.Retry`` after a back-off, until ``MAX_ATTEMPTS`` or ``DEADLINE``.
+
+Which document is sent: the one stored when the attempt runs. That is the final state that
+enqueued the delivery, byte for byte, unless the job was run again (``POST /jobs/{id}/retry``)
+in between; then the newer document is sent (its ``seq`` is higher, and its status may not be
+final), because older versions are not kept. The re-run's own final state gets its own delivery.
+
+The schedule comes from environment variables (read at import), so tests can make it fast.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import random
+import ssl
+import time
+from dataclasses import dataclass
 
+import httpx
+from arq import Retry
+from arq.constants import job_key_prefix
+from arq.jobs import deserialize_job_raw
+
+from server import contract
+from server import webhooks as guard
 from server.settings import Settings
-from server.store import Store
+from server.store import Store, job_loads
 
 log = logging.getLogger("worker.webhooks")
 
 
+def _env(name: str, default: float) -> float:
+    raw = os.environ.get(name, "")
+    try:
+        return float(raw) if raw else default
+    except ValueError:
+        raise SystemExit(f"Setting {name}={raw!r} is not a number") from None
+
+
+# runtime.WEBHOOK_TIMEOUT (60 s) is arq's backstop per attempt: resolving and one attempt stay below it.
+ATTEMPT_TIMEOUT = min(_env("WEBHOOK_ATTEMPT_TIMEOUT", 15.0), 50.0)  # connect + send + answer, seconds
+BACKOFF = _env("WEBHOOK_BACKOFF", 5.0)  # first retry after about this long, seconds; x4 each time
+BACKOFF_MAX = _env("WEBHOOK_BACKOFF_MAX", 3 * 3600.0)  # cap of one delay (before jitter)
+MAX_ATTEMPTS = int(_env("WEBHOOK_MAX_ATTEMPTS", 14))
+# arq drops a queued job 24 h after it was enqueued; give up before that.
+DEADLINE = min(_env("WEBHOOK_DEADLINE", 23 * 3600.0), 23.5 * 3600)  # seconds after the final state
+MAX_RESPONSE_BYTES = 64 * 1024
+USER_AGENT = "progress-server-webhooks/1"
+
+
+def backoff(attempt: int) -> float:
+    """Delay after failed attempt ``attempt``: BACKOFF * 4^(attempt-1), capped, times 0.5 to 1.5."""
+    return min(BACKOFF * 4 ** (attempt - 1), BACKOFF_MAX) * random.uniform(0.5, 1.5)
+
+
+@dataclass
+class Outcome:
+    delivered: bool = False
+    final: bool = False  # do not try again (delivered, 410, or nothing that could ever be sent)
+    detail: str = ""
+
+
 async def deliver(store: Store, settings: Settings, job_id: str, seq: int, attempt: int) -> None:
-    log.info("webhook for job %s seq %d not sent: delivery is not implemented yet", job_id, seq)
+    """One delivery attempt of job ``job_id``'s final state ``seq``; raises arq.Retry to try again."""
+    delivery_id = contract.webhook_delivery_id(job_id, seq)
+    started = time.monotonic()
+    try:
+        outcome = await _attempt(store, settings, job_id, seq, delivery_id)
+    except Exception as e:  # Redis blip or a bug: count it as a failed attempt
+        outcome = Outcome(detail=f"error {type(e).__name__}: {e}")
+    took = time.monotonic() - started
+    what = f"webhook {delivery_id} (job {job_id}) attempt {attempt}"
+    if outcome.delivered:
+        log.info("%s: delivered, %s in %.2f s", what, outcome.detail, took)
+        return
+    if outcome.final:
+        log.warning("%s: %s in %.2f s; no more attempts", what, outcome.detail, took)
+        return
+    delay = backoff(attempt)
+    enqueued = await _enqueued_at(store, delivery_id)
+    if attempt >= MAX_ATTEMPTS or (enqueued is not None and time.time() + delay - enqueued > DEADLINE):
+        log.warning("%s: %s in %.2f s; giving up after %d attempts", what, outcome.detail, took, attempt)
+        return
+    log.info("%s: %s in %.2f s; retrying in %.2f s", what, outcome.detail, took, delay)
+    raise Retry(defer=delay)
+
+
+async def _enqueued_at(store: Store, delivery_id: str) -> float | None:
+    """When the delivery was first enqueued (unix seconds), from arq's job record."""
+    try:
+        raw = await store.redis.get(job_key_prefix + delivery_id)
+        return None if raw is None else deserialize_job_raw(raw, deserializer=job_loads)[4] / 1000
+    except Exception:
+        return None
+
+
+async def _attempt(store: Store, settings: Settings, job_id: str, seq: int, delivery_id: str) -> Outcome:
+    raw = await store.read(job_id)
+    if raw is None:
+        return Outcome(final=True, detail="the job's document has expired")
+    stored_seq, _, body = contract.unpack(raw)
+    if stored_seq < seq:
+        return Outcome(final=True, detail=f"the stored document is older (seq {stored_seq}) than this delivery")
+    url = await store.field(job_id, "webhook")
+    if not url:
+        return Outcome(final=True, detail="the job has no webhook URL")
+    try:
+        key = guard.secret_key(settings.webhook_secret)
+    except ValueError as e:
+        return Outcome(final=True, detail=f"cannot sign: {e}")
+    try:
+        target = await guard.resolve(url, settings)
+    except guard.Refused as e:
+        return Outcome(final=not e.transient, detail=f"refused: {e}")
+    return await post(target, key, delivery_id, body)
+
+
+_ssl: ssl.SSLContext | None = None
+
+
+def _ssl_context() -> ssl.SSLContext:
+    global _ssl
+    if _ssl is None:
+        _ssl = ssl.create_default_context()
+    return _ssl
+
+
+def build_request(
+    client: httpx.AsyncClient, target: guard.Target, address: str, headers: dict[str, str], body: bytes
+) -> httpx.Request:
+    """The POST to ``address`` (a checked IP) that says ``target``'s host name in Host and SNI."""
+    url = httpx.URL(scheme=target.scheme, host=address, port=target.port, raw_path=target.path.encode())
+    extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
+    headers = {"Host": target.host_header, **headers}
+    return client.build_request("POST", url, content=body, headers=headers, extensions=extensions)
+
+
+async def post(target: guard.Target, key: bytes, delivery_id: str, body: bytes) -> Outcome:
+    """One signed POST, trying each checked address in turn on connection failure."""
+    timestamp = int(time.time())
+    headers = {
+        "content-type": "application/json",
+        "webhook-id": delivery_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": guard.sign(key, delivery_id, timestamp, body),
+        "user-agent": USER_AGENT,
+        "accept-encoding": "identity",
+    }
+    deadline = asyncio.get_running_loop().time() + ATTEMPT_TIMEOUT
+    failure = "no address"
+    async with httpx.AsyncClient(
+        timeout=httpx.Timeout(ATTEMPT_TIMEOUT),
+        follow_redirects=False,
+        trust_env=False,
+        verify=_ssl_context(),
+    ) as client:
+        for address in target.addresses:
+            request = build_request(client, target, address, headers, body)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    response = await client.send(request, stream=True)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+                failure = f"cannot connect to {address}: {type(e).__name__} {e}".strip()
+                continue
+            except TimeoutError:
+                return Outcome(detail=f"no answer within {ATTEMPT_TIMEOUT:g} s")
+            except httpx.HTTPError as e:
+                return Outcome(detail=f"{type(e).__name__}: {e}")
+            try:
+                answer = await _read_some(response, deadline)
+            finally:
+                await response.aclose()
+            status = response.status_code
+            detail = f"HTTP {status}"
+            if 200 <= status < 300:
+                return Outcome(delivered=True, final=True, detail=detail)
+            if status == 410:
+                return Outcome(final=True, detail=detail + " (receiver gone)")
+            if 300 <= status < 400:
+                detail += " (redirects are not followed)"
+            return Outcome(detail=f"{detail} {answer[:200].decode('utf-8', 'replace')!r}")
+    return Outcome(detail=failure)
+
+
+async def _read_some(response: httpx.Response, deadline: float) -> bytes:
+    """At most MAX_RESPONSE_BYTES of the answer, within the attempt's deadline (the status decides)."""
+    data = bytearray()
+    try:
+        async with asyncio.timeout_at(deadline):
+            async for chunk in response.aiter_raw(MAX_RESPONSE_BYTES):
+                data += chunk
+                if len(data) >= MAX_RESPONSE_BYTES:
+                    break
+    except (TimeoutError, httpx.HTTPError):
+        pass
+    return bytes(data[:MAX_RESPONSE_BYTES])
