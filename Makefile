@@ -21,3 +21,8 @@ test: install
 
 clean:
 	rm -rf $(VENV) data test-artifacts
+
+# The benchmark (bench/RESULTS.md): Redis, server, workers and load generators on loopback, ~8 minutes.
+# `make bench BENCH_ARGS=--quick` runs each scenario briefly; `BENCH_ARGS='--only hot-ws'` picks some.
+bench: install
+	ulimit -n $$(ulimit -Hn) 2>/dev/null || true; $(PY) -m bench $(BENCH_ARGS)
