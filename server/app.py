@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 from pathlib import Path
 
 from redis.asyncio import Redis
@@ -79,6 +80,22 @@ def connect(url: str) -> Redis:
     )
 
 
+def drain_on_signals(hub: Hub) -> None:
+    """On SIGTERM/SIGINT, end every stream at once (then run uvicorn's own handler, which waits
+    for connections to finish). Without this, uvicorn would wait out its graceful timeout on
+    long-lived streams and then cut them mid-response."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(sig)
+
+        def handler(signum, frame, previous=previous):
+            loop.call_soon_threadsafe(hub.drain)
+            if callable(previous):
+                previous(signum, frame)
+
+        signal.signal(sig, handler)
+
+
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings.from_env()
     registry = load(settings.jobs_module)
@@ -92,6 +109,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         hub = Hub(hub_redis, store)
         app.state.settings, app.state.registry, app.state.store, app.state.hub = settings, registry, store, hub
         reader = asyncio.create_task(hub.run())
+        drain_on_signals(hub)
         try:
             yield
         finally:

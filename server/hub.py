@@ -64,16 +64,26 @@ class Event:
         return self._ws
 
 
+class MailboxClosed(Exception):
+    """The server is draining: the connection should end and the client reconnect elsewhere."""
+
+
 class Mailbox:
     """The newest undelivered event per job, for one client connection."""
 
-    __slots__ = ("_pending", "_seen", "_waiter", "conflated")
+    __slots__ = ("_pending", "_seen", "_waiter", "conflated", "closed")
 
     def __init__(self) -> None:
         self._pending: dict[str, Event] = {}
         self._seen: dict[str, int] = {}
         self._waiter: asyncio.Future | None = None
         self.conflated = 0
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     def expect(self, job_id: str, since: int) -> None:
         """The client already has ``job_id`` up to seq ``since``: deliver only newer events."""
@@ -101,7 +111,10 @@ class Mailbox:
         self._seen.pop(job_id, None)
 
     async def get(self) -> Event:
+        """The next event; raises ``MailboxClosed`` once closed and empty."""
         while not self._pending:
+            if self.closed:
+                raise MailboxClosed()
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
@@ -126,11 +139,14 @@ class Hub:
         self._ready: dict[str, asyncio.Future] = {}  # channel or pattern -> confirmed
         self._pubsub = None
         self.reconnects = 0
+        self.draining = False
 
     # -- what the endpoints call ------------------------------------------------------
 
     async def watch(self, mailbox: Mailbox, job_ids: Iterable[str]) -> None:
         """Route ``job_ids``' events to ``mailbox``; returns once Redis confirmed them."""
+        if self.draining:
+            mailbox.close()
         waits = []
         for job_id in job_ids:
             watchers = self._watchers.setdefault(job_id, set())
@@ -150,6 +166,8 @@ class Hub:
                 self._drop(contract.channel(job_id), pattern=False)
 
     async def watch_all(self, mailbox: Mailbox) -> None:
+        if self.draining:
+            mailbox.close()
         self._all.add(mailbox)
         await self._confirmed([self._want(contract.EVENTS_PATTERN, pattern=True)])
 
@@ -157,6 +175,13 @@ class Hub:
         self._all.discard(mailbox)
         if not self._all:
             self._drop(contract.EVENTS_PATTERN, pattern=True)
+
+    def drain(self) -> None:
+        """Close every mailbox: streams end (SSE) or close with 1012 (WebSocket) so that clients
+        reconnect to another replica and resume by seq."""
+        self.draining = True
+        for mailbox in {mb for watchers in self._watchers.values() for mb in watchers} | self._all:
+            mailbox.close()
 
     def watched(self, mailbox: Mailbox) -> list[str]:
         return [job_id for job_id, watchers in self._watchers.items() if mailbox in watchers]

@@ -21,6 +21,11 @@ class Settings:
     stall_after: float = 60.0  # a running job without progress for this long is marked stalled
     webhook_secret: str = ""  # whsec_... (Standard Webhooks); empty: webhooks are refused
     webhook_allowed_hosts: str = ""  # hosts or CIDRs a webhook may reach despite the SSRF guard
+    webhook_attempt_timeout: float = 15.0  # one delivery attempt (connect + send + answer), at most 50
+    webhook_backoff: float = 5.0  # first retry after about this long; x4 each time, with jitter
+    webhook_backoff_max: float = 3 * 3600.0  # cap of one delay (before jitter)
+    webhook_max_attempts: int = 14
+    webhook_deadline: float = 23 * 3600.0  # give up this long after the final state (arq drops queued jobs at 24 h)
     max_body_bytes: int = 1 << 20
     progress_interval: float = 0.05  # worker: at most one progress publish per job per interval
     worker_concurrency: int = 10  # jobs run at once by one worker process

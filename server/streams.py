@@ -19,13 +19,14 @@ from starlette.responses import Response, StreamingResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from server import contract, render
-from server.hub import Event, Mailbox, SubscribeTimeout
+from server.hub import Event, Mailbox, MailboxClosed, SubscribeTimeout
 from server.jobs import int_param, load
 from server.problems import Problem, invalid
 
 log = logging.getLogger("server.streams")
 
 MAX_JOBS_PER_STREAM = 100
+DRAIN_FRAME = b"retry: 250\n\n"  # sent as a stream ends for a server drain: come back soon
 SNAPSHOT_ALL = 100  # a dashboard starts with this many of the newest jobs
 
 
@@ -83,7 +84,11 @@ async def job_events(request: Request) -> Response:
     async def frames() -> AsyncIterator[bytes]:
         yield retry_frame(request)
         while True:
-            event = await mailbox.get()
+            try:
+                event = await mailbox.get()
+            except MailboxClosed:
+                yield DRAIN_FRAME
+                return
             if html:  # htmx's SSE extension swaps this fragment in
                 fragment = render.html_bar(json.loads(event.doc)).encode()
                 yield b"id: %d\nevent: %s\ndata: %s\n\n" % (event.seq, event.name.encode(), fragment)
@@ -107,7 +112,10 @@ class TextStream(StreamingResponse):
         async def lines() -> AsyncIterator[bytes]:
             width = 0
             while True:
-                event = await mailbox.get()
+                try:
+                    event = await mailbox.get()
+                except MailboxClosed:
+                    return
                 line = render.text_bar(json.loads(event.doc))
                 yield ("\r" + line.ljust(width) + ("\n" if event.terminal else "")).encode()
                 width = len(line)
@@ -157,7 +165,11 @@ async def events(request: Request) -> Response:
     async def frames() -> AsyncIterator[bytes]:
         yield retry_frame(request)
         while True:
-            event = await mailbox.get()
+            try:
+                event = await mailbox.get()
+            except MailboxClosed:
+                yield DRAIN_FRAME
+                return
             seen.pop(event.job_id, None)
             seen[event.job_id] = event.seq
             if len(seen) > MAX_JOBS_PER_STREAM:
@@ -189,7 +201,11 @@ class Connection:
 
     async def write_loop(self) -> None:
         while True:
-            event = await self.mailbox.get()
+            try:
+                event = await self.mailbox.get()
+            except MailboxClosed:
+                await self.ws.close(1012)  # service restart: reconnect (elsewhere) and resume
+                return
             await self.send(event.ws)
             if event.terminal and event.job_id in self.jobs and not self.all:
                 self.jobs.discard(event.job_id)

@@ -58,25 +58,32 @@ async def test_fifty_concurrent_identical_requests_make_one_job(base, redis_clie
 # -- retries, timeouts, sync jobs --------------------------------------------------------
 
 
-async def test_failed_attempts_are_retried_and_visible(base):
-    """A job failing twice (max_tries 3) is re-queued twice, visibly, then succeeds on attempt 3."""
-    async with httpx.AsyncClient(timeout=30) as client:
-        r = await post(client, base, "flaky", {"fail_times": 2})
-        job = r.json()
-        docs: list[dict] = []
-        while not docs or docs[-1]["status"] not in contract.TERMINAL:  # a stream per attempt is fine too
-            since = docs[-1]["seq"] if docs else 0
-            async with client.stream("GET", base + job["links"]["events"] + f"?since={since}") as resp:
+async def test_failed_attempts_are_retried_and_visible(own_redis, tmp_path):
+    """A job failing twice (max_tries 3) is re-queued twice, visibly, then succeeds on attempt 3.
+    The watcher subscribes before any worker exists, so it sees every attempt."""
+    server = start_server(own_redis.url, tmp_path)
+    worker = None
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            job = (await post(client, server.url, "flaky", {"fail_times": 2})).json()
+            docs: list[dict] = []
+            async with client.stream("GET", server.url + job["links"]["events"]) as resp:
                 async for item in sse_frames(resp):
                     if isinstance(item, SSE):
                         docs.append(item.doc)
-        assert_stream_ok(docs, "succeeded")
-        retries = [d for d in docs if d["status"] == "queued" and d["error"]]
-        assert [d["attempt"] for d in retries] == [1, 2]
-        assert retries[0]["error"]["message"] == "attempt 1 failed" and "retrying" in retries[0]["message"]
-        assert {d["attempt"] for d in docs if d["status"] == "running"} == {1, 2, 3}
-        assert docs[-1]["attempt"] == 3 and docs[-1]["error"] is None
-        assert (await client.get(base + job["links"]["result"])).json() == {"attempt": 3}
+                        if worker is None:
+                            worker = start_worker(own_redis.url, tmp_path)
+            assert_stream_ok(docs, "succeeded")
+            retries = [d for d in docs if d["status"] == "queued" and d["error"]]
+            assert [d["attempt"] for d in retries] == [1, 2]
+            assert retries[0]["error"]["message"] == "attempt 1 failed" and "retrying" in retries[0]["message"]
+            assert {d["attempt"] for d in docs if d["status"] == "running"} == {1, 2, 3}
+            assert docs[-1]["attempt"] == 3 and docs[-1]["error"] is None
+            assert (await client.get(server.url + job["links"]["result"])).json() == {"attempt": 3}
+    finally:
+        for proc in (worker, server):
+            if proc:
+                proc.stop()
 
 
 async def test_retry_raised_by_job_code(base):

@@ -400,10 +400,11 @@ async def test_request_is_pinned_to_the_checked_address():
 
 def test_backoff_grows_with_jitter_and_fits_the_deadline():
     """Default schedule: ~5 s, x4 each retry, capped at 3 h, +-50 % jitter; 14 attempts span under 24 h."""
-    assert 2.5 <= sender.backoff(1) <= 7.5
-    assert 10 <= sender.backoff(2) <= 30
-    assert sender.backoff(30) <= 1.5 * sender.BACKOFF_MAX
-    nominal = sum(min(sender.BACKOFF * 4 ** (n - 1), sender.BACKOFF_MAX) for n in range(1, sender.MAX_ATTEMPTS))
+    s = Settings()
+    assert 2.5 <= sender.backoff(s, 1) <= 7.5
+    assert 10 <= sender.backoff(s, 2) <= 30
+    assert sender.backoff(s, 30) <= 1.5 * s.webhook_backoff_max
+    nominal = sum(min(s.webhook_backoff * 4 ** (n - 1), s.webhook_backoff_max) for n in range(1, s.webhook_max_attempts))
     assert 20 * 3600 < nominal < 24 * 3600
     assert sender.MAX_RESPONSE_BYTES == 64 * 1024
 

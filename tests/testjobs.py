@@ -25,7 +25,7 @@ class Count(BaseModel):
     sleep: float = Field(0.01, ge=0)
 
 
-@job("flaky", params=Flaky, max_tries=3, backoff=0.05)
+@job("flaky", params=Flaky, max_tries=3, backoff=0.2)
 async def flaky(ctx, params: Flaky) -> dict:
     """Fails its first ``fail_times`` attempts, then succeeds."""
     await ctx.progress(10, message=f"attempt {ctx.attempt}")

@@ -11,21 +11,20 @@ job's final state by ``Store.write``; ``attempt`` is arq's ``job_try`` (1, 2, ..
 3. POSTs the document signed as in Standard Webhooks, with a total deadline, no redirects,
    no proxies from the environment, and at most ``MAX_RESPONSE_BYTES`` of the answer read;
 4. 2xx: done. 410: the receiver is gone, stop. Anything else (3xx, 4xx, 5xx, timeouts,
-   connection errors): ``arq.Retry`` after a back-off, until ``MAX_ATTEMPTS`` or ``DEADLINE``.
+   connection errors): ``arq.Retry`` after a back-off, until ``WEBHOOK_MAX_ATTEMPTS`` or ``WEBHOOK_DEADLINE``.
 
 Which document is sent: the one stored when the attempt runs. That is the final state that
 enqueued the delivery, byte for byte, unless the job was run again (``POST /jobs/{id}/retry``)
 in between; then the newer document is sent (its ``seq`` is higher, and its status may not be
 final), because older versions are not kept. The re-run's own final state gets its own delivery.
 
-The schedule comes from environment variables (read at import), so tests can make it fast.
+The schedule comes from the settings (``WEBHOOK_*``), so tests can make it fast.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 import ssl
 import time
@@ -44,28 +43,17 @@ from server.store import Store, job_loads
 log = logging.getLogger("worker.webhooks")
 
 
-def _env(name: str, default: float) -> float:
-    raw = os.environ.get(name, "")
-    try:
-        return float(raw) if raw else default
-    except ValueError:
-        raise SystemExit(f"Setting {name}={raw!r} is not a number") from None
-
-
 # runtime.WEBHOOK_TIMEOUT (60 s) is arq's backstop per attempt: resolving and one attempt stay below it.
-ATTEMPT_TIMEOUT = min(_env("WEBHOOK_ATTEMPT_TIMEOUT", 15.0), 50.0)  # connect + send + answer, seconds
-BACKOFF = _env("WEBHOOK_BACKOFF", 5.0)  # first retry after about this long, seconds; x4 each time
-BACKOFF_MAX = _env("WEBHOOK_BACKOFF_MAX", 3 * 3600.0)  # cap of one delay (before jitter)
-MAX_ATTEMPTS = int(_env("WEBHOOK_MAX_ATTEMPTS", 14))
+MAX_ATTEMPT_TIMEOUT = 50.0
 # arq drops a queued job 24 h after it was enqueued; give up before that.
-DEADLINE = min(_env("WEBHOOK_DEADLINE", 23 * 3600.0), 23.5 * 3600)  # seconds after the final state
+MAX_DEADLINE = 23.5 * 3600
 MAX_RESPONSE_BYTES = 64 * 1024
 USER_AGENT = "progress-server-webhooks/1"
 
 
-def backoff(attempt: int) -> float:
-    """Delay after failed attempt ``attempt``: BACKOFF * 4^(attempt-1), capped, times 0.5 to 1.5."""
-    return min(BACKOFF * 4 ** (attempt - 1), BACKOFF_MAX) * random.uniform(0.5, 1.5)
+def backoff(settings: Settings, attempt: int) -> float:
+    """Delay after failed attempt ``attempt``: WEBHOOK_BACKOFF * 4^(attempt-1), capped, times 0.5 to 1.5."""
+    return min(settings.webhook_backoff * 4 ** (attempt - 1), settings.webhook_backoff_max) * random.uniform(0.5, 1.5)
 
 
 @dataclass
@@ -91,9 +79,10 @@ async def deliver(store: Store, settings: Settings, job_id: str, seq: int, attem
     if outcome.final:
         log.warning("%s: %s in %.2f s; no more attempts", what, outcome.detail, took)
         return
-    delay = backoff(attempt)
+    delay = backoff(settings, attempt)
     enqueued = await _enqueued_at(store, delivery_id)
-    if attempt >= MAX_ATTEMPTS or (enqueued is not None and time.time() + delay - enqueued > DEADLINE):
+    deadline = min(settings.webhook_deadline, MAX_DEADLINE)
+    if attempt >= settings.webhook_max_attempts or (enqueued is not None and time.time() + delay - enqueued > deadline):
         log.warning("%s: %s in %.2f s; giving up after %d attempts", what, outcome.detail, took, attempt)
         return
     log.info("%s: %s in %.2f s; retrying in %.2f s", what, outcome.detail, took, delay)
@@ -127,7 +116,7 @@ async def _attempt(store: Store, settings: Settings, job_id: str, seq: int, deli
         target = await guard.resolve(url, settings)
     except guard.Refused as e:
         return Outcome(final=not e.transient, detail=f"refused: {e}")
-    return await post(target, key, delivery_id, body)
+    return await post(target, key, delivery_id, body, min(settings.webhook_attempt_timeout, MAX_ATTEMPT_TIMEOUT))
 
 
 _ssl: ssl.SSLContext | None = None
@@ -150,7 +139,7 @@ def build_request(
     return client.build_request("POST", url, content=body, headers=headers, extensions=extensions)
 
 
-async def post(target: guard.Target, key: bytes, delivery_id: str, body: bytes) -> Outcome:
+async def post(target: guard.Target, key: bytes, delivery_id: str, body: bytes, timeout: float) -> Outcome:
     """One signed POST, trying each checked address in turn on connection failure."""
     timestamp = int(time.time())
     headers = {
@@ -161,10 +150,10 @@ async def post(target: guard.Target, key: bytes, delivery_id: str, body: bytes) 
         "user-agent": USER_AGENT,
         "accept-encoding": "identity",
     }
-    deadline = asyncio.get_running_loop().time() + ATTEMPT_TIMEOUT
+    deadline = asyncio.get_running_loop().time() + timeout
     failure = "no address"
     async with httpx.AsyncClient(
-        timeout=httpx.Timeout(ATTEMPT_TIMEOUT),
+        timeout=httpx.Timeout(timeout),
         follow_redirects=False,
         trust_env=False,
         verify=_ssl_context(),
@@ -178,7 +167,7 @@ async def post(target: guard.Target, key: bytes, delivery_id: str, body: bytes) 
                 failure = f"cannot connect to {address}: {type(e).__name__} {e}".strip()
                 continue
             except TimeoutError:
-                return Outcome(detail=f"no answer within {ATTEMPT_TIMEOUT:g} s")
+                return Outcome(detail=f"no answer within {timeout:g} s")
             except httpx.HTTPError as e:
                 return Outcome(detail=f"{type(e).__name__}: {e}")
             try:
