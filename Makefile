@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install run test bench clean
+.PHONY: install run test bench clean browser
 
 install: $(VENV)/.installed
 
@@ -16,8 +16,12 @@ $(VENV)/.installed: pyproject.toml
 run: install
 	$(PY) -m server.dev
 
-test: install
+test: install browser
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Headless Chromium for tests/test_browser.py, from Debian (Playwright's own downloads do not run here).
+browser:
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y --no-install-recommends chromium)
 
 clean:
 	rm -rf $(VENV) data test-artifacts
