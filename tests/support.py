@@ -103,8 +103,9 @@ def process_env(redis_url: str, **settings: Any) -> dict[str, str]:
     return env
 
 
-def start_server(redis_url: str, tmp: Path, **settings: Any) -> Proc:
-    port = free_port()
+def start_server(redis_url: str, tmp: Path, port: int | None = None, **settings: Any) -> Proc:
+    """Start a server (on ``port``, e.g. a stopped server's, or a free one) and wait until it answers."""
+    port = port or free_port()
     env = process_env(redis_url, port=port, host="127.0.0.1", **settings)
     server = Proc("server", env, tmp / f"server-{port}.log", port=port).start()
     try:

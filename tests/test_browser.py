@@ -1,0 +1,396 @@
+"""The browser side: static/progress.js, the demo page and the dashboard, in a real headless
+Chromium (Debian's ``chromium``, driven by Playwright) against the real server, worker and Redis.
+
+Each test waits on conditions with deadlines; screenshots of every state go to
+``test-artifacts/browser/``.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from support import ROOT, Proc, start_server
+
+playwright = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[dev]'")
+expect = playwright.expect
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+ARTIFACTS = ROOT / "test-artifacts" / "browser"
+FINAL = ("succeeded", "failed", "cancelled")
+SSE_URL = re.compile(r"/events(\?|$)")  # /events and /jobs/ID/events, not /jobs/ID?wait=
+
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="no chromium: run `make browser`")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with playwright.sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser) -> Iterator[Any]:
+    """A fresh browser context; any uncaught error in the page fails the test."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    context = browser.new_context(viewport={"width": 1100, "height": 760})
+    context.set_default_timeout(10_000)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    yield page
+    context.close()
+    assert not errors, errors
+
+
+def shot(page, name: str, full_page: bool = True) -> None:
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=full_page, animations="disabled")
+
+
+# -- the demo page --------------------------------------------------------------------------
+
+
+def start_job(page, steps: int, interval: float, fail_at: int | None = None) -> str:
+    page.fill("#steps", str(steps))
+    page.fill("#interval", str(interval))
+    page.fill("#fail_at_step", "" if fail_at is None else str(fail_at))
+    cards = page.locator(".card")
+    before = cards.count()
+    page.click("#start-button")
+    expect(cards).to_have_count(before + 1)
+    return cards.first.get_attribute("data-job")
+
+
+def card(page, job_id: str):
+    return page.locator(f'.card[data-job="{job_id}"]')
+
+
+def wait_progress(page, job_id: str, at_least: float, timeout: float = 10_000) -> None:
+    page.wait_for_function(
+        """([id, pct]) => { const c = document.querySelector(`.card[data-job="${id}"]`);
+             return c && c.dataset.status === "running" && Number(c.dataset.progress) >= pct; }""",
+        arg=[job_id, at_least],
+        timeout=timeout,
+    )
+
+
+def renders(page, job_id: str) -> list[dict[str, Any]]:
+    return page.evaluate("id => __renders.filter(r => r.id === id)", job_id)
+
+
+def assert_rendered_ok(docs: list[dict[str, Any]], final: str) -> None:
+    """What the page showed: seq strictly increasing, the bar never going back, one final state, last."""
+    seqs = [d["seq"] for d in docs]
+    assert seqs == sorted(set(seqs)), f"seq repeated or went back: {seqs}"
+    values = [d["progress"] for d in docs if d["progress"] is not None]
+    assert values == sorted(values), f"the bar went back: {values}"
+    assert [d["status"] for d in docs if d["status"] in FINAL] == [final], [d["status"] for d in docs]
+    assert docs[-1]["status"] == final
+
+
+def transport(page) -> str:
+    return page.locator("#transport").get_attribute("data-transport")
+
+
+def test_demo_job_rises_through_intermediate_values_to_100(page, base):
+    page.goto(base + "/")
+    expect(page.locator("#transport-text")).to_contain_text("idle")
+    shot(page, "demo-empty")
+    job_id = start_job(page, steps=12, interval=0.15)
+    wait_progress(page, job_id, 25)
+    expect(page.locator("#transport")).to_have_attribute("data-live", "true")
+    expect(page.locator("#transport-text")).to_have_text("WebSocket")
+    shot(page, "demo-running")
+    expect(card(page, job_id)).to_have_attribute("data-status", "succeeded")
+    assert card(page, job_id).locator("progress").evaluate("e => e.value") == 100
+    expect(card(page, job_id).locator(".pct")).to_have_text("100%")
+    expect(card(page, job_id).locator(".result")).to_be_visible()
+    expect(card(page, job_id).locator(".cancel")).to_be_hidden()
+    shot(page, "demo-succeeded")
+
+    docs = renders(page, job_id)
+    assert_rendered_ok(docs, "succeeded")
+    middle = [d["progress"] for d in docs if d["progress"] is not None and 0 < d["progress"] < 100]
+    assert len(middle) >= 5, middle  # the session worker publishes every step
+    assert {d["transport"] for d in docs[1:]} == {"websocket"}  # docs[0] is the POST answer
+
+
+def test_several_jobs_at_once_failed_and_cancelled(page, base):
+    page.goto(base + "/")
+    doomed = start_job(page, steps=6, interval=0.1, fail_at=3)
+    long = start_job(page, steps=300, interval=0.1)
+    ok = start_job(page, steps=5, interval=0.1)
+    expect(card(page, doomed)).to_have_attribute("data-status", "failed")
+    expect(card(page, doomed).locator(".error-text")).to_contain_text("failed at step 3 of 6")
+    expect(card(page, ok)).to_have_attribute("data-status", "succeeded")
+    wait_progress(page, long, 1)
+    shot(page, "demo-several")
+    card(page, long).get_by_role("button", name=f"Cancel job {long}").click()
+    expect(card(page, long)).to_have_attribute("data-status", "cancelled")
+    expect(card(page, long).locator(".status")).to_have_text("cancelled")
+    shot(page, "demo-failed-cancelled")
+
+    assert_rendered_ok(renders(page, doomed), "failed")
+    assert_rendered_ok(renders(page, ok), "succeeded")
+    cancelled = renders(page, long)
+    assert_rendered_ok(cancelled, "cancelled")
+    assert cancelled[-1]["progress"] < 100
+    # one connection for all three jobs
+    assert page.evaluate("__transports.filter(t => t.name === 'websocket' && t.live).length") == 1
+
+    page.get_by_role("button", name="Clear finished").click()
+    expect(page.locator(".card")).to_have_count(0)
+    expect(page.locator("#transport-text")).to_contain_text("idle")
+
+
+def test_form_shows_the_servers_validation_error(page, base):
+    page.goto(base + "/")
+    page.fill("#steps", "20")
+    page.fill("#interval", "0.1")
+    page.fill("#fail_at_step", "")
+    page.evaluate("document.getElementById('steps').removeAttribute('max'); document.getElementById('steps').value = 20000")
+    page.click("#start-button")
+    expect(page.locator("#form-error")).to_contain_text("params.steps")
+    expect(page.locator(".card")).to_have_count(0)
+
+
+# -- fallback -------------------------------------------------------------------------------
+
+
+def refuse_websockets(page) -> None:
+    page.route_web_socket(re.compile(r"/ws(\?|$)"), lambda ws: ws.close())
+
+
+def test_falls_back_to_sse_when_websockets_are_refused(page, base):
+    refuse_websockets(page)
+    page.goto(base + "/")
+    job_id = start_job(page, steps=20, interval=0.1)
+    wait_progress(page, job_id, 40)
+    assert transport(page) == "sse"
+    expect(page.locator("#transport-text")).to_have_text("Server-Sent Events")
+    shot(page, "fallback-sse")
+    expect(card(page, job_id)).to_have_attribute("data-status", "succeeded")
+    docs = renders(page, job_id)
+    assert_rendered_ok(docs, "succeeded")
+    assert {d["transport"] for d in docs[1:]} == {"sse"}
+    assert len([d for d in docs if d["progress"] and d["progress"] < 100]) >= 3
+
+
+def test_falls_back_to_polling_when_websockets_and_sse_are_refused(page, base):
+    refuse_websockets(page)
+    page.route(SSE_URL, lambda route: route.fulfill(status=502, body="bad gateway"))
+    page.goto(base + "/")
+    job_id = start_job(page, steps=20, interval=0.1)
+    wait_progress(page, job_id, 40)
+    assert transport(page) == "long-poll"
+    expect(page.locator("#transport-text")).to_have_text("long polling")
+    shot(page, "fallback-polling")
+    expect(card(page, job_id)).to_have_attribute("data-status", "succeeded")
+    docs = renders(page, job_id)
+    assert_rendered_ok(docs, "succeeded")
+    assert {d["transport"] for d in docs[1:]} == {"long-poll"}
+    assert len([d for d in docs if d["progress"] and d["progress"] < 100]) >= 3
+
+
+def test_client_upgrades_back_to_websocket_once_it_works_again(page, base):
+    """The library alone (as a page would use it): blocked WebSockets, then unblocked."""
+    blocked = True
+
+    def gate(ws):
+        if blocked:
+            ws.close()
+        else:
+            ws.connect_to_server()
+
+    page.route_web_socket(re.compile(r"/ws(\?|$)"), gate)
+    page.goto(base + "/")
+    job_id = httpx.post(base + "/jobs", json={"type": "demo", "params": {"steps": 40, "interval": 0.1}}).json()["id"]
+    page.evaluate(
+        """id => { window.__seen = []; window.__names = [];
+             window.__w = ProgressClient.watchJob(id, {upgradeAfter: 300,
+               onUpdate: (job, info) => __seen.push([job.seq, info.transport]),
+               onDone: (job) => { window.__done = (window.__done || 0) + 1; },
+               onTransport: (name, live) => live && __names.push(name)}); }""",
+        job_id,
+    )
+    page.wait_for_function("() => __names.includes('sse')")
+    blocked = False
+    page.wait_for_function("() => __names.includes('websocket')")
+    page.wait_for_function("() => window.__done === 1")
+    seen = page.evaluate("__seen")
+    seqs = [s for s, _ in seen]
+    assert seqs == sorted(set(seqs)), seqs
+    assert {"sse", "websocket"} <= {name for _, name in seen}
+    assert page.evaluate("__names") == ["sse", "websocket"]
+    page.evaluate("__w.close()")
+    assert page.evaluate("__w.transport") == "idle"
+
+
+# -- resume ---------------------------------------------------------------------------------
+
+
+def test_websocket_cut_mid_job_resumes_without_repeats(page, base):
+    sockets = []
+
+    def relay(ws):
+        ws.connect_to_server()
+        sockets.append(ws)
+
+    page.route_web_socket(re.compile(r"/ws(\?|$)"), relay)
+    page.goto(base + "/")
+    job_id = start_job(page, steps=30, interval=0.1)
+    wait_progress(page, job_id, 20)
+    sockets[-1].close()  # the page's connection drops (as through a proxy restart)
+    wait_progress(page, job_id, 50)
+    sockets[-1].close()
+    expect(card(page, job_id)).to_have_attribute("data-status", "succeeded")
+    assert len(sockets) >= 3
+    docs = renders(page, job_id)
+    assert_rendered_ok(docs, "succeeded")
+    assert {d["transport"] for d in docs[1:]} == {"websocket"}
+
+
+def test_offline_then_online_resumes_without_repeats(page, base):
+    page.goto(base + "/")
+    job_id = start_job(page, steps=50, interval=0.1)
+    wait_progress(page, job_id, 10)
+    page.context.set_offline(True)  # navigator.onLine false, "offline" fired, the socket goes quiet
+    expect(page.locator("#transport-text")).to_have_text("offline (waiting for the network)")
+    shot(page, "offline")
+    before = renders(page, job_id)[-1]["seq"]
+    page.context.set_offline(False)  # "online": reconnect at once and resume from the last seq
+    expect(card(page, job_id)).to_have_attribute("data-status", "succeeded")
+    docs = renders(page, job_id)
+    assert_rendered_ok(docs, "succeeded")
+    assert [d for d in docs if d["seq"] > before and d["status"] == "running"], "the bar did not continue"
+
+
+@pytest.fixture
+def own_server(redis_server, worker, tmp_path) -> Iterator[list[Proc]]:
+    """A server of this test's own (the list holds its successors too); all stopped at the end."""
+    servers = [start_server(redis_server.url, tmp_path)]
+    yield servers
+    for server in servers:
+        server.stop(signal.SIGKILL)
+
+
+@pytest.mark.parametrize("via", ["websocket", "sse"])
+def test_server_restart_mid_job_resumes_without_going_back(page, own_server, redis_server, tmp_path, via):
+    old = own_server[0]
+    down = False
+    if via == "sse":
+        refuse_websockets(page)
+        # While the server is down, a proxy in front of it answers 502: EventSource gives up for
+        # good after that, and the client must open a new one itself.
+        page.route(SSE_URL, lambda route: route.fulfill(status=502, body="bad gateway") if down else route.continue_())
+    page.goto(old.url + "/")
+    job_id = start_job(page, steps=60, interval=0.1)
+    wait_progress(page, job_id, 15)
+    assert transport(page) == via
+    before = renders(page, job_id)[-1]["seq"]
+    down = True
+    if via == "sse":  # wait until the page has been answered 502 at least once
+        with page.expect_response(lambda r: bool(SSE_URL.search(r.url)) and r.status == 502):
+            old.stop(signal.SIGKILL)
+    else:
+        old.stop(signal.SIGKILL)
+    expect(page.locator("#transport")).to_have_attribute("data-live", "false")
+    shot(page, f"restart-{via}-down")
+    own_server.append(start_server(redis_server.url, tmp_path, port=old.port))
+    down = False
+    expect(card(page, job_id)).to_have_attribute("data-status", "succeeded", timeout=20_000)
+    shot(page, f"restart-{via}-after")
+    docs = renders(page, job_id)
+    assert_rendered_ok(docs, "succeeded")
+    after = [d for d in docs if d["seq"] > before and d["status"] == "running"]
+    assert after, "the bar did not continue after the restart"
+    assert page.evaluate("__transports.filter(t => t.live).length") >= 2  # connected again
+
+
+# -- the dashboard --------------------------------------------------------------------------
+
+
+def test_dashboard_shows_a_job_from_another_client_at_once_and_settles_it(page, base):
+    sockets = []
+    page.on("websocket", lambda ws: sockets.append(ws))
+    page.goto(base + "/dashboard")
+    expect(page.locator("#transport")).to_have_attribute("data-live", "true")
+    expect(page.locator("#transport-text")).to_have_text("WebSocket")
+
+    posted = time.monotonic()
+    r = httpx.post(base + "/jobs", json={"type": "demo", "params": {"steps": 8, "interval": 0.15}})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    row = page.locator(f'tr[data-job="{job_id}"]')
+    expect(row).to_be_visible(timeout=1_000)
+    assert time.monotonic() - posted < 1.0
+    expect(row).to_have_attribute("data-status", "running")
+    shot(page, "dashboard-running")
+    expect(row).to_have_attribute("data-status", "succeeded")
+    expect(row.locator(".pct")).to_have_text("100%")
+    expect(page.locator("#count-succeeded")).not_to_have_text("0")
+    expect(page.locator("#chart-summary")).to_contain_text("finished in the last 5 minutes")
+    assert page.locator("#chart rect.ok[height]:not([height='0'])").count() >= 1
+    shot(page, "dashboard-settled")
+
+    page.select_option("#filter-status", "failed")
+    expect(row).to_be_hidden()
+    page.select_option("#filter-status", "")
+    page.select_option("#filter-type", "demo")
+    expect(row).to_be_visible()
+
+    with sockets[-1].expect_event("close"):  # close() ends the connection
+        page.evaluate("__watcher.close()")
+    expect(page.locator("#transport-text")).to_contain_text("idle")
+
+
+def test_dashboard_keeps_at_most_200_rows(page, base):
+    page.goto(base + "/dashboard")
+    expect(page.locator("#transport")).to_have_attribute("data-live", "true")
+    page.evaluate("""() => {
+      const t0 = Date.now();
+      for (let i = 0; i < 300; i++) {
+        const at = new Date(t0 + 60000 + i * 1000).toISOString();
+        __dashboard.render({id: "j_fake" + i, type: "fake", status: i % 3 ? "succeeded" : "running",
+          progress: 50, message: null, stage: null, seq: 2, attempt: 1, created_at: at, started_at: at,
+          updated_at: at, finished_at: i % 3 ? at : null, eta_s: null, error: null, links: {}});
+      }
+    }""")
+    expect(page.locator("#rows > tr")).to_have_count(200)
+    assert page.evaluate("__dashboard.rows.size") == 200
+    # the newest are kept, and running jobs outlive finished ones
+    assert page.locator('tr[data-job="j_fake299"]').count() == 1
+    assert page.locator('tr[data-job="j_fake0"]').count() == 1  # running (0 % 3 == 0)
+    assert page.locator('tr[data-job="j_fake1"]').count() == 0
+
+
+def test_pages_at_phone_width(browser, base):
+    context = browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=1)
+    try:
+        page = context.new_page()
+        page.goto(base + "/")
+        job_id = start_job(page, steps=8, interval=0.1)
+        expect(card(page, job_id)).to_have_attribute("data-status", "succeeded")
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        shot(page, "phone-demo", full_page=False)
+        page.goto(base + "/dashboard")
+        expect(page.locator(f'tr[data-job="{job_id}"]')).to_be_visible()
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        shot(page, "phone-dashboard", full_page=False)
+    finally:
+        context.close()
