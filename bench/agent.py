@@ -560,6 +560,10 @@ class Agent:
 
             self.redis = Redis.from_url(url)
             self.settings = Settings.from_env({"REDIS_URL": url})
+            import inspect
+
+            # Store.write(doc, tenant, ...) in versions with tenants, Store.write(doc, ...) before
+            self.tenant_arg = ("",) if "tenant" in inspect.signature(Store.write).parameters else ()
             self.store = Store(self.redis, self.settings)  # the real one: setup and final writes
             self.batched = Store(self.redis, self.settings)  # the same code, its script calls pipelined
             self.batched._write = PipelinedScript(self.store._write, self.redis)
@@ -576,7 +580,7 @@ class Agent:
             idx = base + k
             created = await self.store.create(job_type, {})
             doc = created[0] if isinstance(created, tuple) else created  # (doc, created) in newer versions
-            doc = await self.store.write(doc, status="running", attempt=1, started_at=_contract().now_iso(),
+            doc = await self.store.write(doc, *self.tenant_arg, status="running", attempt=1, started_at=_contract().now_iso(),
                                          message=f"bench {idx} {doc['seq'] + 1} 0")  # fmt: skip
             self.docs[doc["id"]] = doc
             self.index[doc["id"]] = idx
@@ -596,7 +600,7 @@ class Agent:
         with the pipelined store they go to Redis as one pipeline. Returns the refused count."""
 
         async def one(jid: str) -> None:
-            self.docs[jid] = await store.write(self.docs[jid], **self._changes(jid))
+            self.docs[jid] = await store.write(self.docs[jid], *self.tenant_arg, **self._changes(jid))
 
         tasks = [asyncio.ensure_future(one(j)) for j in job_ids]
         if store is self.batched:
@@ -658,7 +662,7 @@ class Agent:
         ids = jobs or list(self.docs)
 
         async def one(jid: str) -> None:
-            self.docs[jid] = await self.store.write(self.docs[jid], result={"ok": True}, **self._changes(jid, "succeeded"))
+            self.docs[jid] = await self.store.write(self.docs[jid], *self.tenant_arg, result={"ok": True}, **self._changes(jid, "succeeded"))
 
         results = await asyncio.gather(*(one(j) for j in ids), return_exceptions=True)
         errors = [repr(r) for r in results if isinstance(r, BaseException)]
