@@ -89,7 +89,9 @@ def machine_facts() -> dict[str, Any]:
     try:
         git = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        git = "?"
+        git = ""
+    if not git and (ROOT / ".bench-commit").exists():  # a `git archive` copy of a commit
+        git = (ROOT / ".bench-commit").read_text().strip()
     return {"nproc": os.cpu_count(), "cpu": model, "mem_gib": round(mem / 1048576, 1),
             "kernel": os.uname().release, "python": sys.version.split()[0], "git": git}  # fmt: skip
 
