@@ -22,6 +22,8 @@ def main() -> None:
         http="httptools",
         ws="websockets-sansio",
         ws_max_size=WS_MAX_MESSAGE,
+        ws_per_message_deflate=False,  # no compression: no decompression bombs, less CPU per frame
+        limit_concurrency=settings.max_connections,
         timeout_graceful_shutdown=5,
         log_config=None,
         log_level=settings.log_level,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter
 import logging
 import signal
 from pathlib import Path
@@ -14,6 +15,8 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
@@ -21,8 +24,11 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
 from server import jobs, streams
+from server.auth import Auth, parse_keys, shared_secret
 from server.hub import Hub, SubscribeTimeout
+from server.middleware import RequestContext
 from server.problems import Problem
+from server.ratelimit import RateLimiter
 from server.settings import Settings
 from server.store import Store
 from worker.registry import load
@@ -99,6 +105,8 @@ def drain_on_signals(hub: Hub) -> None:
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings.from_env()
     registry = load(settings.jobs_module)
+    parse_keys(settings.api_keys)  # refuse a malformed API_KEYS at start-up
+    origins = {o.strip().rstrip("/") for o in settings.allowed_origins.split(",") if o.strip()}
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
@@ -108,6 +116,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
         hub_redis = Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_keepalive=True)
         hub = Hub(hub_redis, store)
         app.state.settings, app.state.registry, app.state.store, app.state.hub = settings, registry, store, hub
+        app.state.auth = Auth(settings, await shared_secret(settings, redis), redis)
+        app.state.limiter = RateLimiter(redis)
+        app.state.open_streams = Counter()
+        app.state.allowed_origins = origins
+        if app.state.auth.keyless:
+            log.warning("no API_KEYS set: keyless dev mode, every caller may submit, list and cancel any job")
         reader = asyncio.create_task(hub.run())
         drain_on_signals(hub)
         try:
@@ -130,6 +144,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/jobs/{job_id}", jobs.cancel, methods=["DELETE"]),
         Route("/jobs/{job_id}/result", jobs.result),
         Route("/jobs/{job_id}/retry", jobs.retry, methods=["POST"]),
+        Route("/tickets", jobs.ticket, methods=["POST"]),
         Route("/jobs/{job_id}/events", streams.job_events),
         Route("/events", streams.events),
         WebSocketRoute("/ws", streams.websocket),
@@ -142,4 +157,16 @@ def create_app(settings: Settings | None = None) -> Starlette:
         RedisTimeoutError: unavailable,
         SubscribeTimeout: unavailable,
     }
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
+    middleware = [Middleware(RequestContext)]
+    if origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=sorted(origins),
+                allow_methods=["GET", "POST", "DELETE"],
+                allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID", "X-Request-ID"],
+                expose_headers=["Location", "Retry-After", "ETag", "X-Request-ID", "RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset"],
+                max_age=600,
+            )
+        )
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers, middleware=middleware)

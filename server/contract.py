@@ -4,9 +4,9 @@ Everything here is pure (no I/O) and is the single definition of each fact:
 
 * the job document's shape (``new_document``), which is the body of status answers,
   the SSE ``data:``, the WebSocket ``job`` and the webhook payload;
-* the event as stored and published: ``b"<seq> <event>\\n" + <document JSON>``. The short
-  header lets a server route and order an event without parsing the JSON, and the
-  document bytes are relayed to every client untouched;
+* the event as stored and published: ``b"<seq> <event> <tenant>\\n" + <document JSON>``. The
+  short header lets a server route, order and authorise an event without parsing the JSON,
+  and the document bytes are relayed to every client untouched;
 * the Redis keys and channels, all under the ``progress:`` prefix (arq keeps ``arq:*``);
 * the Lua script through which every change of a job document goes (compare-and-set on
   ``seq``, store and publish in one atomic step).
@@ -18,22 +18,39 @@ import base64
 import json
 import secrets
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, NamedTuple
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 TERMINAL = frozenset((SUCCEEDED, FAILED, CANCELLED))
 
 PREFIX = "progress:"
-JOBS_INDEX = PREFIX + "jobs"  # sorted set: job id -> created time (µs)
 EVENTS_PATTERN = PREFIX + "ev:*"  # every job's channel, for dashboards
 WAKE_CHANNEL = PREFIX + "wake"  # "a job was enqueued": workers poll at once
 CANCEL_CHANNEL = PREFIX + "cancel"  # payload: job id; the worker running it stops it
 
 
 def job_key(job_id: str) -> str:
-    """Hash with fields ``seq``, ``state``, ``type`` and ``ev`` (the packed event)."""
+    """Hash with fields ``seq``, ``state``, ``type``, ``ev`` (the packed event), ``params``
+    (JSON) and ``webhook``."""
     return f"{PREFIX}job:{job_id}"
+
+
+def jobs_index(tenant: str) -> str:
+    """Sorted set of a tenant's job ids by creation time (µs): GET /jobs and dashboards."""
+    return f"{PREFIX}jobs:{tenant}"
+
+
+def ticket_key(ticket: str) -> str:
+    """A single-use stream ticket: what it may watch, for 60 s."""
+    return f"{PREFIX}ticket:{ticket}"
+
+
+def rate_key(bucket: str, who: str, window: int) -> str:
+    return f"{PREFIX}rate:{bucket}:{who}:{window}"
+
+
+SECRET_KEY = PREFIX + "secret"  # signs watch tokens when TOKEN_SECRET is not set
 
 
 def result_key(job_id: str) -> str:
@@ -115,16 +132,23 @@ def dumps(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
-def pack(doc: dict[str, Any]) -> bytes:
+class Packed(NamedTuple):
+    seq: int
+    event: str
+    tenant: str
+    doc: bytes  # the document's JSON
+
+
+def pack(doc: dict[str, Any], tenant: str) -> bytes:
     """Serialize a document once, into the event that is stored and published."""
-    return b"%d %s\n" % (doc["seq"], event_name(doc["status"]).encode()) + dumps(doc)
+    return b"%d %s %s\n" % (doc["seq"], event_name(doc["status"]).encode(), tenant.encode()) + dumps(doc)
 
 
-def unpack(raw: bytes) -> tuple[int, str, bytes]:
-    """``(seq, event, document JSON)`` from a packed event, without parsing the JSON."""
+def unpack(raw: bytes) -> Packed:
+    """The header fields and the document JSON of a packed event, without parsing the JSON."""
     header, _, body = raw.partition(b"\n")
-    seq, _, name = header.partition(b" ")
-    return int(seq), name.decode(), body
+    seq, name, tenant = header.split(b" ", 2)
+    return Packed(int(seq), name.decode(), tenant.decode(), body)
 
 
 # The one write path for a job document (both server and worker call it).

@@ -39,11 +39,11 @@ HUB_CHANNEL = contract.PREFIX + "hub"  # always subscribed, so the connection is
 class Event:
     """One change of one job, framed once per transport and shared by every client."""
 
-    __slots__ = ("job_id", "seq", "name", "doc", "_sse", "_ws")
+    __slots__ = ("job_id", "seq", "name", "tenant", "doc", "_sse", "_ws")
 
     def __init__(self, job_id: str, raw: bytes) -> None:
         self.job_id = job_id
-        self.seq, self.name, self.doc = contract.unpack(raw)
+        self.seq, self.name, self.tenant, self.doc = contract.unpack(raw)
         self._sse: bytes | None = None
         self._ws: str | None = None
 
@@ -135,7 +135,7 @@ class Hub:
         self.store = store
         self.confirm_timeout = confirm_timeout
         self._watchers: dict[str, set[Mailbox]] = {}
-        self._all: set[Mailbox] = set()
+        self._all: dict[Mailbox, str] = {}  # dashboards: mailbox -> the tenant it may see
         self._ready: dict[str, asyncio.Future] = {}  # channel or pattern -> confirmed
         self._pubsub = None
         self.reconnects = 0
@@ -165,14 +165,15 @@ class Hub:
                 del self._watchers[job_id]
                 self._drop(contract.channel(job_id), pattern=False)
 
-    async def watch_all(self, mailbox: Mailbox) -> None:
+    async def watch_all(self, mailbox: Mailbox, tenant: str) -> None:
+        """Route every job of ``tenant`` to ``mailbox`` (and no other tenant's)."""
         if self.draining:
             mailbox.close()
-        self._all.add(mailbox)
+        self._all[mailbox] = tenant
         await self._confirmed([self._want(contract.EVENTS_PATTERN, pattern=True)])
 
     def unwatch_all(self, mailbox: Mailbox) -> None:
-        self._all.discard(mailbox)
+        self._all.pop(mailbox, None)
         if not self._all:
             self._drop(contract.EVENTS_PATTERN, pattern=True)
 
@@ -180,7 +181,7 @@ class Hub:
         """Close every mailbox: streams end (SSE) or close with 1012 (WebSocket) so that clients
         reconnect to another replica and resume by seq."""
         self.draining = True
-        for mailbox in {mb for watchers in self._watchers.values() for mb in watchers} | self._all:
+        for mailbox in {mb for watchers in self._watchers.values() for mb in watchers} | set(self._all):
             mailbox.close()
 
     def watched(self, mailbox: Mailbox) -> list[str]:
@@ -188,7 +189,7 @@ class Hub:
 
     @property
     def connections(self) -> int:
-        return len({mb for watchers in self._watchers.values() for mb in watchers} | self._all)
+        return len({mb for watchers in self._watchers.values() for mb in watchers} | set(self._all))
 
     # -- subscription bookkeeping -----------------------------------------------------
 
@@ -300,8 +301,9 @@ class Hub:
             elif kind == "pmessage":
                 if all_:
                     event = Event(msg["channel"][prefix:].decode(), msg["data"])
-                    for mailbox in all_:
-                        mailbox.put(event)
+                    for mailbox, tenant in all_.items():
+                        if tenant == event.tenant:
+                            mailbox.put(event)
             elif kind == "subscribe" or kind == "psubscribe":
                 name = msg["channel"].decode()
                 fut = self._ready.get(name)
@@ -318,14 +320,15 @@ class Hub:
                 event = Event(job_id, raw)
                 for mailbox in list(self._watchers.get(job_id, ())):
                     mailbox.put(event)
-        if self._all:
-            for job_id in await self.redis.zrevrange(contract.JOBS_INDEX, 0, 99):
+        for tenant in set(self._all.values()):
+            for job_id in await self.redis.zrevrange(contract.jobs_index(tenant), 0, 99):
                 job_id = job_id.decode()
                 raw = await self.store.read(job_id)
                 if raw is not None:
                     event = Event(job_id, raw)
-                    for mailbox in list(self._all):
-                        mailbox.put(event)
+                    for mailbox, mailbox_tenant in list(self._all.items()):
+                        if mailbox_tenant == event.tenant:
+                            mailbox.put(event)
         log.info("pub/sub re-established; snapshots re-sent")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from typing import Any
 
 from arq.constants import default_queue_name, job_key_prefix
@@ -12,21 +13,39 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from server import contract, render, webhooks
+from server.auth import TICKET_TTL, Caller
 from server.hub import Event, Mailbox
 from server.problems import Problem, gone, invalid, not_found
 from server.store import IdempotencyConflict, WriteRefused
 
 JSON = "application/json"
 MAX_PAGE = 100
+MAX_PARAMS_DEPTH = 32
 
 
-async def load(request: Request, job_id: str) -> Event:
-    """The job's current event, or 404 / 410."""
+async def load(request: Request, job_id: str, caller: Caller) -> Event:
+    """The job's current event if ``caller`` may read it, or 404 (also for another tenant's job) / 410."""
     store = request.app.state.store
     raw = await store.read(job_id)
     if raw is None:
-        raise gone(job_id) if await store.is_gone(job_id) else not_found(job_id)
-    return Event(job_id, raw)
+        if caller.jobs is None or job_id in caller.jobs:
+            if await store.is_gone(job_id):
+                raise gone(job_id)
+        raise not_found(job_id)
+    event = Event(job_id, raw)
+    if not caller.may_read(job_id, event.tenant):
+        raise not_found(job_id)
+    return event
+
+
+async def key_holder(request: Request) -> Caller:
+    """The caller of a call that needs the API key (submit, list, cancel, retry, result)."""
+    return await request.app.state.auth.caller(request, key_only=True)
+
+
+async def reader(request: Request) -> Caller:
+    """The caller of a read (status, streams): API key, watch token or ticket."""
+    return await request.app.state.auth.caller(request)
 
 
 def int_param(request: Request, name: str, default: int, low: int = 0, high: int | None = None) -> int:
@@ -56,10 +75,22 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text[:20]} is too large")
+    return value
+
+
 def strict_json(body: bytes) -> Any:
-    """Parse a request body: no NaN/Infinity, no duplicate keys, no runaway nesting."""
+    """Parse a request body: no NaN/Infinity (nor numbers that overflow to it), no duplicate
+    keys, no runaway nesting, no lone surrogates (which cannot be stored as UTF-8)."""
     try:
-        return json.loads(body, parse_constant=_reject_constant, object_pairs_hook=_no_duplicate_keys)
+        value = json.loads(body, parse_constant=_reject_constant, parse_float=_finite, object_pairs_hook=_no_duplicate_keys)
+        json.dumps(value, ensure_ascii=False).encode()
+        return value
+    except UnicodeEncodeError:
+        raise Problem(400, "Malformed JSON", "strings must be valid Unicode (no lone surrogates)") from None
     except (ValueError, RecursionError) as e:
         raise Problem(400, "Malformed JSON", str(e) if not isinstance(e, RecursionError) else "nested too deeply") from None
 
@@ -81,7 +112,18 @@ async def read_json(request: Request) -> Any:
     return strict_json(bytes(body))
 
 
+def depth(value: Any, limit: int) -> int:
+    """Nesting depth of a JSON value, counting no further than ``limit + 1``."""
+    if limit < 0 or not isinstance(value, (dict, list)):
+        return 0
+    items = value.values() if isinstance(value, dict) else value
+    return 1 + max((depth(item, limit - 1) for item in items), default=0)
+
+
 async def submit(request: Request) -> Response:
+    caller = await key_holder(request)
+    settings = request.app.state.settings
+    await request.app.state.limiter.check("submit", caller.ident, settings.rate_submit)
     payload = await read_json(request)
     if not isinstance(payload, dict):
         raise invalid("body", "must be a JSON object")
@@ -95,6 +137,10 @@ async def submit(request: Request) -> Response:
     params = payload.get("params", {})
     if not isinstance(params, dict):
         raise invalid("params", "must be a JSON object")
+    if len(contract.dumps(params)) > settings.params_max_bytes:
+        raise invalid("params", f"must be at most {settings.params_max_bytes} bytes as JSON")
+    if depth(params, MAX_PARAMS_DEPTH) > MAX_PARAMS_DEPTH:
+        raise invalid("params", f"must not nest deeper than {MAX_PARAMS_DEPTH} levels")
     try:
         registry[job_type].params.model_validate(params)
     except ValidationError as e:
@@ -109,7 +155,7 @@ async def submit(request: Request) -> Response:
     if key is not None and not (0 < len(key) <= 255 and key.isprintable()):
         raise invalid("Idempotency-Key", "must be 1 to 255 printable characters")
     try:
-        doc, _ = await request.app.state.store.create(job_type, params, webhook, ("", key) if key else None)
+        doc, _ = await request.app.state.store.create(job_type, params, caller.tenant, webhook, key)
     except IdempotencyConflict:
         raise Problem(
             422,
@@ -118,7 +164,8 @@ async def submit(request: Request) -> Response:
             errors=[{"field": "Idempotency-Key", "message": "already used with a different request"}],
         ) from None
     headers = {"Location": doc["links"]["self"], "Retry-After": retry_after(doc)}
-    return Response(contract.dumps(doc), 202, headers, media_type=JSON)
+    body = {**doc, "token": request.app.state.auth.token(doc["id"], caller.tenant)}
+    return Response(contract.dumps(body), 202, headers, media_type=JSON)
 
 
 def retry_after(doc: dict[str, Any]) -> str:
@@ -134,10 +181,12 @@ def retry_after(doc: dict[str, Any]) -> str:
 
 async def status(request: Request) -> Response:
     job_id = request.path_params["job_id"]
-    event = await load(request, job_id)
+    caller = await reader(request)
+    await request.app.state.limiter.check("poll", caller.ident, request.app.state.settings.rate_poll)
+    event = await load(request, job_id, caller)
     wait = request.query_params.get("wait")
     if wait is not None:
-        event = await long_poll(request, event, wait)
+        event = await long_poll(request, event, wait, caller)
     etag = f'"{event.seq}"'
     headers = {"ETag": etag, "Cache-Control": "no-cache"}
     if not event.terminal:
@@ -153,7 +202,7 @@ async def status(request: Request) -> Response:
     return Response(event.doc, 200, headers, media_type=JSON)
 
 
-async def long_poll(request: Request, event: Event, wait: str) -> Event:
+async def long_poll(request: Request, event: Event, wait: str, caller: Caller) -> Event:
     """Hold the request until the job's seq passes ``after`` or ``wait`` seconds pass."""
     try:
         seconds = min(float(wait), request.app.state.settings.long_poll_max)
@@ -169,7 +218,7 @@ async def long_poll(request: Request, event: Event, wait: str) -> Event:
     mailbox.expect(event.job_id, after)
     await hub.watch(mailbox, [event.job_id])
     try:
-        mailbox.put(await load(request, event.job_id))  # the change may have come before the watch
+        mailbox.put(await load(request, event.job_id, caller))  # the change may have come before the watch
         async with asyncio.timeout(seconds):
             return await mailbox.get()
     except TimeoutError:
@@ -183,7 +232,7 @@ async def long_poll(request: Request, event: Event, wait: str) -> Event:
 
 async def result(request: Request) -> Response:
     job_id = request.path_params["job_id"]
-    event = await load(request, job_id)
+    event = await load(request, job_id, await reader(request))
     if event.name != contract.SUCCEEDED:
         doc = json.loads(event.doc)
         state = doc["status"]
@@ -200,16 +249,17 @@ async def result(request: Request) -> Response:
 async def cancel(request: Request) -> Response:
     """Queued: cancelled at once (200). Running: the worker is told to stop (202)."""
     job_id = request.path_params["job_id"]
+    caller = await key_holder(request)
     store = request.app.state.store
     redis = store.redis
     for _ in range(5):
-        event = await load(request, job_id)
+        event = await load(request, job_id, caller)
         doc = json.loads(event.doc)
         if event.terminal:
             raise Problem(409, "Job already finished", f"Job {job_id!r} is {doc['status']}.", job_status=doc["status"])
         if doc["status"] == contract.QUEUED:
             try:
-                doc = await store.write(doc, status=contract.CANCELLED, eta_s=None)
+                doc = await store.write(doc, event.tenant, status=contract.CANCELLED, eta_s=None)
             except WriteRefused:
                 continue  # a worker took it, or it changed: look again
             async with redis.pipeline(transaction=True) as tx:
@@ -231,17 +281,41 @@ async def cancel(request: Request) -> Response:
 async def retry(request: Request) -> Response:
     """Run a failed or cancelled job again, as its next attempt: 202 + the queued document."""
     job_id = request.path_params["job_id"]
-    event = await load(request, job_id)
+    event = await load(request, job_id, await key_holder(request))
     doc = json.loads(event.doc)
     if doc["status"] not in (contract.FAILED, contract.CANCELLED):
         detail = f"Job {job_id!r} is {doc['status']}; only failed or cancelled jobs can be retried."
         raise Problem(409, "Job cannot be retried", detail, job_status=doc["status"])
     await request.app.state.store.redis.delete(contract.cancel_key(job_id))
     try:
-        doc = await request.app.state.store.reopen(doc)
+        doc = await request.app.state.store.reopen(doc, event.tenant)
     except WriteRefused:
         raise Problem(409, "Job is changing", "Try again.", headers={"Retry-After": "1"}) from None
     return Response(contract.dumps(doc), 202, {"Location": doc["links"]["self"]}, media_type=JSON)
+
+
+# -- POST /tickets ----------------------------------------------------------------------
+
+
+async def ticket(request: Request) -> Response:
+    """A single-use, 60-second ticket for ``{"jobs": [...]}`` or ``{"all": true}``: put it in a
+    stream URL (``?ticket=``) instead of a longer-lived watch token."""
+    caller = await reader(request)
+    payload = await read_json(request)
+    if not isinstance(payload, dict):
+        raise invalid("body", "must be a JSON object")
+    if payload.get("all") is True:
+        if not caller.by_key:
+            raise Problem(403, "Forbidden", "A ticket for every job needs an API key.")
+        jobs = None
+    else:
+        jobs = payload.get("jobs")
+        if not isinstance(jobs, list) or not jobs or not all(isinstance(j, str) for j in jobs) or len(jobs) > MAX_PAGE:
+            raise invalid("jobs", f"must be a list of 1 to {MAX_PAGE} job ids")
+        for job_id in jobs:
+            await load(request, job_id, caller)
+    value = await request.app.state.auth.ticket(caller, jobs)
+    return Response(contract.dumps({"ticket": value, "expires_in": TICKET_TTL}), 201, media_type=JSON)
 
 
 # -- GET /jobs ---------------------------------------------------------------------------
@@ -249,6 +323,8 @@ async def retry(request: Request) -> Response:
 
 async def list_jobs(request: Request) -> Response:
     """Newest first; ``status`` and ``type`` filters; ``cursor`` from the previous page's ``next``."""
+    caller = await key_holder(request)
+    index = contract.jobs_index(caller.tenant)
     limit = int_param(request, "limit", 20, 1, MAX_PAGE)
     cursor = int_param(request, "cursor", 0, 0) or "+inf"
     want_status = request.query_params.get("status")
@@ -260,7 +336,7 @@ async def list_jobs(request: Request) -> Response:
     upper: Any = f"({cursor}" if cursor != "+inf" else cursor
     scanned, last_score, exhausted = 0, None, False
     while len(items) < limit and scanned < limit * 20:
-        batch = await store.redis.zrevrangebyscore(contract.JOBS_INDEX, upper, "-inf", start=0, num=limit, withscores=True)
+        batch = await store.redis.zrevrangebyscore(index, upper, "-inf", start=0, num=limit, withscores=True)
         if not batch:
             exhausted = True
             break
@@ -272,7 +348,7 @@ async def list_jobs(request: Request) -> Response:
             scanned += 1
             last_score = int(score)
             upper = f"({last_score}"
-            doc = raw and contract.unpack(raw)[2]
+            doc = raw and contract.unpack(raw).doc
             if doc and _matches(doc, want_status, want_type):
                 items.append(doc)
                 if len(items) == limit:

@@ -1,15 +1,30 @@
-"""Logging set-up shared by the server and the worker: plain lines on a terminal, JSON otherwise."""
+"""Logging set-up shared by the server and the worker: plain lines on a terminal, JSON otherwise.
+
+``request_id`` (a context variable) is set per request by ``server.middleware`` and lands in
+every log line written while that request is handled; ``job_id``, ``attempt``, ``client`` and
+``status`` are added when a log call passes them in ``extra``.
+"""
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import sys
+
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+EXTRA_FIELDS = ("request_id", "job_id", "attempt", "client", "status")
 
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = {"ts": self.formatTime(record), "level": record.levelname, "logger": record.name, "msg": record.getMessage()}
+        for name in EXTRA_FIELDS:
+            value = getattr(record, name, None)
+            if value is not None:
+                line[name] = value
+        if "request_id" not in line and request_id.get():
+            line["request_id"] = request_id.get()
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
         return json.dumps(line)

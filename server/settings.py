@@ -11,6 +11,14 @@ class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"
     host: str = "127.0.0.1"
     port: int = 8000
+    api_keys: str = ""  # tenant:key,tenant:key ; empty: keyless dev mode (every caller is one tenant)
+    token_secret: str = ""  # signs watch tokens; empty: a random secret shared through Redis
+    allowed_origins: str = ""  # browser origins for WebSocket and CORS; empty: same origin only
+    rate_submit: int = 600  # POST /jobs per minute per API key (or client IP when keyless)
+    rate_poll: int = 1200  # GET /jobs/{id} per minute per API key, token (or client IP)
+    max_streams_per_client: int = 256  # open SSE + WebSocket connections per key or client IP
+    max_connections: int = 20_000  # per server process; above it new connections get 503
+    params_max_bytes: int = 64 * 1024  # a job's params as JSON
     jobs_module: str = "worker.demo"  # comma-separated modules that register job types
     job_timeout: float = 300.0  # default per-job timeout, seconds
     result_ttl: int = 3600  # a finished job's document and result live this long, seconds

@@ -66,8 +66,16 @@ class Store:
         return await self.redis.hget(contract.job_key(job_id), "ev")
 
     async def document(self, job_id: str) -> dict[str, Any] | None:
+        loaded = await self.load(job_id)
+        return None if loaded is None else loaded[0]
+
+    async def load(self, job_id: str) -> tuple[dict[str, Any], str] | None:
+        """``(document, tenant)``, or None."""
         raw = await self.read(job_id)
-        return None if raw is None else json.loads(contract.unpack(raw)[2])
+        if raw is None:
+            return None
+        packed = contract.unpack(raw)
+        return json.loads(packed.doc), packed.tenant
 
     async def field(self, job_id: str, name: str) -> str | None:
         """A stored fact beside the document: ``params`` (JSON), ``webhook``, ``type``."""
@@ -85,24 +93,26 @@ class Store:
         self,
         job_type: str,
         params: dict[str, Any],
+        tenant: str = "",
         webhook: str | None = None,
-        idempotency: tuple[str, str] | None = None,
+        idempotency_key: str | None = None,
     ) -> tuple[dict[str, Any], bool]:
-        """Store a queued job and enqueue it for arq, atomically (``contract.CREATE_SCRIPT``).
+        """Store a queued job of ``tenant`` and enqueue it for arq, atomically (``CREATE_SCRIPT``).
 
-        ``idempotency`` is ``(scope, key)``; returns ``(document, created)``: with a key seen
-        before for the same request, the existing job's document and False. A key seen with
-        another request raises ``IdempotencyConflict``.
+        Returns ``(document, created)``: with an ``idempotency_key`` the tenant used before for
+        the same request, the existing job's document and False. A key used with another
+        request raises ``IdempotencyConflict``.
         """
         job_id = contract.new_job_id()
         doc = contract.new_document(job_id, job_type, contract.now_iso())
-        event = contract.pack(doc)
+        event = contract.pack(doc, tenant)
         enqueued_ms = now_ms()
         now_us = time.time_ns() // 1000
         fingerprint = request_hash(job_type, params, webhook)
-        idem_key = contract.idempotency_key(*idempotency) if idempotency else contract.idempotency_key("", "")
+        idem_key = contract.idempotency_key(tenant, idempotency_key or "")
+        index = contract.jobs_index(tenant)
         answer = await self._create(
-            keys=[contract.job_key(job_id), contract.JOBS_INDEX, job_key_prefix + job_id, default_queue_name, idem_key],
+            keys=[contract.job_key(job_id), index, job_key_prefix + job_id, default_queue_name, idem_key],
             args=[
                 job_id,
                 job_type,
@@ -117,7 +127,7 @@ class Store:
                 contract.WAKE_CHANNEL,
                 contract.dumps(params),
                 webhook or "",
-                f"{job_id} {fingerprint}" if idempotency else "",
+                f"{job_id} {fingerprint}" if idempotency_key else "",
                 self.settings.idempotency_ttl,
             ],
         )
@@ -134,9 +144,10 @@ class Store:
         return prior, False
 
     async def write(
-        self, doc: dict[str, Any], result: Any = None, result_ttl: int | None = None, **changes: Any
+        self, doc: dict[str, Any], tenant: str, result: Any = None, result_ttl: int | None = None, **changes: Any
     ) -> dict[str, Any]:
-        """Store ``doc`` with ``changes`` as the next seq and publish it; returns the new doc."""
+        """Store ``doc`` (of ``tenant``) with ``changes`` as the next seq and publish it; returns
+        the new doc."""
         new = {**doc, **changes, "seq": doc["seq"] + 1, "updated_at": contract.now_iso()}
         terminal = new["status"] in contract.TERMINAL
         if terminal and new["finished_at"] is None:
@@ -157,7 +168,7 @@ class Store:
                 doc["seq"],
                 new["seq"],
                 new["status"],
-                contract.pack(new),
+                contract.pack(new, tenant),
                 contract.channel(job_id),
                 (result_ttl or s.result_ttl) if terminal else s.job_ttl,
                 1 if terminal else 0,
@@ -177,7 +188,7 @@ class Store:
             raise WriteRefused(int(seq), _decode(state))
         return new
 
-    async def reopen(self, doc: dict[str, Any]) -> dict[str, Any]:
+    async def reopen(self, doc: dict[str, Any], tenant: str) -> dict[str, Any]:
         """Queue a failed or cancelled job again as its next attempt (POST /jobs/{id}/retry)."""
         job_id = doc["id"]
         new = {
@@ -206,7 +217,7 @@ class Store:
             args=[
                 doc["seq"],
                 new["seq"],
-                contract.pack(new),
+                contract.pack(new, tenant),
                 contract.channel(job_id),
                 self.settings.job_ttl,
                 payload,

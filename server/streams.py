@@ -14,13 +14,14 @@ import logging
 from collections.abc import AsyncIterator, Callable
 
 from sse_starlette import EventSourceResponse
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from server import contract, render
 from server.hub import Event, Mailbox, MailboxClosed, SubscribeTimeout
-from server.jobs import int_param, load
+from server.auth import Caller
+from server.jobs import int_param, load, reader
 from server.problems import Problem, invalid
 
 log = logging.getLogger("server.streams")
@@ -45,6 +46,22 @@ class Stream(EventSourceResponse):
             self.on_close()
 
 
+def admit(conn: HTTPConnection, caller: Caller) -> Callable[[], None]:
+    """Count one more open stream for the caller (429 above MAX_STREAMS_PER_CLIENT); returns
+    the function that counts it out again."""
+    counts = conn.app.state.open_streams
+    if counts[caller.ident] >= conn.app.state.settings.max_streams_per_client:
+        raise Problem(429, "Too many streams", "Close some streams first.", headers={"Retry-After": "5"})
+    counts[caller.ident] += 1
+
+    def release() -> None:
+        counts[caller.ident] -= 1
+        if counts[caller.ident] <= 0:
+            del counts[caller.ident]
+
+    return release
+
+
 def retry_frame(request: Request) -> bytes:
     return b"retry: %d\n\n" % request.app.state.settings.sse_retry_ms
 
@@ -63,20 +80,26 @@ async def job_events(request: Request) -> Response:
     """``GET /jobs/{id}/events``: the current document if newer than the client's, then changes."""
     job_id = request.path_params["job_id"]
     since = since_param(request)
+    caller = await reader(request)
     hub = request.app.state.hub
     mailbox = Mailbox()
     mailbox.expect(job_id, since)
     await hub.watch(mailbox, [job_id])
     try:
-        snapshot = await load(request, job_id)
+        snapshot = await load(request, job_id, caller)
+        if snapshot.terminal and snapshot.seq <= since:
+            hub.unwatch(mailbox, [job_id])
+            return Response(status_code=204)  # the client has the end already: EventSource stops
+        release = admit(request, caller)
     except BaseException:
         hub.unwatch(mailbox, [job_id])
         raise
-    if snapshot.terminal and snapshot.seq <= since:
-        hub.unwatch(mailbox, [job_id])
-        return Response(status_code=204)  # the client has the end already: EventSource stops
     mailbox.put(snapshot)
-    close = lambda: hub.unwatch(mailbox, [job_id])  # noqa: E731
+
+    def close() -> None:
+        hub.unwatch(mailbox, [job_id])
+        release()
+
     if wants_text(request):
         return TextStream(mailbox, close)
     html = request.query_params.get("format") == "html"
@@ -142,18 +165,32 @@ async def events(request: Request) -> Response:
         seen = contract.decode_cursor(cursor) if cursor else {}
     except ValueError:
         raise Problem(400, "Bad cursor", "Last-Event-ID or cursor is not one this server gave.") from None
+    caller = await reader(request)
     hub, store = request.app.state.hub, request.app.state.store
+    for job_id in job_ids:
+        await load(request, job_id, caller)  # 404/410 before the stream starts
+    if not job_ids and not (caller.by_key or caller.all_jobs):
+        raise Problem(403, "Forbidden", "Watching every job needs an API key or a ticket for the whole feed.")
+    release = admit(request, caller)
     mailbox = Mailbox()
     for job_id, seq in seen.items():
         mailbox.expect(job_id, seq)
     if job_ids:
-        await hub.watch(mailbox, job_ids)
-        close = lambda: hub.unwatch(mailbox, job_ids)  # noqa: E731
+        unwatch = lambda: hub.unwatch(mailbox, job_ids)  # noqa: E731
+        watching = hub.watch(mailbox, job_ids)
     else:
-        await hub.watch_all(mailbox)
-        close = lambda: hub.unwatch_all(mailbox)  # noqa: E731
-        job_ids = [job_id.decode() for job_id in await store.redis.zrevrange(contract.JOBS_INDEX, 0, SNAPSHOT_ALL - 1)]
+        unwatch = lambda: hub.unwatch_all(mailbox)  # noqa: E731
+        watching = hub.watch_all(mailbox, caller.tenant)
+
+    def close() -> None:
+        unwatch()
+        release()
+
     try:
+        await watching
+        if not job_ids:
+            newest = await store.redis.zrevrange(contract.jobs_index(caller.tenant), 0, SNAPSHOT_ALL - 1)
+            job_ids = [job_id.decode() for job_id in newest]
         for job_id in job_ids:
             raw = await store.read(job_id)
             if raw is not None:
@@ -182,10 +219,12 @@ async def events(request: Request) -> Response:
 class Connection:
     """One ``/ws`` client: many jobs on one socket, one writer task, one mailbox."""
 
-    def __init__(self, ws: WebSocket) -> None:
+    def __init__(self, ws: WebSocket, caller: Caller) -> None:
         self.ws = ws
         self.app = ws.app
         self.hub = ws.app.state.hub
+        self.caller = caller
+        self.granted: dict[str, str] = {}  # job -> tenant, opened by tokens sent with a subscribe
         self.mailbox = Mailbox()
         self.jobs: set[str] = set()
         self.all = False
@@ -232,9 +271,26 @@ class Connection:
             since = msg.get("since") or {}
             if not isinstance(since, dict) or not all(isinstance(v, int) for v in since.values()):
                 return await self.error("since must map job ids to seqs", op=op)
+            tokens = msg.get("tokens") or {}
+            if not isinstance(tokens, dict) or not all(isinstance(v, str) for v in tokens.values()):
+                return await self.error("tokens must map job ids to watch tokens", op=op)
+            self.grant(tokens)
             await self.subscribe(list(dict.fromkeys(jobs)), since)
         else:
             await self.error(f"unknown op {op!r}; use subscribe or unsubscribe")
+
+    def grant(self, tokens: dict[str, str]) -> None:
+        """Watch tokens sent with a subscribe open their jobs (a browser watching several)."""
+        for job_id, token in tokens.items():
+            try:
+                scope = self.app.state.auth.from_token(token)
+            except Problem:
+                continue  # the job then answers 404 like any job the caller may not read
+            for job_id in scope.jobs or ():
+                self.granted[job_id] = scope.tenant
+
+    def may_read(self, event: Event) -> bool:
+        return self.caller.may_read(event.job_id, event.tenant) or self.granted.get(event.job_id) == event.tenant
 
     async def subscribe(self, jobs: list[str], since: dict[str, int]) -> None:
         new = [j for j in jobs if j not in self.jobs]
@@ -247,21 +303,24 @@ class Connection:
         store = self.app.state.store
         for job_id in new:
             raw = await store.read(job_id)
-            if raw is None:
+            event = raw and Event(job_id, raw)
+            if not event or not self.may_read(event):
                 self.jobs.discard(job_id)
                 self.hub.unwatch(self.mailbox, [job_id])
-                gone = await store.is_gone(job_id)
+                gone = not event and await store.is_gone(job_id)
                 await self.error("job expired" if gone else "job not found", job=job_id, status=410 if gone else 404)
             else:
-                self.mailbox.put(Event(job_id, raw))
+                self.mailbox.put(event)
 
     async def subscribe_all(self) -> None:
+        if not (self.caller.by_key or self.caller.all_jobs):
+            return await self.error("watching every job needs an API key or a ticket for the whole feed", status=403)
         if self.all:
             return
         self.all = True
-        await self.hub.watch_all(self.mailbox)
+        await self.hub.watch_all(self.mailbox, self.caller.tenant)
         store = self.app.state.store
-        for job_id in await store.redis.zrevrange(contract.JOBS_INDEX, 0, SNAPSHOT_ALL - 1):
+        for job_id in await store.redis.zrevrange(contract.jobs_index(self.caller.tenant), 0, SNAPSHOT_ALL - 1):
             raw = await store.read(job_id.decode())
             if raw is not None:
                 self.mailbox.put(Event(job_id.decode(), raw))
@@ -286,9 +345,32 @@ class Connection:
             self.hub.unwatch_all(self.mailbox)
 
 
+def origin_allowed(ws: WebSocket) -> bool:
+    """Browsers always send Origin: it must be listed in ALLOWED_ORIGINS, or (when that is empty)
+    be this server's own origin. Clients that send none (curl, scripts) are not browsers, so
+    they cannot be hijacked cross-site; they still need credentials like anyone else."""
+    origin = ws.headers.get("origin")
+    if origin is None:
+        return True
+    allowed = ws.app.state.allowed_origins
+    if allowed:
+        return origin in allowed
+    host = ws.headers.get("host", "")
+    return origin in (f"http://{host}", f"https://{host}")
+
+
 async def websocket(ws: WebSocket) -> None:
+    if not origin_allowed(ws):
+        log.info("websocket refused: origin %r not allowed", ws.headers.get("origin"))
+        return await ws.close(1008)  # before accept: the handshake is answered 403
+    try:
+        caller = await ws.app.state.auth.caller(ws)
+        release = admit(ws, caller)
+    except Problem as problem:
+        log.info("websocket refused: %s", problem.detail)
+        return await ws.close(1008)
     await ws.accept()
-    conn = Connection(ws)
+    conn = Connection(ws, caller)
     tasks = [asyncio.create_task(conn.read_loop()), asyncio.create_task(conn.write_loop())]
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -296,6 +378,7 @@ async def websocket(ws: WebSocket) -> None:
         for task in tasks:
             task.cancel()
         conn.close()
+        release()
     failure = next((t.exception() for t in done if t.exception() is not None), None)
     if isinstance(failure, TimeoutError):  # the client stopped taking our writes
         log.info("websocket client too slow; closing")

@@ -132,8 +132,8 @@ def test_demo_job_rises_through_intermediate_values_to_100(page, base):
 
 def test_several_jobs_at_once_failed_and_cancelled(page, base):
     page.goto(base + "/")
+    long = start_job(page, steps=300, interval=0.1)  # first: the watcher never goes idle in between
     doomed = start_job(page, steps=6, interval=0.1, fail_at=3)
-    long = start_job(page, steps=300, interval=0.1)
     ok = start_job(page, steps=5, interval=0.1)
     expect(card(page, doomed)).to_have_attribute("data-status", "failed")
     expect(card(page, doomed).locator(".error-text")).to_contain_text("failed at step 3 of 6")

@@ -25,8 +25,8 @@ def test_new_document_has_the_public_shape():
 def test_pack_unpack_round_trip_keeps_document_bytes():
     """The packed event carries seq and event name in a header and the JSON untouched."""
     doc = contract.new_document("j_x", "demo", contract.now_iso()) | {"status": "failed", "seq": 7}
-    seq, name, body = contract.unpack(contract.pack(doc))
-    assert (seq, name) == (7, "failed")
+    seq, name, tenant, body = contract.unpack(contract.pack(doc, "acme"))
+    assert (seq, name, tenant) == (7, "failed", "acme")
     assert json.loads(body) == doc
     assert body == contract.dumps(doc)
 
@@ -60,7 +60,7 @@ def test_iso_timestamps_are_utc_milliseconds():
 
 def event(job_id: str, seq: int, status: str = "running") -> Event:
     doc = contract.new_document(job_id, "demo", "t") | {"seq": seq, "status": status}
-    return Event(job_id, contract.pack(doc))
+    return Event(job_id, contract.pack(doc, ""))
 
 
 def test_event_frames_once_per_transport():

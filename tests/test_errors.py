@@ -14,7 +14,7 @@ PROBLEM = "application/problem+json"
 
 def state(redis_client) -> tuple[int, int]:
     """What a rejected request must not change: the job index and arq's queue."""
-    return redis_client.zcard(contract.JOBS_INDEX), redis_client.zcard("arq:queue")
+    return redis_client.zcard(contract.jobs_index("")), redis_client.zcard("arq:queue")
 
 
 @pytest.mark.parametrize(

@@ -30,13 +30,13 @@ async def published(store: Store, job_id: str, out: list[dict], ready: asyncio.E
         ready.set()
         async for msg in pubsub.listen():
             if msg["type"] == "message":
-                out.append(json.loads(contract.unpack(msg["data"])[2]))
+                out.append(json.loads(contract.unpack(msg["data"]).doc))
 
 
 async def running_job(store: Store, interval: float) -> JobContext:
     """A stored document that no worker knows of (not enqueued), driven by this test alone."""
     blank = contract.new_document(contract.new_job_id(), "demo", contract.now_iso()) | {"seq": 0}
-    doc = await store.write(blank)
+    doc = await store.write(blank, "")
     ctx = JobContext(store, doc, interval)
     await ctx.write(status=contract.RUNNING, attempt=1)
     return ctx
@@ -93,7 +93,7 @@ async def test_no_write_after_the_end(store):
     stale = dict(ctx.doc)
     await ctx.finish(contract.CANCELLED)
     with pytest.raises(WriteRefused):
-        await store.write(stale, progress=50.0)
+        await store.write(stale, "", progress=50.0)
     with pytest.raises(JobEnded):
         await ctx.write(progress=60.0)
     assert (await store.document(ctx.id))["status"] == contract.CANCELLED

@@ -45,14 +45,14 @@ async def test_idempotency_key_same_body_same_job(base):
 
 
 async def test_fifty_concurrent_identical_requests_make_one_job(base, redis_client):
-    before = redis_client.zcard(contract.JOBS_INDEX)
+    before = redis_client.zcard(contract.jobs_index(""))
     async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=50)) as client:
         answers = await asyncio.gather(
             *(post(client, base, "demo", {"steps": 1, "interval": 0}, **{"Idempotency-Key": "burst-1"}) for _ in range(50))
         )
     assert {r.status_code for r in answers} == {202}
     assert len({r.json()["id"] for r in answers}) == 1
-    assert redis_client.zcard(contract.JOBS_INDEX) == before + 1
+    assert redis_client.zcard(contract.jobs_index("")) == before + 1
 
 
 # -- retries, timeouts, sync jobs --------------------------------------------------------

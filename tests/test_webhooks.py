@@ -272,7 +272,7 @@ async def test_send_time_guard_refuses_what_submit_would_refuse(stack):
         client = aioredis.Redis.from_url(stack.redis.url)
         try:
             store = Store(client, Settings(webhook_secret=SECRET))
-            doc, _ = await store.create("demo", {"steps": 1, "interval": 0}, receiver.url)  # bypasses the API check
+            doc, _ = await store.create("demo", {"steps": 1, "interval": 0}, "", receiver.url)  # bypasses the API check
 
             async def finished() -> dict | None:
                 now = await store.document(doc["id"])
@@ -318,10 +318,10 @@ async def test_ssrf_refused_at_submit(stack, url):
     """Internal, odd-form, non-http(s) and credentialed webhook URLs are a 422 naming `webhook`; no job is made."""
     client = aioredis.Redis.from_url(stack.redis.url)
     try:
-        before = await client.zcard(contract.JOBS_INDEX)
+        before = await client.zcard(contract.jobs_index(""))
         async with httpx.AsyncClient(timeout=30) as http:
             r = await http.post(stack.strict.url + "/jobs", json={"type": "demo", "params": {}, "webhook": url})
-        after = await client.zcard(contract.JOBS_INDEX)
+        after = await client.zcard(contract.jobs_index(""))
     finally:
         await client.aclose()
     assert r.status_code == 422, r.text

@@ -23,9 +23,10 @@ class JobEnded(Exception):
 
 
 class JobContext:
-    def __init__(self, store: Store, doc: dict[str, Any], interval: float) -> None:
+    def __init__(self, store: Store, doc: dict[str, Any], interval: float, tenant: str = "") -> None:
         self.store = store
         self.doc = doc
+        self.tenant = tenant
         self.interval = interval
         self.cancel_requested = False
         self.task: asyncio.Task | None = None  # the job code, cancelled on request
@@ -121,7 +122,7 @@ class JobContext:
         """One atomic store + publish; re-based on the stored seq if another writer moved it."""
         for _ in range(3):
             try:
-                self.doc = await self.store.write(self.doc, result=result, result_ttl=result_ttl, **changes)
+                self.doc = await self.store.write(self.doc, self.tenant, result=result, result_ttl=result_ttl, **changes)
                 return
             except WriteRefused as refused:
                 if refused.state in contract.TERMINAL or not refused.state:

@@ -115,12 +115,12 @@ class ProgressWorker(Worker):
         """arq gave up on a job before calling us (unreadable payload, unknown function, expired):
         end its document too, so no watcher waits forever and nothing in the payload ran."""
         await super().finish_failed_job(job_id, result_data)
-        doc = await self.store.document(job_id)
-        if doc is not None and doc["status"] not in contract.TERMINAL:
+        loaded = await self.store.load(job_id)
+        if loaded is not None and loaded[0]["status"] not in contract.TERMINAL:
             log.warning("job %s: rejected by arq before it ran", job_id)
             failure = error("JobRejected", "the worker could not run this job (unreadable, unknown or expired)")
             with contextlib.suppress(WriteRefused):
-                await self.store.write(doc, status=contract.FAILED, eta_s=None, error=failure)
+                await self.store.write(*loaded, status=contract.FAILED, eta_s=None, error=failure)
 
     def _release_sem_dec_counter_on_complete(self) -> None:
         super()._release_sem_dec_counter_on_complete()
@@ -200,12 +200,13 @@ class ProgressWorker(Worker):
                 ctx.task.cancel()
 
     async def run_job_type(self, job_type: JobType, job_id: str, attempt: int, params: dict[str, Any]) -> None:
-        doc = await self.store.document(job_id)
-        if doc is None or doc["status"] in contract.TERMINAL:
-            log.info("job %s: %s before it started; not running it", job_id, doc and doc["status"] or "expired")
+        loaded = await self.store.load(job_id)
+        if loaded is None or loaded[0]["status"] in contract.TERMINAL:
+            log.info("job %s: %s before it started; not running it", job_id, loaded[0]["status"] if loaded else "expired")
             return
+        doc, tenant = loaded
         await self.pool.pexpire(in_progress_key_prefix + job_id, int(self.settings.lease * 1000))
-        ctx = JobContext(self.store, doc, self.settings.progress_interval)
+        ctx = JobContext(self.store, doc, self.settings.progress_interval, tenant)
         self.running[job_id] = ctx
         try:
             await self._run(ctx, job_type, attempt, params)

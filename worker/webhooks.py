@@ -102,7 +102,7 @@ async def _attempt(store: Store, settings: Settings, job_id: str, seq: int, deli
     raw = await store.read(job_id)
     if raw is None:
         return Outcome(final=True, detail="the job's document has expired")
-    stored_seq, _, body = contract.unpack(raw)
+    stored_seq, _, _, body = contract.unpack(raw)
     if stored_seq < seq:
         return Outcome(final=True, detail=f"the stored document is older (seq {stored_seq}) than this delivery")
     url = await store.field(job_id, "webhook")

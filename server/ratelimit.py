@@ -1,0 +1,40 @@
+"""Fixed-window rate limits shared by every server replica through Redis."""
+
+from __future__ import annotations
+
+import time
+
+from redis.asyncio import Redis
+
+from server import contract
+from server.problems import Problem
+
+WINDOW = 60  # seconds
+
+# KEYS: the window's counter; ARGV: window length (s). Returns the count after this request.
+COUNT_SCRIPT = """
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+return n
+"""
+
+
+class RateLimiter:
+    def __init__(self, redis: Redis) -> None:
+        self._count = redis.register_script(COUNT_SCRIPT)
+
+    async def check(self, bucket: str, who: str, limit: int) -> None:
+        """Count one request of ``who`` in ``bucket``; 429 with Retry-After once over ``limit``."""
+        now = time.time()
+        window = int(now // WINDOW)
+        count = await self._count(keys=[contract.rate_key(bucket, who, window)], args=[WINDOW])
+        if count > limit:
+            reset = max(1, int((window + 1) * WINDOW - now) + 1)
+            headers = {
+                "Retry-After": str(reset),
+                "RateLimit-Limit": str(limit),
+                "RateLimit-Remaining": "0",
+                "RateLimit-Reset": str(reset),
+                "RateLimit-Policy": f"{limit};w={WINDOW}",
+            }
+            raise Problem(429, "Too many requests", f"At most {limit} {bucket} requests per {WINDOW} s.", headers=headers)
