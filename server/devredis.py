@@ -45,15 +45,17 @@ def free_port() -> int:
 class RedisProcess:
     """A ``redis-server`` child process; ``start()`` returns once it answers PING."""
 
-    def __init__(self, data_dir: str | Path, port: int | None = None, appendonly: bool = True) -> None:
+    def __init__(self, data_dir: str | Path, port: int | None = None, appendonly: bool = True, password: str = "") -> None:
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.appendonly = appendonly
+        self.password = password
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> RedisProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -67,7 +69,7 @@ class RedisProcess:
             "--appendfsync", "everysec",
             "--protected-mode", "yes",
             "--logfile", str(self.data_dir / "redis.log"),
-        ]  # fmt: skip
+        ] + (["--requirepass", self.password] if self.password else [])  # fmt: skip
         with open(self.data_dir / "redis.stderr", "ab") as stderr:
             self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=stderr)
         deadline = time.monotonic() + timeout
@@ -84,7 +86,8 @@ class RedisProcess:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
                 s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
+                answer = s.recv(64)
+                return answer.startswith(b"+PONG") or answer.startswith(b"-NOAUTH")
         except OSError:
             return False
 
