@@ -102,6 +102,7 @@ class Bench:
         self.summary: list[dict[str, Any]] = []
         self.facts = machine_facts()
         self.server_kind = ("module", None)
+        self.retry_budget = 30.0 if cfg.quick else 150.0  # seconds a run may spend re-measuring noisy steps
 
     # -- processes ----------------------------------------------------------------------
 
@@ -332,9 +333,10 @@ class Bench:
         steps = []
         try:
             for rate in rates:
-                rec = await self.stream_step(scenario, rate, watchers / jobs, extra)
+                rec = await self.remeasured(lambda: self.stream_step(scenario, rate, watchers / jobs, extra))
                 steps.append(rec)
-                if rec["saturated"]:
+                # stop at saturation: the server at a full core, or a second step that did not keep up
+                if rec["saturated"] and (rec["server_cores"] >= 0.9 * len(self.servers) or sum(not r["kept_up"] for r in steps) >= 2):
                     break
             end = await self.finish_jobs()
         finally:
@@ -465,7 +467,7 @@ class Bench:
         steps = []
         try:
             for conns in self.cfg.submit_conns:
-                steps.append(await self.http_run("submit", [req], conns, {}))
+                steps.append(await self.remeasured(lambda: self.http_run("submit", [req], conns, {})))
                 self.flush_redis()
         finally:
             self.flush_redis()
@@ -482,7 +484,7 @@ class Bench:
             for variant in ("plain", "if-none-match"):
                 reqs = [f"GET /jobs/{j} HTTP/1.1\r\nHost: 127.0.0.1\r\n" + (f'If-None-Match: "{seq}"\r\n' if variant == "if-none-match" else "") + "\r\n"
                         for j, _, seq in jobs]  # fmt: skip
-                out[variant] = await self.http_run("poll", reqs, self.cfg.poll_conns, {"variant": variant})
+                out[variant] = await self.remeasured(lambda: self.http_run("poll", reqs, self.cfg.poll_conns, {"variant": variant}))
         finally:
             await self.publisher.call("forget_jobs")
             self.flush_redis()
@@ -561,9 +563,22 @@ class Bench:
 
             print(summarize(out, top=12), flush=True)
 
-    async def wait_quiet(self) -> float:
+    async def remeasured(self, step) -> dict[str, Any]:
+        """Run a measured step; if other processes used > 0.2 core meanwhile, wait for quiet and
+        measure once more (bounded by ``retry_budget`` seconds per run). The last one counts."""
+        rec = await step()
+        if rec.get("other_cores", 0) > 0.2 and self.retry_budget > 0:
+            started = time.monotonic()
+            print(f"  (other processes used {rec['other_cores']:.2f} cores: measuring this step again)", flush=True)
+            await self.wait_quiet(limit=min(20.0, self.retry_budget))
+            rec = await step()
+            rec["remeasured"] = True
+            self.retry_budget -= time.monotonic() - started
+        return rec
+
+    async def wait_quiet(self, limit: float | None = None) -> float:
         """Wait (up to ``quiet_wait`` s) until processes other than ours use < 0.15 core; returns that load."""
-        deadline = time.monotonic() + self.cfg.quiet_wait
+        deadline = time.monotonic() + (self.cfg.quiet_wait if limit is None else limit)
         while True:
             pids = sum(self.all_pids().values(), [])
             s0 = Snapshot.take(pids)
@@ -579,7 +594,7 @@ class Bench:
     async def run(self) -> None:
         cfg = self.cfg
         print(f"bench run {self.run_id}: {self.facts['nproc']} cores, {self.facts['cpu']}, load {loadavg():.2f}; "
-              f"{'quick' if cfg.quick else 'full'}; results -> {cfg.results.relative_to(ROOT)}", flush=True)  # fmt: skip
+              f"{'quick' if cfg.quick else 'full'}; results -> {cfg.results}", flush=True)  # fmt: skip
         await self.start()
         plan = {
             "fanout-ws": lambda: self.fanout("ws"),
@@ -610,7 +625,10 @@ class Bench:
             self.summary.append(self.record(summary) if "failed" in summary or summary.get("scenario") not in ("idle", "start") else summary)
         print("\n== summary", flush=True)
         for s in self.summary:
-            print(summary_line(s), flush=True)
+            try:
+                print(summary_line(s), flush=True)
+            except (KeyError, TypeError, ValueError):
+                print(f"{s.get('scenario')}: {json.dumps(s)[:400]}", flush=True)
 
 
 def fmt(v: Any, unit: str = "") -> str:
@@ -654,7 +672,7 @@ def summary_line(s: dict[str, Any]) -> str:
     if sc == "ws-impls":
         parts = [f"{k}: max {fmt(v['max_deliveries_per_s'])} dlv/s, "
                  + ", ".join(f"{fmt(st['server_us_per_delivery'])} µs@{fmt(st['rate'])}" for st in v["steps"]) for k, v in s.items()
-                 if isinstance(v, dict)]  # fmt: skip
+                 if k in WS_IMPLS]  # fmt: skip
         return f"{sc:<16} " + " | ".join(parts)
     if sc.startswith(("fanout", "hot", "ws-impl:")):
         ref = s.get("at_1000") or s.get("at_10") or (s["steps"][0] if s["steps"] else {})
