@@ -26,6 +26,7 @@ from starlette.staticfiles import StaticFiles
 from server import jobs, streams
 from server.auth import Auth, parse_keys, shared_secret
 from server.hub import Hub, SubscribeTimeout
+from server.metrics import metrics
 from server.middleware import RequestContext
 from server.problems import Problem
 from server.ratelimit import RateLimiter
@@ -138,6 +139,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/dashboard", page("dashboard.html")),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
+        Route("/metrics", metrics),
         Route("/jobs", jobs.submit, methods=["POST"]),
         Route("/jobs", jobs.list_jobs, methods=["GET"]),
         Route("/jobs/{job_id}", jobs.status, methods=["GET"]),

@@ -21,11 +21,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from datetime import datetime
 from collections.abc import Iterable
 
 from redis.asyncio import Redis
 
 from server import contract
+from server.metrics import FANOUT_DELAY, STATS
 from server.store import Store
 
 log = logging.getLogger("server.hub")
@@ -96,6 +99,7 @@ class Mailbox:
         self._remember(event.job_id, event.seq)
         if event.job_id in self._pending:
             self.conflated += 1
+            STATS.conflated += 1
         self._pending[event.job_id] = event
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
@@ -265,6 +269,7 @@ class Hub:
                 raise
             except Exception as e:
                 self.reconnects += 1
+                STATS.reconnects = self.reconnects
                 log.warning("pub/sub connection lost (%s); reconnecting in %.1f s", e, delay)
             finally:
                 self._pubsub = None
@@ -291,6 +296,9 @@ class Hub:
                 continue
             heard = loop.time()
             kind = msg["type"]
+            if kind == "message" or kind == "pmessage":
+                STATS.received += 1
+                observe_delay(msg["data"])
             if kind == "message":
                 job_id = msg["channel"][prefix:].decode()
                 targets = watchers.get(job_id)
@@ -330,6 +338,20 @@ class Hub:
                         if mailbox_tenant == event.tenant:
                             mailbox.put(event)
         log.info("pub/sub re-established; snapshots re-sent")
+
+
+UPDATED_AT = b'"updated_at":"'
+
+
+def observe_delay(raw: bytes) -> None:
+    """Record how long the event took from the worker's write to this process (clocks permitting)."""
+    start = raw.find(UPDATED_AT)
+    if start < 0:
+        return
+    start += len(UPDATED_AT)
+    with contextlib.suppress(ValueError):
+        stamp = datetime.fromisoformat(raw[start : start + 24].decode().replace("Z", "+00:00"))
+        FANOUT_DELAY.observe(max(0.0, time.time() - stamp.timestamp()))
 
 
 def _ignore_errors(task: asyncio.Future) -> None:

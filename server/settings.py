@@ -37,6 +37,7 @@ class Settings:
     max_body_bytes: int = 1 << 20
     progress_interval: float = 0.05  # worker: at most one progress publish per job per interval
     worker_concurrency: int = 10  # jobs run at once by one worker process
+    worker_metrics_port: int = 0  # worker: serve Prometheus metrics on this port (0: off)
     sse_ping: float = 15.0  # heartbeat comment on idle SSE streams, seconds
     sse_retry_ms: int = 2000  # the SSE `retry:` hint
     send_timeout: float = 10.0  # a client that does not take a write for this long is dropped

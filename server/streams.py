@@ -22,10 +22,12 @@ from server import contract, render
 from server.hub import Event, Mailbox, MailboxClosed, SubscribeTimeout
 from server.auth import Caller
 from server.jobs import int_param, load, reader
+from server.metrics import STATS
 from server.problems import Problem, invalid
 
 log = logging.getLogger("server.streams")
 
+delivered = STATS.delivered
 MAX_JOBS_PER_STREAM = 100
 DRAIN_FRAME = b"retry: 250\n\n"  # sent as a stream ends for a server drain: come back soon
 SNAPSHOT_ALL = 100  # a dashboard starts with this many of the newest jobs
@@ -46,15 +48,17 @@ class Stream(EventSourceResponse):
             self.on_close()
 
 
-def admit(conn: HTTPConnection, caller: Caller) -> Callable[[], None]:
+def admit(conn: HTTPConnection, caller: Caller, transport: str) -> Callable[[], None]:
     """Count one more open stream for the caller (429 above MAX_STREAMS_PER_CLIENT); returns
     the function that counts it out again."""
     counts = conn.app.state.open_streams
     if counts[caller.ident] >= conn.app.state.settings.max_streams_per_client:
         raise Problem(429, "Too many streams", "Close some streams first.", headers={"Retry-After": "5"})
     counts[caller.ident] += 1
+    STATS.connections[transport] += 1
 
     def release() -> None:
+        STATS.connections[transport] -= 1
         counts[caller.ident] -= 1
         if counts[caller.ident] <= 0:
             del counts[caller.ident]
@@ -90,7 +94,7 @@ async def job_events(request: Request) -> Response:
         if snapshot.terminal and snapshot.seq <= since:
             hub.unwatch(mailbox, [job_id])
             return Response(status_code=204)  # the client has the end already: EventSource stops
-        release = admit(request, caller)
+        release = admit(request, caller, "text" if wants_text(request) else "sse")
     except BaseException:
         hub.unwatch(mailbox, [job_id])
         raise
@@ -112,6 +116,7 @@ async def job_events(request: Request) -> Response:
             except MailboxClosed:
                 yield DRAIN_FRAME
                 return
+            delivered["sse"] += 1
             if html:  # htmx's SSE extension swaps this fragment in
                 fragment = render.html_bar(json.loads(event.doc)).encode()
                 yield b"id: %d\nevent: %s\ndata: %s\n\n" % (event.seq, event.name.encode(), fragment)
@@ -139,6 +144,7 @@ class TextStream(StreamingResponse):
                     event = await mailbox.get()
                 except MailboxClosed:
                     return
+                delivered["text"] += 1
                 line = render.text_bar(json.loads(event.doc))
                 yield ("\r" + line.ljust(width) + ("\n" if event.terminal else "")).encode()
                 width = len(line)
@@ -171,7 +177,7 @@ async def events(request: Request) -> Response:
         await load(request, job_id, caller)  # 404/410 before the stream starts
     if not job_ids and not (caller.by_key or caller.all_jobs):
         raise Problem(403, "Forbidden", "Watching every job needs an API key or a ticket for the whole feed.")
-    release = admit(request, caller)
+    release = admit(request, caller, "sse")
     mailbox = Mailbox()
     for job_id, seq in seen.items():
         mailbox.expect(job_id, seq)
@@ -207,6 +213,7 @@ async def events(request: Request) -> Response:
             except MailboxClosed:
                 yield DRAIN_FRAME
                 return
+            delivered["sse"] += 1
             seen.pop(event.job_id, None)
             seen[event.job_id] = event.seq
             if len(seen) > MAX_JOBS_PER_STREAM:
@@ -246,6 +253,7 @@ class Connection:
                 await self.ws.close(1012)  # service restart: reconnect (elsewhere) and resume
                 return
             await self.send(event.ws)
+            delivered["ws"] += 1
             if event.terminal and event.job_id in self.jobs and not self.all:
                 self.jobs.discard(event.job_id)
                 self.hub.unwatch(self.mailbox, [event.job_id])
@@ -365,7 +373,7 @@ async def websocket(ws: WebSocket) -> None:
         return await ws.close(1008)  # before accept: the handshake is answered 403
     try:
         caller = await ws.app.state.auth.caller(ws)
-        release = admit(ws, caller)
+        release = admit(ws, caller, "ws")
     except Problem as problem:
         log.info("websocket refused: %s", problem.detail)
         return await ws.close(1008)

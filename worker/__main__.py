@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 
+from prometheus_client import start_http_server
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -26,6 +27,8 @@ def main() -> None:
     settings = Settings.from_env()
     setup_logging(settings.log_level)
     registry = load(settings.jobs_module)
+    if settings.worker_metrics_port:
+        start_http_server(settings.worker_metrics_port, addr=settings.host)
     delay = 0.5
     while True:
         asyncio.set_event_loop(asyncio.new_event_loop())

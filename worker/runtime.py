@@ -30,6 +30,7 @@ from arq import Worker
 from arq.connections import RedisSettings, create_pool
 from arq.constants import in_progress_key_prefix
 from arq.worker import func
+from prometheus_client import Counter, Histogram
 from pydantic import ValidationError
 
 from server import contract
@@ -40,6 +41,15 @@ from worker.progress import JobContext, JobEnded, ThreadJobContext
 from worker.registry import JobType, Retry
 
 log = logging.getLogger("worker")
+
+JOBS_FINISHED = Counter("progress_jobs_finished", "Job attempts by how they ended.", ["type", "status"])
+JOB_SECONDS = Histogram(
+    "progress_job_duration_seconds",
+    "Run time of job attempts.",
+    ["type"],
+    buckets=(0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600),
+)
+WEBHOOK_ATTEMPTS = Counter("progress_webhook_attempts", "Webhook delivery attempts.", ["result"])
 
 CRASH_ALLOWANCE = 2  # runs beyond max_tries allowed for crashed or stopped workers
 ARQ_TIMEOUT_MARGIN = 5.0  # our timeout fires first; arq's is only a backstop
@@ -77,7 +87,12 @@ class ProgressWorker(Worker):
         )
 
     async def _deliver_webhook(self, arq_ctx: dict[str, Any], job_id: str, seq: int) -> None:
-        await webhooks.deliver(self.store, self.settings, job_id, seq, arq_ctx["job_try"])
+        try:
+            await webhooks.deliver(self.store, self.settings, job_id, seq, arq_ctx["job_try"])
+        except ArqRetry:
+            WEBHOOK_ATTEMPTS.labels("retry").inc()
+            raise
+        WEBHOOK_ATTEMPTS.labels("done").inc()
 
     def _timeout(self, job_type: JobType) -> float:
         return job_type.timeout if job_type.timeout is not None else self.settings.job_timeout
@@ -208,12 +223,15 @@ class ProgressWorker(Worker):
         await self.pool.pexpire(in_progress_key_prefix + job_id, int(self.settings.lease * 1000))
         ctx = JobContext(self.store, doc, self.settings.progress_interval, tenant)
         self.running[job_id] = ctx
+        started = time.monotonic()
         try:
             await self._run(ctx, job_type, attempt, params)
         except JobEnded as e:
             log.info("job %s: ended elsewhere (%s) while running here", job_id, e)
         finally:
             self.running.pop(job_id, None)
+            JOB_SECONDS.labels(job_type.name).observe(time.monotonic() - started)
+            JOBS_FINISHED.labels(job_type.name, ctx.doc["status"]).inc()
 
     async def _run(self, ctx: JobContext, job_type: JobType, attempt: int, params: dict[str, Any]) -> None:
         job_id = ctx.id

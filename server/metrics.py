@@ -1,0 +1,62 @@
+"""Prometheus metrics of a server process (``/metrics``).
+
+The hot path only bumps plain integers on ``STATS`` (no locks, no label lookups per delivery);
+a collector turns them into metric families when Prometheus scrapes.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from starlette.requests import Request
+from starlette.responses import Response
+
+TRANSPORTS = ("sse", "ws", "text")
+
+
+class Stats:
+    def __init__(self) -> None:
+        self.connections: Counter[str] = Counter()  # open, by transport
+        self.delivered: Counter[str] = Counter()  # events written to clients, by transport
+        self.received = 0  # events heard from Redis
+        self.conflated = 0  # intermediate updates a slow client skipped
+        self.reconnects = 0  # pub/sub reconnections (set by the hub)
+
+
+STATS = Stats()
+REGISTRY = CollectorRegistry()
+FANOUT_DELAY = Histogram(
+    "progress_publish_to_server_seconds",
+    "Time from a document's update (worker clock) to its arrival at this server process.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+    registry=REGISTRY,
+)
+
+
+class StatsCollector:
+    def __init__(self, queue_depth: list[int]) -> None:
+        self.queue_depth = queue_depth
+
+    def collect(self):
+        connections = GaugeMetricFamily("progress_connections", "Open streaming connections.", labels=["transport"])
+        delivered = CounterMetricFamily("progress_events_delivered", "Events written to clients.", labels=["transport"])
+        for transport in TRANSPORTS:
+            connections.add_metric([transport], STATS.connections[transport])
+            delivered.add_metric([transport], STATS.delivered[transport])
+        yield connections
+        yield delivered
+        yield CounterMetricFamily("progress_events_received", "Events heard from Redis pub/sub.", value=STATS.received)
+        yield CounterMetricFamily("progress_events_conflated", "Intermediate updates skipped for slow clients.", value=STATS.conflated)
+        yield CounterMetricFamily("progress_redis_reconnects", "Pub/sub reconnections.", value=STATS.reconnects)
+        yield GaugeMetricFamily("progress_queue_depth", "Jobs waiting in arq's queue.", value=self.queue_depth[0])
+
+
+_queue_depth = [0]
+REGISTRY.register(StatsCollector(_queue_depth))
+
+
+async def metrics(request: Request) -> Response:
+    _queue_depth[0] = await request.app.state.store.redis.zcard("arq:queue")
+    return Response(generate_latest(REGISTRY), media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -1,0 +1,52 @@
+"""Operability: Prometheus metrics of the server and the worker, readiness."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+
+from server.devredis import RedisProcess, free_port
+from support import start_server, start_worker, submit, watch_sse
+
+pytestmark = pytest.mark.anyio
+
+
+def metric(text: str, name: str) -> float:
+    """The value of one sample line ``name value`` (name includes labels) in Prometheus text."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"no sample {name!r} in:\n{text}")
+
+
+async def test_server_and_worker_metrics(tmp_path):
+    r = RedisProcess(tmp_path / "redis").start()
+    server = start_server(r.url, tmp_path)
+    port = free_port()
+    worker = start_worker(r.url, tmp_path, worker_metrics_port=port)
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            job = await submit(client, server.url, steps=3, interval=0.05)
+            async with connect(server.url.replace("http", "ws") + "/ws") as ws:
+                await ws.send(json.dumps({"op": "subscribe", "jobs": [job["id"]]}))
+                text = (await client.get(server.url + "/metrics")).text
+                assert metric(text, 'progress_connections{transport="ws"}') == 1
+                events = await watch_sse(client, server.url + job["links"]["events"])
+                while json.loads(await ws.recv())["event"] != "succeeded":
+                    pass
+            text = (await client.get(server.url + "/metrics")).text
+            assert metric(text, 'progress_events_delivered_total{transport="sse"}') >= len(events)
+            assert metric(text, 'progress_events_delivered_total{transport="ws"}') >= 1
+            assert metric(text, "progress_events_received_total") >= len(events) - 1
+            assert metric(text, "progress_publish_to_server_seconds_count") >= 1
+            assert metric(text, "progress_queue_depth") == 0
+            worker_text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+            assert metric(worker_text, 'progress_jobs_finished_total{status="succeeded",type="demo"}') == 1
+            assert metric(worker_text, 'progress_job_duration_seconds_count{type="demo"}') == 1
+    finally:
+        worker.stop()
+        server.stop()
+        r.stop()
