@@ -28,6 +28,7 @@ from server.auth import Auth, parse_keys, shared_secret
 from server.hub import Hub, SubscribeTimeout
 from server.metrics import metrics
 from server.middleware import RequestContext
+from server.openapi import openapi
 from server.problems import Problem
 from server.ratelimit import RateLimiter
 from server.settings import Settings
@@ -140,6 +141,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics),
+        Route("/openapi.json", openapi),
+        Route("/docs", page("docs.html")),
         Route("/jobs", jobs.submit, methods=["POST"]),
         Route("/jobs", jobs.list_jobs, methods=["GET"]),
         Route("/jobs/{job_id}", jobs.status, methods=["GET"]),
