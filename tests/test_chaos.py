@@ -1,0 +1,102 @@
+"""Jepsen-style count under a sequence of faults: nothing accepted is lost.
+
+40 jobs are accepted (202) while, in turn, a worker is SIGKILLed, Redis is SIGKILLed and restarted
+from its AOF, the pub/sub connection is killed, and a server is SIGKILLed. Each job is watched by
+a client that reconnects like a browser (to any live server, with Last-Event-ID). At the end every
+job must be in exactly one terminal state, every watcher must have seen it exactly once, seq
+never repeated or went back, and duplicate executions (allowed: at-least-once) are counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import random
+import signal
+
+import httpx
+import pytest
+import redis
+
+from server.devredis import RedisProcess
+from support import SSE, sse_frames, start_server, start_worker
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+JOBS = 40
+
+
+async def watch_with_retries(client: httpx.AsyncClient, servers: list, job: dict, deadline: float) -> list[dict]:
+    """Like a browser: on any failure, reconnect to some live server from the last seq seen."""
+    docs: list[dict] = []
+    loop = asyncio.get_running_loop()
+    while loop.time() < deadline:
+        base = random.choice([s for s in servers if s.alive()]).url
+        headers = {"Last-Event-ID": str(docs[-1]["seq"])} if docs else {}
+        try:
+            async with client.stream("GET", base + job["links"]["events"], headers=headers) as r:
+                if r.status_code == 204:
+                    return docs
+                if r.status_code != 200:
+                    await asyncio.sleep(0.2)
+                    continue
+                async for item in sse_frames(r):
+                    if isinstance(item, SSE):
+                        docs.append(item.doc)
+                        if item.event in ("succeeded", "failed", "cancelled"):
+                            return docs
+        except httpx.HTTPError:
+            await asyncio.sleep(0.2)
+    raise AssertionError(f"watcher of {job['id']} did not reach a final state; saw {[d['seq'] for d in docs]}")
+
+
+async def test_faults_lose_nothing(tmp_path, capsys):
+    r = RedisProcess(tmp_path / "redis").start()
+    servers = [start_server(r.url, tmp_path), start_server(r.url, tmp_path)]
+    workers = [start_worker(r.url, tmp_path, name="w1", lease=1.5), start_worker(r.url, tmp_path, name="w2", lease=1.5)]
+    try:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(10, read=30), limits=httpx.Limits(max_connections=200)) as client:
+            jobs = []
+            for i in range(JOBS):
+                resp = await client.post(servers[i % 2].url + "/jobs", json={"type": "long", "params": {"seconds": random.uniform(1.5, 4)}})
+                assert resp.status_code == 202
+                jobs.append(resp.json())
+            deadline = asyncio.get_running_loop().time() + 120
+            watching = asyncio.gather(*(watch_with_retries(client, servers, job, deadline) for job in jobs))
+
+            await asyncio.sleep(1.0)  # faults are spaced in time: each lasts as long as it lasts
+            workers[0].stop(signal.SIGKILL)
+            workers[0] = start_worker(r.url, tmp_path, name="w3", lease=1.5)
+            await asyncio.sleep(1.0)
+            r.kill()
+            r.start()
+            await asyncio.sleep(1.5)
+            redis.Redis.from_url(r.url).client_kill_filter(_type="pubsub")
+            await asyncio.sleep(0.5)
+            servers[1].stop(signal.SIGKILL)
+            servers.append(start_server(r.url, tmp_path))
+
+            seen = await asyncio.wait_for(watching, 150)
+
+        store = redis.Redis.from_url(r.url)
+        finals = collections.Counter()
+        duplicates = 0
+        for job, docs in zip(jobs, seen):
+            raw = store.hget(f"progress:job:{job['id']}", "ev")
+            assert raw is not None, f"job {job['id']} lost"
+            final = json.loads(raw.split(b"\n", 1)[1])
+            finals[final["status"]] += 1
+            duplicates += final["attempt"] > 1
+            seqs = [d["seq"] for d in docs]
+            assert seqs == sorted(set(seqs)), f"{job['id']}: seq repeated or went back: {seqs}"
+            assert [d["status"] for d in docs].count(final["status"]) >= 1 and docs[-1]["seq"] == final["seq"]
+            assert sum(d["status"] in ("succeeded", "failed", "cancelled") for d in docs) == 1
+        lost = JOBS - sum(finals.values())
+        with capsys.disabled():
+            print(f"\nchaos: accepted={JOBS} final={dict(finals)} re-run (attempt>1)={duplicates} lost={lost}")
+        assert lost == 0 and finals["succeeded"] == JOBS
+    finally:
+        for proc in servers + workers:
+            proc.stop()
+        r.stop()
