@@ -23,7 +23,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
-from server import jobs, streams
+from server import jobs, jobtypes, streams
 from server.auth import Auth, parse_keys, shared_secret
 from server.hub import Hub, SubscribeTimeout
 from server.metrics import metrics
@@ -150,6 +150,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/jobs/{job_id}/result", jobs.result),
         Route("/jobs/{job_id}/retry", jobs.retry, methods=["POST"]),
         Route("/tickets", jobs.ticket, methods=["POST"]),
+        Route("/job-types", jobtypes.list_types),
         Route("/jobs/{job_id}/events", streams.job_events),
         Route("/events", streams.events),
         WebSocketRoute("/ws", streams.websocket),
