@@ -124,14 +124,17 @@ def create_app(settings: Settings | None = None) -> Starlette:
         app.state.allowed_origins = origins
         if app.state.auth.keyless:
             log.warning("no API_KEYS set: keyless dev mode, every caller may submit, list and cancel any job")
+        app.state.reaper = streams.SlowClientReaper(settings.send_timeout)
+        reaper = asyncio.create_task(app.state.reaper.run())
         reader = asyncio.create_task(hub.run())
         drain_on_signals(hub)
         try:
             yield
         finally:
-            reader.cancel()
-            with contextlib.suppress(BaseException):
-                await reader
+            for task in (reader, reaper):
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
             await redis.aclose()
             await hub_redis.aclose()
 

@@ -67,6 +67,15 @@ class Event:
         return self._ws
 
 
+class Notice:
+    """A message for one client that is not a job's event (a WebSocket error answer)."""
+
+    __slots__ = ("ws", "job_id", "terminal")
+
+    def __init__(self, text: str) -> None:
+        self.ws, self.job_id, self.terminal = text, None, False
+
+
 class MailboxClosed(Exception):
     """The server is draining: the connection should end and the client reconnect elsewhere."""
 
@@ -110,11 +119,17 @@ class Mailbox:
         if len(self._seen) > SEEN_CAP:
             del self._seen[next(iter(self._seen))]
 
+    def notify(self, notice: Notice) -> None:
+        """Queue a non-event message; it is never conflated or filtered."""
+        self._pending[object()] = notice
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
     def forget(self, job_id: str) -> None:
         self._pending.pop(job_id, None)
         self._seen.pop(job_id, None)
 
-    async def get(self) -> Event:
+    async def get(self) -> Event | Notice:
         """The next event; raises ``MailboxClosed`` once closed and empty."""
         while not self._pending:
             if self.closed:

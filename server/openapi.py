@@ -154,6 +154,12 @@ SPEC: dict[str, Any] = {
                 "responses": {"101": {"description": "switching protocols"}, "403": {"description": "origin or credentials refused"}},
             }
         },
+        "/job-types": {
+            "get": {
+                "summary": "Registered job types, their options and the JSON Schema of their params",
+                "responses": {"200": answer("job types", {"type": "object"})},
+            }
+        },
         "/healthz": {"get": {"summary": "Process alive", "security": [], "responses": {"200": answer("ok", {"type": "object"})}}},
         "/readyz": {"get": {"summary": "Redis reachable", "security": [], "responses": {"200": answer("ready", {"type": "object"}), **problems(503)}}},
         "/metrics": {"get": {"summary": "Prometheus metrics", "security": [], "responses": {"200": answer("metrics", {"type": "string"}, "text/plain")}}},

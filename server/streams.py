@@ -19,7 +19,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from server import contract, render
-from server.hub import Event, Mailbox, MailboxClosed, SubscribeTimeout
+from server.hub import Event, Mailbox, MailboxClosed, Notice, SubscribeTimeout
 from server.auth import Caller
 from server.jobs import int_param, load, reader
 from server.metrics import STATS
@@ -46,6 +46,38 @@ class Stream(EventSourceResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.on_close()
+
+
+class SlowClientReaper:
+    """Cancels writes that have waited on a client longer than ``timeout``.
+
+    A writer records ``sending[task] = loop.time()`` before a write and deletes it after; once a
+    second this task cancels the writers whose write is older than the timeout. That costs two
+    dict operations per write instead of a timer per write.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.sending: dict[asyncio.Task, float] = {}
+        self._reaped: set[asyncio.Task] = set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(1.0, self.timeout / 2))
+            now = loop.time()
+            for task, since in list(self.sending.items()):
+                if now - since > self.timeout:
+                    del self.sending[task]
+                    self._reaped.add(task)
+                    task.cancel()
+
+    def reaped(self, task: asyncio.Task) -> bool:
+        return task in self._reaped
+
+    def forget(self, task: asyncio.Task) -> None:
+        self.sending.pop(task, None)
+        self._reaped.discard(task)
 
 
 def admit(conn: HTTPConnection, caller: Caller, transport: str) -> Callable[[], None]:
@@ -235,24 +267,26 @@ class Connection:
         self.mailbox = Mailbox()
         self.jobs: set[str] = set()
         self.all = False
-        self.send_lock = asyncio.Lock()
-
-    async def send(self, text: str) -> None:
-        async with self.send_lock:
-            async with asyncio.timeout(self.app.state.settings.send_timeout):
-                await self.ws.send_text(text)
 
     async def error(self, message: str, **extra) -> None:
-        await self.send(json.dumps({"event": "error", "message": message, **extra}))
+        """Answer the client; the writer sends it (one task writes, so sends never interleave)."""
+        self.mailbox.notify(Notice(json.dumps({"event": "error", "message": message, **extra})))
 
     async def write_loop(self) -> None:
+        """The only task that writes to this socket. A write stuck longer than SEND_TIMEOUT is
+        cancelled by the process's ``SlowClientReaper`` (no timer per write)."""
+        sending = self.app.state.reaper.sending
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
         while True:
             try:
                 event = await self.mailbox.get()
             except MailboxClosed:
                 await self.ws.close(1012)  # service restart: reconnect (elsewhere) and resume
                 return
-            await self.send(event.ws)
+            sending[task] = loop.time()
+            await self.ws.send_text(event.ws)
+            del sending[task]
             delivered["ws"] += 1
             if event.terminal and event.job_id in self.jobs and not self.all:
                 self.jobs.discard(event.job_id)
@@ -379,6 +413,7 @@ async def websocket(ws: WebSocket) -> None:
         return await ws.close(1008)
     await ws.accept()
     conn = Connection(ws, caller)
+    reaper = ws.app.state.reaper
     tasks = [asyncio.create_task(conn.read_loop()), asyncio.create_task(conn.write_loop())]
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -387,8 +422,10 @@ async def websocket(ws: WebSocket) -> None:
             task.cancel()
         conn.close()
         release()
-    failure = next((t.exception() for t in done if t.exception() is not None), None)
-    if isinstance(failure, TimeoutError):  # the client stopped taking our writes
+        too_slow = reaper.reaped(tasks[1])
+        reaper.forget(tasks[1])
+    failure = next((t.exception() for t in done if not t.cancelled() and t.exception() is not None), None)
+    if too_slow:  # the client stopped taking our writes
         log.info("websocket client too slow; closing")
         with contextlib.suppress(Exception):
             async with asyncio.timeout(1.0):
