@@ -229,6 +229,11 @@ class _Watch:
         self.failing_since, self.failures = None, 0
         return True
 
+    def healthy(self) -> None:
+        """A good answer (a stream opened, a long poll answered): the failure clock starts over
+        (the back-off only once a new document arrives, so a flapping stream still backs off)."""
+        self.failing_since = None
+
     def remaining(self) -> float:
         if self.deadline is None:
             return float("inf")
@@ -373,7 +378,9 @@ class Client:
         path, headers, timeout = w.sse_request()
         with self.http.stream("GET", path, headers=headers, timeout=timeout) as response:
             answer = w.sse_answer(response)
-            if answer != "stream":
+            if answer == "stream":
+                w.healthy()
+            else:
                 response.read()
                 if answer == "done":  # 204: the caller has the final event already
                     w.stop = True
@@ -399,6 +406,7 @@ class Client:
     def _long_poll(self, w: _Watch) -> Iterator[dict[str, Any]]:
         path, params, timeout = w.poll_request()
         doc = _expect(self.http.get(path, params=params, timeout=timeout), 200)
+        w.healthy()
         if w.accept(doc):
             yield doc
         elif doc.get("status") in TERMINAL:
@@ -469,7 +477,9 @@ class AsyncClient:
         path, headers, timeout = w.sse_request()
         async with self.http.stream("GET", path, headers=headers, timeout=timeout) as response:
             answer = w.sse_answer(response)
-            if answer != "stream":
+            if answer == "stream":
+                w.healthy()
+            else:
                 await response.aread()
                 if answer == "done":  # 204: the caller has the final event already
                     w.stop = True
@@ -494,6 +504,7 @@ class AsyncClient:
     async def _long_poll(self, w: _Watch) -> AsyncIterator[dict[str, Any]]:
         path, params, timeout = w.poll_request()
         doc = _expect(await self.http.get(path, params=params, timeout=timeout), 200)
+        w.healthy()
         if w.accept(doc):
             yield doc
         elif doc.get("status") in TERMINAL:

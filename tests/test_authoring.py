@@ -21,6 +21,7 @@ from server.client import (
     ProblemError,
     Unauthorized,
 )
+from server.client import BACKOFF_FIRST, BACKOFF_MAX, _SSEParser, _Watch
 from worker.stages import Stages
 from worker.testing import Stack
 
@@ -252,6 +253,31 @@ async def test_async_client(base):
             async for doc in stream:
                 break  # leaving early closes the stream
         assert (await client.cancel(long["id"]))["status"] in ("queued", "running", "cancelled")
+
+
+def test_watch_gate_and_patience_without_io():
+    """The seq gate yields only newer documents and stops after a final one; failures are retried
+    with back-off until they have lasted ``retry_for`` without one good answer in between."""
+    w = _Watch("j_x", 0, None, retry_for=10)
+    assert w.accept({"seq": 2, "status": "running"}) and w.last == 2
+    assert not w.accept({"seq": 2, "status": "running"}) and not w.accept({"seq": 1, "status": "queued"})
+    assert not w.accept("not a document") and not w.stop
+    down = httpx.ConnectError("down")
+    assert 0 < w.failed(down) <= BACKOFF_FIRST
+    w.failing_since -= 11  # eleven seconds of failures later
+    with pytest.raises(httpx.ConnectError):
+        w.failed(down)
+    w.healthy()  # e.g. a long poll answered
+    assert w.failed(down) <= BACKOFF_MAX
+    assert w.accept({"seq": 3, "status": "succeeded"}) and w.stop
+    timed = _Watch("j_x", 0, 0.0, retry_for=10)
+    with pytest.raises(TimeoutError):
+        timed.remaining()
+
+    parser = _SSEParser()
+    lines = ["retry: 2000", "", ": ping", "id: 7", "event: progress", "data: {\"seq\": 7,", "data: \"a\": 1}", ""]
+    frames = [frame for frame in map(parser.feed, lines) if frame]
+    assert frames == [("progress", '{"seq": 7,\n"a": 1}')] and parser.retry_ms == 2000
 
 
 # -- watch across a cut connection and without SSE ------------------------------------------
