@@ -23,6 +23,7 @@ class DemoFailure(Exception):
 
 @job("demo", params=DemoParams)
 async def demo(ctx, params: DemoParams) -> dict:
+    """Counts ``steps`` steps, ``interval`` seconds each, reporting after each; fails at ``fail_at_step``."""
     for i in range(1, params.steps + 1):
         await asyncio.sleep(params.interval)
         if i == params.fail_at_step:
