@@ -35,6 +35,16 @@ GROUPS = {
     "uvicorn httptools send": ("httptools_impl.py", {"send"}),
     "json": ("^json/", None),
     "logging": ("^logging/", None),
+    "redis-py command round trips (execute_command)": ("redis/asyncio/client.py", {"execute_command", "_send_command_parse_response"}),
+    "redis-py pipelines": ("redis/asyncio/client.py", {"execute", "_execute_pipeline", "_execute_transaction"}),
+    "Lua script calls (Script.__call__)": ("redis/commands/core.py", {"__call__"}),
+    "pydantic validation": ("pydantic/", None),
+    "starlette middleware stack": ("starlette/middleware/", None),
+    "prometheus metrics": ("prometheus", None),
+    "server/auth.py": ("server/auth.py", None),
+    "server/ratelimit.py": ("server/ratelimit.py", None),
+    "server/middleware.py": ("server/middleware.py", None),
+    "server/metrics.py": ("server/metrics.py", None),
 }
 
 

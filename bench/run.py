@@ -441,9 +441,12 @@ class Bench:
             await asyncio.sleep(cfg.warm)
             await self.each("reset")
             s0 = Snapshot.take(sum(self.all_pids().values(), []))
+            profile = self.start_profile(f"{scenario}-{extra.get('variant', 'c')}", conns) if cfg.profile else None
             await asyncio.sleep(cfg.measure)
             s1 = Snapshot.take(sum(self.all_pids().values(), []))
             replies = await self.each("stats", stop=True)
+            if profile is not None:
+                await self.finish_profile(*profile)
         finally:
             await self.each("http_stop", timeout=30)
         self.check_servers()
