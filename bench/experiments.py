@@ -126,10 +126,10 @@ class SyncMailbox(hub_module.Mailbox):
 
 
 def patch_connection_init(original):
-    def __init__(self, ws) -> None:
-        original(self, ws)
+    def __init__(self, *args, **kwargs) -> None:
+        original(self, *args, **kwargs)
         mailbox = SyncMailbox()
-        mailbox.transport = transport_of(ws.scope)
+        mailbox.transport = transport_of(self.ws.scope)
         mailbox.conn = self
         self.mailbox = mailbox
 
