@@ -156,7 +156,7 @@ $("start").addEventListener("submit", async (e) => {
     error.hidden = true;
     const job = await res.json();
     render(job, "http");
-    watcher.add(job.id, job.seq);
+    watcher.add(job.id, job.seq, job.token); // the token lets it watch this job when the server has API keys
   } catch (err) {
     error.textContent = `Could not reach the server: ${err.message}`;
     error.hidden = false;

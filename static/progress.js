@@ -1,27 +1,22 @@
-/*! progress.js: the browser client of progress-server. No dependencies, no build step. MIT.
+/*! progress.js: browser client of progress-server; no dependencies, no build step. MIT.
+ * Plain script: <script src="/static/progress.js"> gives window.ProgressClient;
+ * module: import { watchJob, watchJobs } from "/static/progress.mjs".
  *
- * Plain script:  <script src="/static/progress.js"></script>   then  ProgressClient.watchJob(...)
- * ES module:     import { watchJob, watchJobs } from "/static/progress.mjs";
- *
- *   const watcher = ProgressClient.watchJob(job.id, {
+ *   const w = ProgressClient.watchJob(job.id, {
  *     onUpdate(job) { bar.value = job.progress ?? 0; label.textContent = job.message ?? job.status; },
- *     onDone(job) { label.textContent = job.status; },          // once, with the final document
- *     onTransport(name, live) { note.textContent = name; },    // "websocket" | "sse" | "long-poll" | "poll", "idle" | "offline"
+ *     onDone(job) { label.textContent = job.status; },  // once, with the final document
+ *     onTransport(name, live) {},  // websocket | sse | long-poll | poll | idle | offline
+ *     token: job.token,            // the job's watch token from POST /jobs (servers with API keys)
  *   });
- *   watcher.close();                                           // stop everything, remove every listener
+ *   w.close();                     // stops everything, removes every listener
  *
- * watchJobs(["j_a", "j_b"], opts) watches several jobs on one connection (add(id) / remove(id) later);
- * watchJobs("all", opts) watches every job (dashboards). Options: onUpdate(doc, {transport}), onDone(doc),
- * onTransport(name, live), onError({job, status, message}), token (sent as ?token=), base (server
- * URL, default this page's origin), since ({id: seq} already rendered), transports (subset of the
- * order below), upgradeAfter (ms before trying a better transport again, default 30000).
- *
- * Transports, best first: WebSocket /ws, then SSE (/jobs/ID/events, /events?job=..., /events),
- * then long polling (GET /jobs/ID?wait=25&after=SEQ), then plain polling paced by Retry-After.
- * One that is refused or keeps failing is left for the next; better ones are retried later.
- * Every document goes through one gate: per job, a seq not above the last one rendered is
- * dropped, so onUpdate never sees a seq repeat or go back, across reconnects and fallbacks, and
- * onDone runs once. Every reconnect resumes from the last seq (WS since, SSE ?since=, after=).
+ * watchJobs([ids], opts) shares one connection (w.add(id, since, token), w.remove(id));
+ * watchJobs("all", opts) is every job. More options: onError({job, status, message}), token as
+ * {id: token}, ticket: async (ids | "all") => a fresh POST /tickets ticket per stream, base,
+ * since: {id: seq}, transports: a subset of LEVELS, upgradeAfter: ms (30000).
+ * Transports in order: WebSocket, SSE, long poll, poll; one that is refused or keeps failing is
+ * left for the next and better ones are probed again later. Each reconnect resumes from the last
+ * seq, and deliver() drops any seq not above the last one shown: never a repeat, never backwards.
  */
 (function (root) {
   "use strict";
@@ -42,6 +37,11 @@
     var seqs = new Map(); // job id -> last seq delivered
     var active = new Set(); // jobs not final yet (ids mode)
     var cursor = null; // resume cursor of the multi-job SSE stream
+    var oneToken = typeof opts.token === "string" ? opts.token : null;
+    var tokens = new Map(); // job id -> its watch token (from POST /jobs), for servers with API keys
+    if (opts.token && typeof opts.token === "object") {
+      Object.keys(opts.token).forEach(function (id) { tokens.set(id, opts.token[id]); });
+    }
     var allowed = opts.transports || LEVELS;
     var levels = LEVELS.map(function (name, i) {
       var ok = allowed.indexOf(name) >= 0 &&
@@ -68,8 +68,11 @@
       handle.live = live;
       call(opts.onTransport, name, live);
     }
-    function q(params) {
-      if (opts.token) params.push("token=" + encodeURIComponent(opts.token));
+    function q(params, ids, ticket) { // query string, with a credential good for these jobs
+      var tok = oneToken;
+      (ids || []).forEach(function (id) { tok = tok || tokens.get(id); });
+      if (ticket) params.push("ticket=" + encodeURIComponent(ticket));
+      else if (tok) params.push("token=" + encodeURIComponent(tok));
       return params.length ? "?" + params.join("&") : "";
     }
     function jobURL(id, tail) { return base + "/jobs/" + encodeURIComponent(id) + (tail || ""); }
@@ -95,6 +98,7 @@
       remember(d.id, d.seq);
       call(opts.onUpdate, d, { transport: LEVELS[t.level] });
       if (FINAL[d.status]) {
+        tokens.delete(d.id);
         if (!all) active.delete(d.id);
         call(opts.onDone, d);
         if (!all) changed();
@@ -109,20 +113,24 @@
     // -- transports: each gets t and sets t.stop and t.update (false: restart me) --------------
     var OPEN = [
       function ws(t) {
-        var u = new URL(base + "/ws" + q([]), root.location.href);
+        var u = new URL(base + "/ws" + q([], Array.from(active), t.ticket), root.location.href);
         u.protocol = u.protocol === "https:" ? "wss:" : "ws:";
         var sock = new root.WebSocket(u.href), subscribed = new Set(), sentAll = false;
         function send(m) { if (sock.readyState === 1) sock.send(JSON.stringify(m)); }
         function sync() {
           if (sock.readyState !== 1) return true;
           if (all && !sentAll) { sentAll = true; send({ op: "subscribe", all: true }); }
-          var add = [], since = {}, drop = [];
+          var add = [], since = {}, grant = {}, drop = [];
           active.forEach(function (id) { if (!subscribed.has(id)) add.push(id); });
           subscribed.forEach(function (id) { if (!active.has(id)) drop.push(id); });
-          add.forEach(function (id) { subscribed.add(id); if (seqs.has(id)) since[id] = seqs.get(id); });
+          add.forEach(function (id) {
+            subscribed.add(id);
+            if (seqs.has(id)) since[id] = seqs.get(id);
+            if (tokens.has(id)) grant[id] = tokens.get(id);
+          });
           drop.forEach(function (id) { subscribed.delete(id); });
           if (drop.length) send({ op: "unsubscribe", jobs: drop });
-          if (add.length) send({ op: "subscribe", jobs: add, since: since });
+          if (add.length) send({ op: "subscribe", jobs: add, since: since, tokens: grant });
           return true;
         }
         sock.onopen = function () { t.opened(); sync(); };
@@ -144,28 +152,38 @@
       },
 
       function sse(t) {
-        var ids = Array.from(active), single = !all && ids.length === 1, url;
-        if (single) {
-          url = jobURL(ids[0], "/events" + q(seqs.has(ids[0]) ? ["since=" + seqs.get(ids[0])] : []));
+        var ids = Array.from(active), sources = [];
+        // One stream per job for one job, or for several that each carry their own watch token
+        // (a URL holds one credential); else one /events stream for them all.
+        var perJob = !all && (ids.length === 1 || (!t.ticket && !oneToken && ids.some(function (id) { return tokens.has(id); })));
+        function open(url, single) {
+          var es = new root.EventSource(url);
+          function on(e) {
+            if (!single && e.lastEventId) cursor = e.lastEventId;
+            var d;
+            try { d = JSON.parse(e.data); } catch (err) { return; }
+            if (single && FINAL[d.status]) es.close(); // the stream ends after this: not an error
+            t.doc(d);
+          }
+          EVENTS.forEach(function (n) { es.addEventListener(n, on); });
+          es.onopen = function () { t.opened(); };
+          // A browser retries some failures itself and gives up for good after others (a 502):
+          // either way we close it and open a new one that resumes from our own seqs.
+          es.onerror = function () { t.lost(); };
+          sources.push(es);
+        }
+        t.update = function () { return all || Array.from(active).every(function (id) { return ids.indexOf(id) >= 0; }); };
+        t.stop = function () { sources.forEach(function (es) { es.close(); }); };
+        if (perJob && ids.length > 4) { setTimeout(function () { t.lost(); }); return; } // ~6 connections per host: poll
+        if (perJob) {
+          ids.forEach(function (id) {
+            open(jobURL(id, "/events" + q(seqs.has(id) ? ["since=" + seqs.get(id)] : [], [id], t.ticket)), true);
+          });
         } else {
           var p = ids.map(function (id) { return "job=" + encodeURIComponent(id); });
           if (cursor) p.push("cursor=" + encodeURIComponent(cursor));
-          url = base + "/events" + q(p);
+          open(base + "/events" + q(p, ids, t.ticket), false);
         }
-        var es = new root.EventSource(url);
-        function on(e) {
-          if (!single && e.lastEventId) cursor = e.lastEventId;
-          var d;
-          try { d = JSON.parse(e.data); } catch (err) { return; }
-          t.doc(d);
-        }
-        EVENTS.forEach(function (n) { es.addEventListener(n, on); });
-        es.onopen = function () { t.opened(); };
-        // A browser retries some failures itself, and gives up for good after others (a 502):
-        // either way we close it and open a new one that resumes from our own seqs.
-        es.onerror = function () { t.lost(); };
-        t.update = function () { return all || Array.from(active).every(function (id) { return ids.indexOf(id) >= 0; }); }; // new job: restart
-        t.stop = function () { es.close(); };
       },
 
       function longPoll(t) { poller(t, true); },
@@ -194,10 +212,11 @@
           var lp = long && active.size <= 4; // long polls hold a connection each: browsers allow ~6
           var started = Date.now(), r;
           try {
-            r = await get(jobURL(id, q(lp ? ["wait=" + WAIT_S, "after=" + (seqs.get(id) || 0), "redirect=0"] : ["redirect=0"])));
+            r = await get(jobURL(id, q(lp ? ["wait=" + WAIT_S, "after=" + (seqs.get(id) || 0), "redirect=0"] : ["redirect=0"], [id])));
           } catch (e) { return t.lost(); }
           if (t.stopped) return;
-          if (r.res.status === 404 || r.res.status === 410) { jobError(id, r.res.status); return; }
+          var st = r.res.status;
+          if (st === 404 || st === 410 || st === 401 || st === 403) { jobError(id, st, st < 404 ? "not allowed to watch this job" : ""); return; }
           if (!r.res.ok) return t.lost(retryAfter(r.res));
           t.opened();
           t.healthy();
@@ -251,7 +270,15 @@
       t.lost = function (hint) { if (!t.stopped) { halt(t); lost(t, hint); } };
       t.update = function () { return true; };
       t.stop = noop;
-      try { OPEN[level](t); } catch (e) { setTimeout(function () { t.lost(); }); }
+      function go(ticket) {
+        if (t.stopped) return;
+        t.ticket = ticket;
+        try { OPEN[level](t); } catch (e) { setTimeout(function () { t.lost(); }); }
+      }
+      if (opts.ticket && level < 2) { // a fresh single-use ticket for each stream
+        Promise.resolve().then(function () { return opts.ticket(all ? "all" : Array.from(active)); })
+          .then(go, function () { t.lost(); });
+      } else go(null);
       return t;
     }
     function halt(t) {
@@ -356,10 +383,11 @@
     var handle = {
       transport: "idle",
       live: false,
-      /** Watch one more job (ids mode); since: the seq you already rendered, if any. */
-      add: function (id, since) {
+      /** Watch one more job (ids mode). since: the seq already rendered; token: its watch token. */
+      add: function (id, since, token) {
         if (all || closed || active.has(id)) return handle;
         if (typeof since === "number") remember(id, since);
+        if (token) tokens.set(id, token);
         active.add(id);
         changed();
         return handle;
