@@ -241,6 +241,60 @@ def test_client_upgrades_back_to_websocket_once_it_works_again(page, base):
     assert page.evaluate("__w.transport") == "idle"
 
 
+WATCH = """([ids, opts]) => new Promise((resolve) => {
+  const seen = [], names = new Set(), errors = [];
+  let left = ids.length;
+  setTimeout(() => resolve({seen, names: [...names], errors, timeout: true}), 8000);
+  const w = ProgressClient.watchJobs(ids, {...opts,
+    onUpdate: (job, info) => { seen.push([job.id, job.seq]); names.add(info.transport); },
+    onTransport: (name, live) => live && names.add(name),
+    onError: (e) => { errors.push(e); if (--left === 0) resolve({seen, names: [...names], errors}); },
+    onDone: (job) => { if (--left === 0) { w.close(); resolve({seen, names: [...names], errors}); } }});
+})"""
+
+
+def test_watch_tokens_and_tickets_when_the_server_has_api_keys(page, redis_server, worker, tmp_path):
+    """With API keys a page holds no key: each job's watch token (from POST /jobs) opens it on
+    every transport, a job without one stays closed, and a dashboard uses one-off tickets."""
+    key = "browser-test-key-1"
+    server = start_server(redis_server.url, tmp_path, api_keys=f"acme:{key}")
+    try:
+        auth = {"authorization": f"Bearer {key}"}
+
+        def submit() -> dict[str, Any]:
+            r = httpx.post(server.url + "/jobs", json={"type": "demo", "params": {"steps": 6, "interval": 0.05}}, headers=auth)
+            assert r.status_code == 202, r.text
+            return r.json()
+
+        page.goto(server.url + "/")
+        for via in ("websocket", "sse", "long-poll"):
+            a, b = submit(), submit()
+            got = page.evaluate(WATCH, [[a["id"], b["id"]], {"transports": [via], "token": {a["id"]: a["token"], b["id"]: b["token"]}}])
+            assert got["names"] == [via] and not got["errors"], got
+            for job in (a, b):
+                seqs = [seq for job_id, seq in got["seen"] if job_id == job["id"]]
+                assert seqs == sorted(set(seqs)) and len(seqs) >= 3, (via, got)
+        # No token: refused everywhere (a browser cannot see why a WebSocket or EventSource failed;
+        # the long poll's 401 says it), reported once, then the watcher goes idle.
+        refused = page.evaluate(WATCH, [[submit()["id"]], {}])
+        assert [e["status"] for e in refused["errors"]] == [401] and not refused["seen"], refused
+
+        page.evaluate(
+            """key => { window.__feed = [];
+                 window.__all = ProgressClient.watchJobs("all", {transports: ["websocket", "sse"],
+                   ticket: () => fetch("/tickets", {method: "POST", body: '{"all": true}',
+                       headers: {"content-type": "application/json", authorization: "Bearer " + key}})
+                     .then((r) => r.json()).then((t) => t.ticket),
+                   onUpdate: (job) => __feed.push(job.id)}); }""",
+            key,
+        )
+        fresh = submit()
+        page.wait_for_function("id => __feed.includes(id)", arg=fresh["id"])
+        page.evaluate("__all.close()")
+    finally:
+        server.stop()
+
+
 # -- resume ---------------------------------------------------------------------------------
 
 
