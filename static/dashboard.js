@@ -204,6 +204,9 @@
   var wasLive = false;
   var watcher = window.ProgressClient.watchJobs("all", {
     onUpdate: render,
+    onError: function (e) { // e.g. a server with API keys: the page needs a ticket (option `ticket`)
+      if (!e.job) $("transport-text").textContent = e.message + " (HTTP " + e.status + ")";
+    },
     onTransport: function (name, live) {
       wasLive = wasLive || live;
       var t = $("transport");

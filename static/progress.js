@@ -153,8 +153,7 @@
 
       function sse(t) {
         var ids = Array.from(active), sources = [];
-        // One stream per job for one job, or for several that each carry their own watch token
-        // (a URL holds one credential); else one /events stream for them all.
+        // A stream per job when each has its own token (a URL holds one credential); else /events.
         var perJob = !all && (ids.length === 1 || (!t.ticket && !oneToken && ids.some(function (id) { return tokens.has(id); })));
         function open(url, single) {
           var es = new root.EventSource(url);
@@ -231,6 +230,10 @@
           var r;
           try { r = await get(base + "/jobs" + q(["limit=100"])); } catch (e) { return t.lost(); }
           if (t.stopped) return;
+          if (r.res.status === 401 || r.res.status === 403) {
+            call(opts.onError, { job: null, status: r.res.status, message: "not allowed to list jobs" });
+            return t.lost(60000);
+          }
           if (!r.res.ok) return t.lost(retryAfter(r.res));
           t.opened();
           t.healthy();
@@ -340,7 +343,7 @@
       if (upgradeTimer || li === 0 || closed) return;
       upgradeTimer = setTimeout(function () {
         upgradeTimer = null;
-        if (!closed && !probe && li > 0 && wanted()) probe = make(levels[0], true); // its end plans the next
+        if (!closed && !probe && li > 0 && wanted()) probe = make(levels[0], true);
       }, upgradeDelay * (0.8 + Math.random() * 0.4));
     }
     function changed() {
