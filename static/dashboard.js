@@ -83,7 +83,8 @@
     els.status.textContent = job.status;
     F.bar(els.bar, job);
     els.pct.textContent = F.percent(job.status === "succeeded" ? 100 : job.progress);
-    els.message.textContent = job.error ? job.error.type + ": " + job.error.message : job.message || "";
+    els.message.textContent = job.error ? job.error.type + ": " + job.error.message
+      : job.message || (job.status === "queued" ? "waiting for a worker" : job.status === "running" ? "started" : "");
     if (FINAL[job.status]) {
       var d = F.duration(job);
       els.time.textContent = d == null ? "" : F.seconds(d);
