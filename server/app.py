@@ -76,12 +76,12 @@ def page(name: str):
 def connect(url: str) -> Redis:
     """A client that retries a command twice on a dropped connection (e.g. after a Redis restart).
     Retrying is safe for our writes: creation rewrites the same keys and a document write is a
-    compare-and-set, so a second attempt after a lost reply is refused, not applied twice."""
+    compare-and-set, so a second attempt after a lost reply is refused, not applied twice.
+    No per-command timeout: each request bounds all its Redis calls at once (``redis_deadline``)."""
     retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), 2)
     return Redis.from_url(
         url,
         socket_connect_timeout=2,
-        socket_timeout=5,
         socket_keepalive=True,
         retry=retry,
         retry_on_error=[RedisConnectionError, RedisTimeoutError],

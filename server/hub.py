@@ -35,6 +35,7 @@ log = logging.getLogger("server.hub")
 
 HEARTBEAT = 1.0  # seconds between the hub's own pings through Redis pub/sub
 HEARTBEAT_MISSES = 3  # silent pub/sub for this many heartbeats: the connection is dead (half-open)
+RESYNC_DEADLINE = 10.0  # seconds for one snapshot resync before it is tried again
 SEEN_CAP = 10_000  # per mailbox: how many jobs' last seq it remembers (oldest forgotten first)
 HUB_CHANNEL = contract.PREFIX + "hub"  # always subscribed, so the connection is never idle-empty
 
@@ -334,7 +335,21 @@ class Hub:
                     fut.set_result(None)
 
     async def _resync(self) -> None:
-        """After a reconnect: wait for the subscriptions, then re-send every watched snapshot."""
+        """After a reconnect: wait for the subscriptions, then re-send every watched snapshot.
+        Retried until it succeeds (Redis may still be coming back); a newer reconnect cancels it."""
+        delay = 0.2
+        while True:
+            try:
+                async with asyncio.timeout(RESYNC_DEADLINE):
+                    await self._resync_once()
+                log.info("pub/sub re-established; snapshots re-sent")
+                return
+            except Exception as e:
+                log.warning("snapshot resync failed (%r); retrying in %.1f s", e, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _resync_once(self) -> None:
         with contextlib.suppress(SubscribeTimeout):
             await self._confirmed(list(self._ready.values()))
         for job_id in list(self._watchers):
@@ -352,7 +367,6 @@ class Hub:
                     for mailbox, mailbox_tenant in list(self._all.items()):
                         if mailbox_tenant == event.tenant:
                             mailbox.put(event)
-        log.info("pub/sub re-established; snapshots re-sent")
 
 
 UPDATED_AT = b'"updated_at":"'

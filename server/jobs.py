@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import json
 import math
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from arq.constants import default_queue_name, job_key_prefix
 from pydantic import ValidationError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -21,6 +25,29 @@ from server.store import IdempotencyConflict, WriteRefused
 JSON = "application/json"
 MAX_PAGE = 100
 MAX_PARAMS_DEPTH = 32
+
+
+REDIS_DEADLINE = 5.0  # seconds for all the Redis calls of one request
+
+
+@contextlib.asynccontextmanager
+async def redis_deadline():
+    """One timer per request for all its Redis calls: the Redis client has no per-command
+    timeout (that cost two timers per command). A frozen Redis gives 503, not a hung request."""
+    try:
+        async with asyncio.timeout(REDIS_DEADLINE):
+            yield
+    except TimeoutError:
+        raise RedisTimeoutError("Redis did not answer in time") from None
+
+
+def deadline(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    @functools.wraps(handler)
+    async def bounded(request: Request) -> Response:
+        async with redis_deadline():
+            return await handler(request)
+
+    return bounded
 
 
 async def load(request: Request, job_id: str, caller: Caller) -> Event:
@@ -120,6 +147,7 @@ def depth(value: Any, limit: int) -> int:
     return 1 + max((depth(item, limit - 1) for item in items), default=0)
 
 
+@deadline
 async def submit(request: Request) -> Response:
     caller = await key_holder(request)
     settings = request.app.state.settings
@@ -181,9 +209,10 @@ def retry_after(doc: dict[str, Any]) -> str:
 
 async def status(request: Request) -> Response:
     job_id = request.path_params["job_id"]
-    caller = await reader(request)
-    await request.app.state.limiter.check("poll", caller.ident, request.app.state.settings.rate_poll)
-    event = await load(request, job_id, caller)
+    async with redis_deadline():
+        caller = await reader(request)
+        await request.app.state.limiter.check("poll", caller.ident, request.app.state.settings.rate_poll)
+        event = await load(request, job_id, caller)
     wait = request.query_params.get("wait")
     if wait is not None:
         event = await long_poll(request, event, wait, caller)
@@ -230,6 +259,7 @@ async def long_poll(request: Request, event: Event, wait: str, caller: Caller) -
 # -- GET /jobs/{id}/result ---------------------------------------------------------------
 
 
+@deadline
 async def result(request: Request) -> Response:
     job_id = request.path_params["job_id"]
     event = await load(request, job_id, await reader(request))
@@ -246,6 +276,7 @@ async def result(request: Request) -> Response:
 # -- DELETE /jobs/{id} -------------------------------------------------------------------
 
 
+@deadline
 async def cancel(request: Request) -> Response:
     """Queued: cancelled at once (200). Running: the worker is told to stop (202)."""
     job_id = request.path_params["job_id"]
@@ -278,6 +309,7 @@ async def cancel(request: Request) -> Response:
 # -- POST /jobs/{id}/retry ---------------------------------------------------------------
 
 
+@deadline
 async def retry(request: Request) -> Response:
     """Run a failed or cancelled job again, as its next attempt: 202 + the queued document."""
     job_id = request.path_params["job_id"]
@@ -297,6 +329,7 @@ async def retry(request: Request) -> Response:
 # -- POST /tickets ----------------------------------------------------------------------
 
 
+@deadline
 async def ticket(request: Request) -> Response:
     """A single-use, 60-second ticket for ``{"jobs": [...]}`` or ``{"all": true}``: put it in a
     stream URL (``?ticket=``) instead of a longer-lived watch token."""
@@ -321,6 +354,7 @@ async def ticket(request: Request) -> Response:
 # -- GET /jobs ---------------------------------------------------------------------------
 
 
+@deadline
 async def list_jobs(request: Request) -> Response:
     """Newest first; ``status`` and ``type`` filters; ``cursor`` from the previous page's ``next``."""
     caller = await key_holder(request)

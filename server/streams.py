@@ -13,6 +13,8 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from sse_starlette import EventSourceResponse
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response, StreamingResponse
@@ -21,7 +23,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from server import contract, render
 from server.hub import Event, Mailbox, MailboxClosed, Notice, SubscribeTimeout
 from server.auth import Caller
-from server.jobs import int_param, load, reader
+from server.jobs import deadline, int_param, load, reader, redis_deadline
 from server.metrics import STATS
 from server.problems import Problem, invalid
 
@@ -112,6 +114,7 @@ def since_param(request: Request) -> int:
     return int_param(request, "since", 0)
 
 
+@deadline
 async def job_events(request: Request) -> Response:
     """``GET /jobs/{id}/events``: the current document if newer than the client's, then changes."""
     job_id = request.path_params["job_id"]
@@ -193,6 +196,7 @@ class TextStream(StreamingResponse):
             self.on_close()
 
 
+@deadline
 async def events(request: Request) -> Response:
     """``GET /events?job=A&job=B`` (or no ``job``: every job) with a resume cursor as ``id:``."""
     job_ids = list(dict.fromkeys(request.query_params.getlist("job")))
@@ -377,8 +381,9 @@ class Connection:
                 await self.error("send JSON text frames")
                 continue
             try:
-                await self.handle(text)
-            except SubscribeTimeout:
+                async with redis_deadline():
+                    await self.handle(text)
+            except (SubscribeTimeout, RedisTimeoutError, RedisConnectionError):
                 await self.error("service unavailable: try again", status=503)
 
     def close(self) -> None:

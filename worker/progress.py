@@ -12,10 +12,14 @@ import asyncio
 import time
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
 from server import contract
 from server.store import Store, WriteRefused
 
 ETA_SMOOTHING = 0.3  # weight of the newest rate sample in the moving average
+REDIS_OUTAGE = 60.0  # seconds a progress or final write waits for Redis to come back
 
 
 class JobEnded(Exception):
@@ -119,8 +123,16 @@ class JobContext:
             await self.write(result=result, result_ttl=result_ttl, **changes)
 
     async def write(self, result: Any = None, result_ttl: int | None = None, **changes: Any) -> None:
-        """One atomic store + publish; re-based on the stored seq if another writer moved it."""
-        for _ in range(3):
+        """One atomic store + publish; re-based on the stored seq if another writer moved it.
+
+        Redis being away is not the job's fault: the write is retried until Redis answers again
+        (up to ``REDIS_OUTAGE`` seconds). If a later attempt of this job has started elsewhere
+        (our lease lapsed meanwhile), this copy stops with ``JobEnded`` instead of writing over it.
+        """
+        attempt = changes.get("attempt", self.doc["attempt"])
+        delay, waited = 0.1, 0.0
+        conflicts = 0
+        while True:
             try:
                 self.doc = await self.store.write(self.doc, self.tenant, result=result, result_ttl=result_ttl, **changes)
                 return
@@ -130,8 +142,18 @@ class JobContext:
                 stored = await self.store.document(self.id)
                 if stored is None:
                     raise JobEnded("missing") from None
+                if stored["attempt"] > attempt:
+                    raise JobEnded(f"superseded by attempt {stored['attempt']}") from None
                 self.doc = stored
-        raise RuntimeError(f"job {self.id}: document keeps changing under this worker")
+                conflicts += 1
+                if conflicts >= 3:
+                    raise RuntimeError(f"job {self.id}: document keeps changing under this worker") from None
+            except (RedisConnectionError, RedisTimeoutError, OSError):
+                if waited >= REDIS_OUTAGE:
+                    raise
+                await asyncio.sleep(delay)
+                waited += delay
+                delay = min(delay * 2, 2.0)
 
 
 class ThreadJobContext:
