@@ -124,9 +124,15 @@ class Auth:
             ticket = conn.query_params.get("ticket")
             if ticket:
                 return await self._from_ticket(ticket)
-            token = conn.query_params.get("token")
-            if token:
-                return self.from_token(token)
+            tokens = conn.query_params.getlist("token")
+            if len(tokens) == 1:
+                return self.from_token(tokens[0])
+            if tokens:  # several watch tokens (one per job): the union of their jobs, one tenant
+                scopes = [self.from_token(token) for token in tokens]
+                if len({scope.tenant for scope in scopes}) != 1:
+                    raise unauthorized("Watch tokens of different tenants.")
+                jobs = frozenset().union(*(scope.jobs or () for scope in scopes))
+                return Caller(scopes[0].tenant, "token:" + min(jobs), jobs=jobs)
         if self.keyless:
             return Caller("", "ip:" + ip, by_key=True)
         raise forbidden_key() if key_only else unauthorized("Send an API key, a watch token or a ticket.")

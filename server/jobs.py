@@ -356,8 +356,11 @@ async def ticket(request: Request) -> Response:
 
 @deadline
 async def list_jobs(request: Request) -> Response:
-    """Newest first; ``status`` and ``type`` filters; ``cursor`` from the previous page's ``next``."""
-    caller = await key_holder(request)
+    """Newest first; ``status`` and ``type`` filters; ``cursor`` from the previous page's ``next``.
+    Needs the API key, or a ticket for the whole feed (a dashboard in a browser)."""
+    caller = await reader(request)
+    if not (caller.by_key or caller.all_jobs):
+        raise Problem(401, "API key required", "Listing jobs needs an API key or a ticket for every job.", headers={"WWW-Authenticate": "Bearer"})
     index = contract.jobs_index(caller.tenant)
     limit = int_param(request, "limit", 20, 1, MAX_PAGE)
     cursor = int_param(request, "cursor", 0, 0) or "+inf"

@@ -413,9 +413,10 @@ async def websocket(ws: WebSocket) -> None:
     try:
         caller = await ws.app.state.auth.caller(ws)
         release = admit(ws, caller, "ws")
-    except Problem as problem:
+    except Problem as problem:  # accept, then close with the reason, so a browser can see why
         log.info("websocket refused: %s", problem.detail)
-        return await ws.close(1008)
+        await ws.accept()
+        return await ws.close(1008, (problem.detail or problem.title)[:120])
     await ws.accept()
     conn = Connection(ws, caller)
     reaper = ws.app.state.reaper

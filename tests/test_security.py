@@ -185,17 +185,37 @@ async def test_websocket_foreign_origin_refused_before_accept(secured, origin):
 
 async def test_websocket_origin_and_credentials_rules(secured):
     """An allowed origin with a key, and a script with no Origin but a key, connect; no credentials
-    at all is refused (403)."""
+    at all is accepted only to be closed with 1008 and the reason (a browser can tell why)."""
     ws_url = secured.url.replace("http", "ws") + "/ws"
     async with connect(ws_url, additional_headers={"Origin": ORIGIN, **bearer(ACME)}) as ws:
         await ws.send(json.dumps({"op": "subscribe", "all": True}))
     async with connect(ws_url, additional_headers=bearer(ACME)) as ws:
         await ws.send(json.dumps({"op": "dance"}))
         assert json.loads(await ws.recv())["event"] == "error"
-    with pytest.raises(InvalidStatus) as refused:
-        async with connect(ws_url, additional_headers={"Origin": ORIGIN}):
-            pass
-    assert refused.value.response.status_code == 403
+    async with connect(ws_url, additional_headers={"Origin": ORIGIN}) as ws:
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(ws.recv(), 5)
+    assert closed.value.rcvd.code == 1008 and "API key" in closed.value.rcvd.reason
+
+
+async def test_several_watch_tokens_open_one_multi_job_stream(secured):
+    """A browser holding a token per job watches them all on one /events stream; a token of
+    another tenant's job cannot be mixed in."""
+    async with httpx.AsyncClient(base_url=secured.url, timeout=30) as client:
+        a = await submit_as(client, secured.url, ACME)
+        b = await submit_as(client, secured.url, ACME)
+        g = await submit_as(client, secured.url, GLOBEX)
+        url = f"/events?job={a['id']}&job={b['id']}&token={a['token']}&token={b['token']}"
+        finished: set[str] = set()
+        async with client.stream("GET", url) as r:
+            assert r.status_code == 200
+            async for item in sse_frames(r):
+                if isinstance(item, SSE) and item.event == "succeeded":
+                    finished.add(item.doc["id"])
+                    if finished == {a["id"], b["id"]}:
+                        break
+        mixed = await client.get(f"/events?job={a['id']}&token={a['token']}&token={g['token']}")
+        assert mixed.status_code == 401
 
 
 async def test_cors_allows_only_the_allowlist(secured):
@@ -341,3 +361,15 @@ async def test_redis_with_a_password(tmp_path):
         worker.stop()
         good.stop()
         r.stop()
+
+
+async def test_list_with_a_ticket_for_every_job(secured):
+    """A dashboard in a browser lists jobs with an 'all' ticket (single use); a job ticket cannot list."""
+    async with httpx.AsyncClient(base_url=secured.url, timeout=30) as client:
+        job = await submit_as(client, secured.url, ACME)
+        all_ticket = (await client.post("/tickets", json={"all": True}, headers=bearer(ACME))).json()["ticket"]
+        page = await client.get("/jobs", params={"ticket": all_ticket})
+        assert page.status_code == 200 and job["id"] in [d["id"] for d in page.json()["items"]]
+        assert (await client.get("/jobs", params={"ticket": all_ticket})).status_code == 401
+        job_ticket = (await client.post("/tickets", json={"jobs": [job["id"]]}, headers=bearer(ACME))).json()["ticket"]
+        assert (await client.get("/jobs", params={"ticket": job_ticket})).status_code == 401
