@@ -1,4 +1,4 @@
-"""A client that stops reading costs bounded memory and slows nobody else."""
+"""A client that stops reading costs bounded memory, slows nobody else, and is dropped after SEND_TIMEOUT."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from support import assert_stream_ok, start_server, submit, watch_sse
+from support import assert_stream_ok, start_server, wait_until, watch_sse
 
 pytestmark = pytest.mark.anyio
 
@@ -48,7 +48,8 @@ async def test_stalled_sse_and_ws_readers(redis_server, worker, tmp_path):
     stalled: list[socket.socket] = []
     try:
         async with httpx.AsyncClient(timeout=60) as client:
-            job = await submit(client, server.url, steps=10_000, interval=0)  # ~6 MB of events
+            r = await client.post(server.url + "/jobs", json={"type": "flood", "params": {"count": 3000, "size": 4000}})
+            job = r.json()  # 12 MB of events: more than socket buffers hide
             path = job["links"]["events"]
             baseline = rss_kib(server.pid)
             for _ in range(10):
@@ -66,6 +67,7 @@ async def test_stalled_sse_and_ws_readers(redis_server, worker, tmp_path):
         assert growth < 30_000, f"server grew by {growth} KiB with stalled readers"
         async with httpx.AsyncClient(timeout=5) as client:
             assert (await client.get(server.url + "/healthz")).status_code == 200
+        wait_until(lambda: server.log().count("too slow") >= 20, timeout=15, what="all 20 stalled readers dropped")
     finally:
         for sock in stalled:
             sock.close()
