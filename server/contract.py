@@ -41,6 +41,11 @@ def jobs_index(tenant: str) -> str:
     return f"{PREFIX}jobs:{tenant}"
 
 
+def queued_set(tenant: str) -> str:
+    """Sorted set of a tenant's jobs now queued (id -> time queued, µs): the queue cap counts it."""
+    return f"{PREFIX}queued:{tenant}"
+
+
 def ticket_key(ticket: str) -> str:
     """A single-use stream ticket: what it may watch, for 60 s."""
     return f"{PREFIX}ticket:{ticket}"
@@ -152,10 +157,11 @@ def unpack(raw: bytes) -> Packed:
 
 
 # The one write path for a job document (both server and worker call it).
-# KEYS: job hash, tombstone, result, arq queue, arq job key of the webhook delivery
+# KEYS: job hash, tombstone, result, arq queue, arq job key of the webhook delivery, tenant's queued set
 # ARGV: expected seq, new seq, new state, packed event, channel, ttl (s) of the document,
 #       terminal (1/0), tombstone ttl (s), result JSON ('' for none),
-#       webhook delivery arq payload, its ttl (ms), enqueue time (ms), delivery id, wake channel
+#       webhook delivery arq payload, its ttl (ms), enqueue time (ms), delivery id, wake channel,
+#       job id, now (µs), tenant (kept in the tombstone, so a foreign expired job stays a 404)
 # Returns {1, seq} when written; {0, current seq, current state} when refused because the
 # stored seq is not the expected one, or the job is already terminal (no change after the end).
 # A final state of a job that has a webhook enqueues its delivery in the same step.
@@ -168,8 +174,13 @@ if seq ~= tonumber(ARGV[1]) or state == 'succeeded' or state == 'failed' or stat
 end
 redis.call('HSET', KEYS[1], 'seq', ARGV[2], 'state', ARGV[3], 'ev', ARGV[4])
 redis.call('EXPIRE', KEYS[1], ARGV[6])
+if ARGV[3] == 'queued' then
+  redis.call('ZADD', KEYS[6], ARGV[16], ARGV[15])
+else
+  redis.call('ZREM', KEYS[6], ARGV[15])
+end
 if ARGV[7] == '1' then
-  redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[8])
+  redis.call('SET', KEYS[2], ARGV[17], 'EX', ARGV[8])
   if ARGV[9] ~= '' then
     redis.call('SET', KEYS[3], ARGV[9], 'EX', ARGV[6])
   end
@@ -185,21 +196,24 @@ return {1, tonumber(ARGV[2])}
 
 
 # Running a failed or cancelled job again (POST /jobs/{id}/retry): back to queued, re-enqueued.
-# KEYS: job hash, tombstone, result, arq job key, arq queue
+# KEYS: job hash, tombstone, result, arq job key, arq queue, tenant's queued set, arq in-progress key
 # ARGV: expected seq, new seq, packed event, channel, document ttl (s), arq payload,
-#       arq job ttl (ms), enqueue time (ms), wake channel, job id
-# Returns {1, seq} or {0, current seq, current state}.
+#       arq job ttl (ms), enqueue time (ms), wake channel, job id, now (µs)
+# Returns {1, seq} or {0, current seq, current state}; refused too while arq is still finishing
+# the last attempt (its cleanup would delete the job we enqueue).
 REOPEN_SCRIPT = """
 local cur = redis.call('HMGET', KEYS[1], 'seq', 'state')
 local seq = tonumber(cur[1]) or 0
 if seq ~= tonumber(ARGV[1]) or (cur[2] ~= 'failed' and cur[2] ~= 'cancelled') then
   return {0, seq, cur[2] or ''}
 end
+if redis.call('EXISTS', KEYS[7]) == 1 then return {0, seq, 'busy'} end
 redis.call('HSET', KEYS[1], 'seq', ARGV[2], 'state', 'queued', 'ev', ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('DEL', KEYS[2], KEYS[3])
 redis.call('SET', KEYS[4], ARGV[6], 'PX', ARGV[7])
 redis.call('ZADD', KEYS[5], ARGV[8], ARGV[10])
+redis.call('ZADD', KEYS[6], ARGV[11], ARGV[10])
 redis.call('PUBLISH', ARGV[4], ARGV[3])
 redis.call('PUBLISH', ARGV[9], ARGV[10])
 return {1, tonumber(ARGV[2])}
@@ -209,23 +223,28 @@ return {1, tonumber(ARGV[2])}
 # Creating a job: the document, the index entry and arq's job + queue entry, all or nothing.
 # Idempotent, so a retry after a lost reply changes nothing (the id is already there). With an
 # idempotency key, a key seen before returns what it remembers ("<job id> <request hash>")
-# instead of creating anything, so concurrent identical requests make exactly one job.
-# KEYS: job hash, jobs index, arq job key, arq queue, idempotency key
+# instead of creating anything, so concurrent identical requests make exactly one job. A tenant
+# with ``queue cap`` jobs already queued gets -1 and nothing is written.
+# KEYS: job hash, jobs index, arq job key, arq queue, idempotency key, tenant's queued set
 # ARGV: job id, type, packed event, document ttl (s), index score, index trim-below score,
 #       arq job payload, arq job ttl (ms), enqueue time (ms), channel, wake channel,
-#       params JSON, webhook URL ('' for none), idempotency value ('' for no key), its ttl (s)
+#       params JSON, webhook URL ('' for none), idempotency value ('' for no key), its ttl (s),
+#       queue cap (0: none), queued-set trim-below score (entries of jobs that expired queued)
 CREATE_SCRIPT = """
 if ARGV[14] ~= '' then
   local prior = redis.call('GET', KEYS[5])
   if prior then return prior end
-  redis.call('SET', KEYS[5], ARGV[14], 'EX', ARGV[15])
 end
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', ARGV[17])
+if tonumber(ARGV[16]) > 0 and redis.call('ZCARD', KEYS[6]) >= tonumber(ARGV[16]) then return -1 end
+if ARGV[14] ~= '' then redis.call('SET', KEYS[5], ARGV[14], 'EX', ARGV[15]) end
 redis.call('HSET', KEYS[1], 'seq', 1, 'state', 'queued', 'type', ARGV[2], 'ev', ARGV[3], 'params', ARGV[12])
 if ARGV[13] ~= '' then redis.call('HSET', KEYS[1], 'webhook', ARGV[13]) end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[6])
+redis.call('ZADD', KEYS[6], ARGV[5], ARGV[1])
 redis.call('SET', KEYS[3], ARGV[7], 'PX', ARGV[8])
 redis.call('ZADD', KEYS[4], ARGV[9], ARGV[1])
 redis.call('PUBLISH', ARGV[10], ARGV[3])

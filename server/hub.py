@@ -36,7 +36,8 @@ log = logging.getLogger("server.hub")
 HEARTBEAT = 1.0  # seconds between the hub's own pings through Redis pub/sub
 HEARTBEAT_MISSES = 3  # silent pub/sub for this many heartbeats: the connection is dead (half-open)
 RESYNC_DEADLINE = 10.0  # seconds for one snapshot resync before it is tried again
-SEEN_CAP = 10_000  # per mailbox: how many jobs' last seq it remembers (oldest forgotten first)
+SEEN_CAP = 10_000
+NOTICE_CAP = 16  # undelivered non-event messages (errors) per mailbox  # per mailbox: how many jobs' last seq it remembers (oldest forgotten first)
 HUB_CHANNEL = contract.PREFIX + "hub"  # always subscribed, so the connection is never idle-empty
 
 
@@ -121,7 +122,10 @@ class Mailbox:
             del self._seen[next(iter(self._seen))]
 
     def notify(self, notice: Notice) -> None:
-        """Queue a non-event message; it is never conflated or filtered."""
+        """Queue a non-event message; never conflated, but at most ``NOTICE_CAP`` wait at once
+        (a client flooding bad frames while not reading gets no more answers, not more memory)."""
+        if sum(1 for key in self._pending if not isinstance(key, str)) >= NOTICE_CAP:
+            return
         self._pending[object()] = notice
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
@@ -273,11 +277,18 @@ class Hub:
             pubsub = self.redis.pubsub()
             resync = None
             try:
-                channels = [HUB_CHANNEL] + [n for n in self._ready if n != contract.EVENTS_PATTERN]
+                channels = {HUB_CHANNEL} | {n for n in self._ready if n != contract.EVENTS_PATTERN}
                 await pubsub.subscribe(*channels)
-                if contract.EVENTS_PATTERN in self._ready:
+                pattern = contract.EVENTS_PATTERN in self._ready
+                if pattern:
                     await pubsub.psubscribe(contract.EVENTS_PATTERN)
                 self._pubsub = pubsub
+                # wanted while we were connecting (``_send`` had no connection to use): ask now
+                missed = [n for n in self._ready if n not in channels and n != contract.EVENTS_PATTERN]
+                if missed:
+                    await pubsub.subscribe(*missed)
+                if not pattern and contract.EVENTS_PATTERN in self._ready:
+                    await pubsub.psubscribe(contract.EVENTS_PATTERN)
                 resync = asyncio.create_task(self._resync()) if self.reconnects else None
                 delay = 0.2
                 await self._read(pubsub)
@@ -350,8 +361,7 @@ class Hub:
                 delay = min(delay * 2, 5.0)
 
     async def _resync_once(self) -> None:
-        with contextlib.suppress(SubscribeTimeout):
-            await self._confirmed(list(self._ready.values()))
+        await self._confirmed(list(self._ready.values()))  # a timeout makes _resync try again
         for job_id in list(self._watchers):
             raw = await self.store.read(job_id)
             if raw is not None:

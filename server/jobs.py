@@ -18,9 +18,9 @@ from starlette.responses import Response
 
 from server import contract, render, webhooks
 from server.auth import TICKET_TTL, Caller
-from server.hub import Event, Mailbox
+from server.hub import Event, Mailbox, MailboxClosed
 from server.problems import Problem, gone, invalid, not_found
-from server.store import IdempotencyConflict, WriteRefused
+from server.store import IdempotencyConflict, QueueFull, WriteRefused
 
 JSON = "application/json"
 MAX_PAGE = 100
@@ -56,7 +56,7 @@ async def load(request: Request, job_id: str, caller: Caller) -> Event:
     raw = await store.read(job_id)
     if raw is None:
         if caller.jobs is None or job_id in caller.jobs:
-            if await store.is_gone(job_id):
+            if await store.is_gone(job_id, caller.tenant):
                 raise gone(job_id)
         raise not_found(job_id)
     event = Event(job_id, raw)
@@ -147,12 +147,12 @@ def depth(value: Any, limit: int) -> int:
     return 1 + max((depth(item, limit - 1) for item in items), default=0)
 
 
-@deadline
 async def submit(request: Request) -> Response:
     caller = await key_holder(request)
     settings = request.app.state.settings
-    await request.app.state.limiter.check("submit", caller.ident, settings.rate_submit)
-    payload = await read_json(request)
+    async with redis_deadline():
+        await request.app.state.limiter.check("submit", caller.ident, settings.rate_submit)
+    payload = await read_json(request)  # not under the Redis deadline: a slow upload is not Redis
     if not isinstance(payload, dict):
         raise invalid("body", "must be a JSON object")
     unknown = set(payload) - {"type", "params", "webhook"}
@@ -183,7 +183,11 @@ async def submit(request: Request) -> Response:
     if key is not None and not (0 < len(key) <= 255 and key.isprintable()):
         raise invalid("Idempotency-Key", "must be 1 to 255 printable characters")
     try:
-        doc, _ = await request.app.state.store.create(job_type, params, caller.tenant, webhook, key)
+        async with redis_deadline():
+            doc, _ = await request.app.state.store.create(job_type, params, caller.tenant, webhook, key)
+    except QueueFull:
+        detail = f"At most {settings.queue_cap} jobs may wait in the queue; try again when some have started."
+        raise Problem(429, "Queue full", detail, headers={"Retry-After": "5"}) from None
     except IdempotencyConflict:
         raise Problem(
             422,
@@ -245,12 +249,13 @@ async def long_poll(request: Request, event: Event, wait: str, caller: Caller) -
     hub = request.app.state.hub
     mailbox = Mailbox()
     mailbox.expect(event.job_id, after)
-    await hub.watch(mailbox, [event.job_id])
     try:
-        mailbox.put(await load(request, event.job_id, caller))  # the change may have come before the watch
+        async with redis_deadline():
+            await hub.watch(mailbox, [event.job_id])
+            mailbox.put(await load(request, event.job_id, caller))  # the change may have come before the watch
         async with asyncio.timeout(seconds):
             return await mailbox.get()
-    except TimeoutError:
+    except (TimeoutError, MailboxClosed):  # nothing newer in time, or this server is draining
         return event
     finally:
         hub.unwatch(mailbox, [event.job_id])
@@ -321,8 +326,8 @@ async def retry(request: Request) -> Response:
     await request.app.state.store.redis.delete(contract.cancel_key(job_id))
     try:
         doc = await request.app.state.store.reopen(doc, event.tenant)
-    except WriteRefused:
-        raise Problem(409, "Job is changing", "Try again.", headers={"Retry-After": "1"}) from None
+    except WriteRefused:  # it changed, or the worker is still finishing its last attempt
+        raise Problem(409, "Job is changing", "Try again in a moment.", headers={"Retry-After": "1"}) from None
     return Response(contract.dumps(doc), 202, {"Location": doc["links"]["self"]}, media_type=JSON)
 
 

@@ -6,7 +6,11 @@ a collector turns them into metric families when Prometheus scrapes.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections import Counter
+
+from arq.constants import default_queue_name
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -58,5 +62,7 @@ REGISTRY.register(StatsCollector(_queue_depth))
 
 
 async def metrics(request: Request) -> Response:
-    _queue_depth[0] = await request.app.state.store.redis.zcard("arq:queue")
+    with contextlib.suppress(Exception):  # metrics still answer while Redis is away
+        async with asyncio.timeout(2.0):
+            _queue_depth[0] = await request.app.state.store.redis.zcard(default_queue_name)
     return Response(generate_latest(REGISTRY), media_type="text/plain; version=0.0.4; charset=utf-8")

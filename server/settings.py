@@ -16,6 +16,7 @@ class Settings:
     allowed_origins: str = ""  # browser origins for WebSocket and CORS; empty: same origin only
     rate_submit: int = 600  # POST /jobs per minute per API key (or client IP when keyless)
     rate_poll: int = 1200  # GET /jobs/{id} per minute per API key, token (or client IP)
+    queue_cap: int = 10_000  # jobs one tenant may have queued at once (0: no cap); above it 429
     max_streams_per_client: int = 256  # open SSE + WebSocket connections per key or client IP
     max_connections: int = 20_000  # per server process; above it new connections get 503
     params_max_bytes: int = 64 * 1024  # a job's params as JSON

@@ -13,7 +13,7 @@ import json
 import time
 from typing import Any
 
-from arq.constants import default_queue_name, expires_extra_ms, job_key_prefix
+from arq.constants import default_queue_name, expires_extra_ms, in_progress_key_prefix, job_key_prefix
 from arq.jobs import serialize_job
 from redis.asyncio import Redis
 
@@ -25,6 +25,10 @@ class WriteRefused(Exception):
     def __init__(self, seq: int, state: str) -> None:
         super().__init__(f"write refused: stored seq {seq}, state {state or 'missing'}")
         self.seq, self.state = seq, state
+
+
+class QueueFull(Exception):
+    """The tenant already has QUEUE_CAP jobs queued."""
 
 
 class IdempotencyConflict(Exception):
@@ -82,9 +86,9 @@ class Store:
         value = await self.redis.hget(contract.job_key(job_id), name)
         return None if value is None else _decode(value)
 
-    async def is_gone(self, job_id: str) -> bool:
-        """True when the job existed but its document has expired (answer 410, not 404)."""
-        return bool(await self.redis.exists(contract.tombstone_key(job_id)))
+    async def is_gone(self, job_id: str, tenant: str) -> bool:
+        """True when ``tenant``'s job existed but its document has expired (410, not 404)."""
+        return await self.redis.get(contract.tombstone_key(job_id)) == tenant.encode()
 
     async def result(self, job_id: str) -> bytes | None:
         return await self.redis.get(contract.result_key(job_id))
@@ -112,7 +116,14 @@ class Store:
         idem_key = contract.idempotency_key(tenant, idempotency_key or "")
         index = contract.jobs_index(tenant)
         answer = await self._create(
-            keys=[contract.job_key(job_id), index, job_key_prefix + job_id, default_queue_name, idem_key],
+            keys=[
+                contract.job_key(job_id),
+                index,
+                job_key_prefix + job_id,
+                default_queue_name,
+                idem_key,
+                contract.queued_set(tenant),
+            ],
             args=[
                 job_id,
                 job_type,
@@ -129,8 +140,12 @@ class Store:
                 webhook or "",
                 f"{job_id} {fingerprint}" if idempotency_key else "",
                 self.settings.idempotency_ttl,
+                self.settings.queue_cap,
+                now_us - self.settings.job_ttl * 1_000_000,
             ],
         )
+        if answer == -1:
+            raise QueueFull()
         if answer in (1, 0):
             return doc, True
         prior_id, _, prior_hash = _decode(answer).partition(" ")
@@ -163,6 +178,7 @@ class Store:
                 contract.result_key(job_id),
                 default_queue_name,
                 job_key_prefix + delivery,
+                contract.queued_set(tenant),
             ],
             args=[
                 doc["seq"],
@@ -181,6 +197,9 @@ class Store:
                 enqueued_ms,
                 delivery,
                 contract.WAKE_CHANNEL,
+                job_id,
+                time.time_ns() // 1000,
+                tenant,
             ],
         )
         if not ok:
@@ -213,6 +232,8 @@ class Store:
                 contract.result_key(job_id),
                 job_key_prefix + job_id,
                 default_queue_name,
+                contract.queued_set(tenant),
+                in_progress_key_prefix + job_id,
             ],
             args=[
                 doc["seq"],
@@ -225,6 +246,7 @@ class Store:
                 enqueued_ms,
                 contract.WAKE_CHANNEL,
                 job_id,
+                time.time_ns() // 1000,
             ],
         )
         if not ok:

@@ -146,8 +146,8 @@ async def job_events(request: Request) -> Response:
     hub = request.app.state.hub
     mailbox = Mailbox()
     mailbox.expect(job_id, since)
-    await hub.watch(mailbox, [job_id])
     try:
+        await hub.watch(mailbox, [job_id])
         snapshot = await load(request, job_id, caller)
         if snapshot.terminal and snapshot.seq <= since:
             hub.unwatch(mailbox, [job_id])
@@ -362,24 +362,37 @@ class Connection:
         return self.caller.may_read(event.job_id, event.tenant) or self.granted.get(event.job_id) == event.tenant
 
     async def subscribe(self, jobs: list[str], since: dict[str, int]) -> None:
+        """Check every job first (its tenant never changes), so nothing of a job this caller may
+        not read is ever routed here; then subscribe, then send the snapshots."""
         new = [j for j in jobs if j not in self.jobs]
         if len(self.jobs) + len(new) > MAX_JOBS_PER_STREAM:
             return await self.error(f"at most {MAX_JOBS_PER_STREAM} jobs per connection", op="subscribe")
-        for job_id in new:
-            self.mailbox.expect(job_id, since.get(job_id, 0))
-        self.jobs.update(new)
-        await self.hub.watch(self.mailbox, new)
         store = self.app.state.store
-        for job_id in new:
-            raw = await store.read(job_id)
-            event = raw and Event(job_id, raw)
-            if not event or not self.may_read(event):
-                self.jobs.discard(job_id)
-                self.hub.unwatch(self.mailbox, [job_id])
-                gone = not event and await store.is_gone(job_id)
-                await self.error("job expired" if gone else "job not found", job=job_id, status=410 if gone else 404)
+        allowed = []
+        for job_id, raw in zip(new, await self.read(new)):
+            if raw is not None and self.may_read(Event(job_id, raw)):
+                allowed.append(job_id)
             else:
-                self.mailbox.put(event)
+                gone = raw is None and await store.is_gone(job_id, self.caller.tenant)
+                await self.error("job expired" if gone else "job not found", job=job_id, status=410 if gone else 404)
+        for job_id in allowed:
+            self.mailbox.expect(job_id, since.get(job_id, 0))
+        self.jobs.update(allowed)
+        try:
+            await self.hub.watch(self.mailbox, allowed)
+        except BaseException:
+            self.jobs.difference_update(allowed)
+            self.hub.unwatch(self.mailbox, allowed)
+            raise
+        for job_id, raw in zip(allowed, await self.read(allowed)):
+            if raw is not None and job_id in self.jobs:  # not already ended and dropped meanwhile
+                self.mailbox.put(Event(job_id, raw))
+
+    async def read(self, jobs: list[str]) -> list[bytes | None]:
+        async with self.app.state.store.redis.pipeline(transaction=False) as pipe:
+            for job_id in jobs:
+                pipe.hget(contract.job_key(job_id), "ev")
+            return await pipe.execute()
 
     async def subscribe_all(self) -> None:
         if not (self.caller.by_key or self.caller.all_jobs):

@@ -137,6 +137,7 @@ def blocked(ip: Address) -> str | None:
         ("multicast", ip.is_multicast),
         ("private", ip.is_private),
         ("reserved", ip.is_reserved),
+        ("site-local", isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local),
         ("not globally routable", not ip.is_global),
     ):
         if hit:

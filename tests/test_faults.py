@@ -18,7 +18,7 @@ import redis
 from websockets.asyncio.client import connect
 
 from server.devredis import RedisProcess
-from support import Proc, assert_stream_ok, start_server, start_worker, submit, watch_sse
+from support import SSE, Proc, assert_stream_ok, sse_frames, start_server, start_worker, submit
 
 pytestmark = pytest.mark.anyio
 
@@ -47,24 +47,52 @@ def stack(tmp_path):
     r.stop()
 
 
-async def ws_watch(base: str, job_id: str) -> list[dict]:
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+async def ws_watch(base: str, job_id: str, started: list) -> list[dict]:
     docs: list[dict] = []
     async with connect(base.replace("http", "ws") + "/ws") as ws:
         await ws.send(json.dumps({"op": "subscribe", "jobs": [job_id]}))
-        while not docs or docs[-1]["status"] not in ("succeeded", "failed", "cancelled"):
+        while not docs or docs[-1]["status"] not in TERMINAL:
             docs.append(json.loads(await ws.recv())["job"])
+            if len(docs) == 1:
+                started.append(job_id)
     return docs
 
 
-def watchers(base: str, job: dict, client: httpx.AsyncClient, n: int = 5) -> asyncio.Future:
-    sse = [watch_sse(client, base + job["links"]["events"]) for _ in range(n)]
-    ws = [ws_watch(base, job["id"]) for _ in range(n)]
-    return asyncio.gather(*sse, *ws)
+async def sse_watch(client: httpx.AsyncClient, url: str, started: list) -> list[dict]:
+    docs: list[dict] = []
+    async with client.stream("GET", url) as r:
+        assert r.status_code == 200, await r.aread()
+        async for item in sse_frames(r):
+            if isinstance(item, SSE):
+                docs.append(item.doc)
+                if len(docs) == 1:
+                    started.append(url)
+                if item.event in TERMINAL:
+                    break
+    return docs
 
 
-def check(results: list, final: str = "succeeded") -> None:
-    for result in results:
-        docs = [e.doc if hasattr(e, "doc") else e for e in result]
+class Watchers:
+    """n SSE and n WebSocket watchers of one job; ``ready()`` once each has its first document."""
+
+    def __init__(self, base: str, job: dict, client: httpx.AsyncClient, n: int = 5) -> None:
+        self.n, self.started = n, []
+        sse = [sse_watch(client, base + job["links"]["events"], self.started) for _ in range(n)]
+        ws = [ws_watch(base, job["id"], self.started) for _ in range(n)]
+        self.all = asyncio.gather(*sse, *ws)
+
+    async def ready(self) -> None:
+        deadline = time.monotonic() + 10
+        while len(self.started) < 2 * self.n:
+            assert time.monotonic() < deadline, "watchers did not start"
+            await asyncio.sleep(0.02)
+
+
+def check(results: list[list[dict]], final: str = "succeeded") -> None:
+    for docs in results:
         assert_stream_ok(docs, final)
 
 
@@ -72,15 +100,11 @@ async def test_pubsub_connection_killed(stack):
     """CLIENT KILL TYPE pubsub mid-job: the server re-subscribes, re-sends snapshots, nobody is lost."""
     async with httpx.AsyncClient(timeout=30) as client:
         job = await submit(client, stack.server.url, steps=30, interval=0.05)
-        watching = watchers(stack.server.url, job, client)
-        r = stack.client()
-        deadline = time.monotonic() + 10
-        while r.pubsub_numsub(f"progress:ev:{job['id']}")[0][1] == 0:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.02)
-        killed = r.client_kill_filter(_type="pubsub")
+        watching = Watchers(stack.server.url, job, client)
+        await watching.ready()
+        killed = stack.client().client_kill_filter(_type="pubsub")
         assert killed >= 1
-        check(await asyncio.wait_for(watching, 30))
+        check(await asyncio.wait_for(watching.all, 30))
     assert "pub/sub connection lost" in stack.server.log()
 
 
@@ -89,13 +113,12 @@ async def test_redis_frozen_then_thawed(stack):
     and after SIGCONT every watcher converges to the final state."""
     async with httpx.AsyncClient(timeout=60) as client:
         job = await submit(client, stack.server.url, steps=30, interval=0.05)
-        watching = watchers(stack.server.url, job, client)
-        while (await client.get(stack.server.url + job["links"]["self"])).json()["progress"] is None:
-            await asyncio.sleep(0.02)
+        watching = Watchers(stack.server.url, job, client)
+        await watching.ready()
         stack.redis.proc.send_signal(signal.SIGSTOP)
         await asyncio.sleep(4)  # the fault itself lasts this long; nothing waits on it
         stack.redis.proc.send_signal(signal.SIGCONT)
-        check(await asyncio.wait_for(watching, 45))
+        check(await asyncio.wait_for(watching.all, 45))
     assert "no heartbeat" in stack.server.log()
 
 
@@ -104,16 +127,15 @@ async def test_pubsub_output_buffer_overflow(stack):
     job floods progress): the server reconnects and resyncs; watchers still end in the final state."""
     r = stack.client()
     r.config_set("client-output-buffer-limit", "pubsub 64kb 32kb 1")
+    stack.worker.send(signal.SIGSTOP)  # the job waits until the server is frozen
     async with httpx.AsyncClient(timeout=60) as client:
         r_job = await client.post(stack.server.url + "/jobs", json={"type": "flood", "params": {"count": 4000, "size": 4000}})
         job = r_job.json()  # 16 MB of events: more than socket buffers can hide
-        watching = watchers(stack.server.url, job, client, n=2)
-        deadline = time.monotonic() + 10
-        while r.pubsub_numsub(f"progress:ev:{job['id']}")[0][1] == 0:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.02)
+        watching = Watchers(stack.server.url, job, client, n=2)
+        await watching.ready()  # every watcher has the queued snapshot before the fault
         stack.server.send(signal.SIGSTOP)
+        stack.worker.send(signal.SIGCONT)
         await asyncio.sleep(2)  # the fault itself: the server reads nothing while the job floods
         stack.server.send(signal.SIGCONT)
-        check(await asyncio.wait_for(watching, 45))
+        check(await asyncio.wait_for(watching.all, 45))
     assert "pub/sub connection lost" in stack.server.log()

@@ -373,3 +373,24 @@ async def test_list_with_a_ticket_for_every_job(secured):
         assert (await client.get("/jobs", params={"ticket": all_ticket})).status_code == 401
         job_ticket = (await client.post("/tickets", json={"jobs": [job["id"]]}, headers=bearer(ACME))).json()["ticket"]
         assert (await client.get("/jobs", params={"ticket": job_ticket})).status_code == 401
+
+
+async def test_queue_cap_per_tenant(tmp_path):
+    """Attack: flood the queue. Answer: past QUEUE_CAP queued jobs of one tenant, 429 with
+    Retry-After and nothing created; another tenant is not affected; a cancelled job frees a slot."""
+    r = RedisProcess(tmp_path / "redis").start()
+    server = start_server(r.url, tmp_path, api_keys=KEYS, queue_cap=2)  # no worker: jobs stay queued
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+            first = await submit_as(client, server.url, ACME)
+            await submit_as(client, server.url, ACME)
+            full = await client.post("/jobs", json={"type": "demo"}, headers=bearer(ACME))
+            assert full.status_code == 429 and int(full.headers["retry-after"]) > 0
+            listed = (await client.get("/jobs", headers=bearer(ACME))).json()["items"]
+            assert len(listed) == 2
+            await submit_as(client, server.url, GLOBEX)
+            assert (await client.delete(first["links"]["self"], headers=bearer(ACME))).status_code == 200
+            await submit_as(client, server.url, ACME)
+    finally:
+        server.stop()
+        r.stop()

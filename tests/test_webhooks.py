@@ -291,6 +291,7 @@ async def test_send_time_guard_refuses_what_submit_would_refuse(stack):
 REFUSED = [
     "http://127.0.0.1:6379/",
     "http://[::1]/",
+    "http://[fec0::1]/",
     "http://169.254.169.254/latest/meta-data/",
     "http://10.0.0.1/",
     "http://192.168.1.1/",

@@ -9,6 +9,7 @@ Each publish is one ``Store.write``: document stored and event published atomica
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
@@ -19,6 +20,7 @@ from server import contract
 from server.store import Store, WriteRefused
 
 ETA_SMOOTHING = 0.3  # weight of the newest rate sample in the moving average
+log = logging.getLogger("worker")
 REDIS_OUTAGE = 60.0  # seconds a progress or final write waits for Redis to come back
 
 
@@ -87,7 +89,8 @@ class JobContext:
 
     def _flush_later(self) -> None:
         self._timer = None
-        asyncio.ensure_future(self._publish())
+        self._flushing = asyncio.ensure_future(self._publish())
+        self._flushing.add_done_callback(_log_failure)
 
     async def _publish(self, force: bool = False) -> None:
         """Publish what is pending if the interval has passed (or ``force``); else set a timer."""
@@ -154,6 +157,11 @@ class JobContext:
                 await asyncio.sleep(delay)
                 waited += delay
                 delay = min(delay * 2, 2.0)
+
+
+def _log_failure(task: asyncio.Future) -> None:
+    if not task.cancelled() and task.exception() is not None and not isinstance(task.exception(), JobEnded):
+        log.warning("held-back progress not published: %r", task.exception())
 
 
 class ThreadJobContext:

@@ -37,7 +37,7 @@ from server import contract
 from server.settings import Settings
 from server.store import Store, WriteRefused, job_dumps, job_loads
 from worker import webhooks
-from worker.progress import JobContext, JobEnded, ThreadJobContext
+from worker.progress import REDIS_OUTAGE, JobContext, JobEnded, ThreadJobContext
 from worker.registry import JobType, Retry
 
 log = logging.getLogger("worker")
@@ -52,7 +52,9 @@ JOB_SECONDS = Histogram(
 WEBHOOK_ATTEMPTS = Counter("progress_webhook_attempts", "Webhook delivery attempts.", ["result"])
 
 CRASH_ALLOWANCE = 2  # runs beyond max_tries allowed for crashed or stopped workers
-ARQ_TIMEOUT_MARGIN = 5.0  # our timeout fires first; arq's is only a backstop
+# our timeout fires first; arq's is a backstop, far enough out that finishing (which may wait
+# out a Redis outage) is never cut by it and mistaken for a worker stop
+ARQ_TIMEOUT_MARGIN = 2 * REDIS_OUTAGE + 10
 WEBHOOK_TIMEOUT = 60.0  # arq's backstop for one delivery attempt
 
 
@@ -142,12 +144,14 @@ class ProgressWorker(Worker):
         self._wake.set()  # a slot is free: look at the queue now
 
     async def close(self) -> None:
+        # arq waits here for the running jobs: keep renewing their leases and hearing cancels
+        # until they are done, then stop our tasks
+        await super().close()
         for task in (self._listener, self._heartbeat):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
-        await super().close()
 
     async def _beat(self) -> None:
         """Renew the lease of every running job, and mark the ones without progress as stalled.
