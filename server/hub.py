@@ -36,6 +36,7 @@ log = logging.getLogger("server.hub")
 HEARTBEAT = 1.0  # seconds between the hub's own pings through Redis pub/sub
 HEARTBEAT_MISSES = 3  # silent pub/sub for this many heartbeats: the connection is dead (half-open)
 RESYNC_DEADLINE = 10.0  # seconds for one snapshot resync before it is tried again
+SNAPSHOT_ALL = 100  # a dashboard starts with this many of its tenant's newest jobs
 SEEN_CAP = 10_000
 NOTICE_CAP = 16  # undelivered non-event messages (errors) per mailbox  # per mailbox: how many jobs' last seq it remembers (oldest forgotten first)
 HUB_CHANNEL = contract.PREFIX + "hub"  # always subscribed, so the connection is never idle-empty
@@ -369,14 +370,20 @@ class Hub:
                 for mailbox in list(self._watchers.get(job_id, ())):
                     mailbox.put(event)
         for tenant in set(self._all.values()):
-            for job_id in await self.redis.zrevrange(contract.jobs_index(tenant), 0, 99):
-                job_id = job_id.decode()
-                raw = await self.store.read(job_id)
-                if raw is not None:
-                    event = Event(job_id, raw)
-                    for mailbox, mailbox_tenant in list(self._all.items()):
-                        if mailbox_tenant == event.tenant:
-                            mailbox.put(event)
+            for event in await self.snapshot_all(tenant):
+                for mailbox, mailbox_tenant in list(self._all.items()):
+                    if mailbox_tenant == tenant:
+                        mailbox.put(event)
+
+    async def snapshot_all(self, tenant: str) -> list[Event]:
+        """The ``SNAPSHOT_ALL`` newest jobs of ``tenant``: what a dashboard starts (or resyncs) from."""
+        redis = self.store.redis
+        job_ids = [j.decode() for j in await redis.zrevrange(contract.jobs_index(tenant), 0, SNAPSHOT_ALL - 1)]
+        async with redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hget(contract.job_key(job_id), "ev")
+            raws = await pipe.execute()
+        return [Event(job_id, raw) for job_id, raw in zip(job_ids, raws) if raw is not None]
 
 
 UPDATED_AT = b'"updated_at":"'

@@ -32,7 +32,6 @@ log = logging.getLogger("server.streams")
 delivered = STATS.delivered
 MAX_JOBS_PER_STREAM = 100
 DRAIN_FRAME = b"retry: 250\n\n"  # sent as a stream ends for a server drain: come back soon
-SNAPSHOT_ALL = 100  # a dashboard starts with this many of the newest jobs
 
 
 class Stream(EventSourceResponse):
@@ -253,13 +252,14 @@ async def events(request: Request) -> Response:
 
     try:
         await watching
-        if not job_ids:
-            newest = await store.redis.zrevrange(contract.jobs_index(caller.tenant), 0, SNAPSHOT_ALL - 1)
-            job_ids = [job_id.decode() for job_id in newest]
-        for job_id in job_ids:
-            raw = await store.read(job_id)
-            if raw is not None:
-                mailbox.put(Event(job_id, raw))
+        if job_ids:
+            for job_id in job_ids:
+                raw = await store.read(job_id)
+                if raw is not None:
+                    mailbox.put(Event(job_id, raw))
+        else:
+            for event in await hub.snapshot_all(caller.tenant):
+                mailbox.put(event)
     except BaseException:
         close()
         raise
@@ -401,11 +401,8 @@ class Connection:
             return
         self.all = True
         await self.hub.watch_all(self.mailbox, self.caller.tenant)
-        store = self.app.state.store
-        for job_id in await store.redis.zrevrange(contract.jobs_index(self.caller.tenant), 0, SNAPSHOT_ALL - 1):
-            raw = await store.read(job_id.decode())
-            if raw is not None:
-                self.mailbox.put(Event(job_id.decode(), raw))
+        for event in await self.hub.snapshot_all(self.caller.tenant):
+            self.mailbox.put(event)
 
     async def read_loop(self) -> None:
         while True:
