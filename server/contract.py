@@ -32,7 +32,7 @@ CANCEL_CHANNEL = PREFIX + "cancel"  # payload: job id; the worker running it sto
 
 def job_key(job_id: str) -> str:
     """Hash with fields ``seq``, ``state``, ``type``, ``ev`` (the packed event), ``params``
-    (JSON) and ``webhook``."""
+    (JSON), ``webhook`` and ``rid`` (the submitting request's id)."""
     return f"{PREFIX}job:{job_id}"
 
 
@@ -229,7 +229,8 @@ return {1, tonumber(ARGV[2])}
 # ARGV: job id, type, packed event, document ttl (s), index score, index trim-below score,
 #       arq job payload, arq job ttl (ms), enqueue time (ms), channel, wake channel,
 #       params JSON, webhook URL ('' for none), idempotency value ('' for no key), its ttl (s),
-#       queue cap (0: none), queued-set trim-below score (entries of jobs that expired queued)
+#       queue cap (0: none), queued-set trim-below score (entries of jobs that expired queued),
+#       request id (for the worker's logs)
 CREATE_SCRIPT = """
 if ARGV[14] ~= '' then
   local prior = redis.call('GET', KEYS[5])
@@ -239,7 +240,7 @@ if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', ARGV[17])
 if tonumber(ARGV[16]) > 0 and redis.call('ZCARD', KEYS[6]) >= tonumber(ARGV[16]) then return -1 end
 if ARGV[14] ~= '' then redis.call('SET', KEYS[5], ARGV[14], 'EX', ARGV[15]) end
-redis.call('HSET', KEYS[1], 'seq', 1, 'state', 'queued', 'type', ARGV[2], 'ev', ARGV[3], 'params', ARGV[12])
+redis.call('HSET', KEYS[1], 'seq', 1, 'state', 'queued', 'type', ARGV[2], 'ev', ARGV[3], 'params', ARGV[12], 'rid', ARGV[18])
 if ARGV[13] ~= '' then redis.call('HSET', KEYS[1], 'webhook', ARGV[13]) end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])

@@ -19,6 +19,7 @@ from starlette.responses import Response
 from server import contract, render, webhooks
 from server.auth import TICKET_TTL, Caller
 from server.hub import Event, Mailbox, MailboxClosed
+from server.logs import request_id
 from server.problems import Problem, gone, invalid, not_found
 from server.store import IdempotencyConflict, QueueFull, WriteRefused
 
@@ -184,7 +185,7 @@ async def submit(request: Request) -> Response:
         raise invalid("Idempotency-Key", "must be 1 to 255 printable characters")
     try:
         async with redis_deadline():
-            doc, _ = await request.app.state.store.create(job_type, params, caller.tenant, webhook, key)
+            doc, _ = await request.app.state.store.create(job_type, params, caller.tenant, webhook, key, request_id.get())
     except QueueFull:
         detail = f"At most {settings.queue_cap} jobs may wait in the queue; try again when some have started."
         raise Problem(429, "Queue full", detail, headers={"Retry-After": "5"}) from None

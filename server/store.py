@@ -100,6 +100,7 @@ class Store:
         tenant: str = "",
         webhook: str | None = None,
         idempotency_key: str | None = None,
+        request_id: str = "",
     ) -> tuple[dict[str, Any], bool]:
         """Store a queued job of ``tenant`` and enqueue it for arq, atomically (``CREATE_SCRIPT``).
 
@@ -142,6 +143,7 @@ class Store:
                 self.settings.idempotency_ttl,
                 self.settings.queue_cap,
                 now_us - self.settings.job_ttl * 1_000_000,
+                request_id,
             ],
         )
         if answer == -1:

@@ -44,6 +44,7 @@ class JobContext:
         self._rate: float | None = None  # EWMA of progress points per second
         self._sample: tuple[float, float] | None = None  # (time, progress) of the last report
         self.last_report = time.monotonic()  # for the stall check
+        self.log: logging.Logger | logging.LoggerAdapter = log
 
     @property
     def id(self) -> str:

@@ -173,7 +173,7 @@ class ProgressWorker(Worker):
                 now = time.monotonic()
                 for ctx in running:
                     if now - ctx.last_report > self.settings.stall_after and not ctx.doc["stalled"]:
-                        log.info("job %s: no progress for %.0f s, stalled", ctx.id, now - ctx.last_report)
+                        ctx.log.info("job %s: no progress for %.0f s, stalled", ctx.id, now - ctx.last_report)
                         await ctx.mark_stalled()
             except JobEnded:
                 pass
@@ -213,7 +213,7 @@ class ProgressWorker(Worker):
     def _cancel(self, job_id: str) -> None:
         ctx = self.running.get(job_id)
         if ctx is not None and not ctx.cancel_requested:
-            log.info("job %s: cancel requested", job_id)
+            ctx.log.info("job %s: cancel requested", job_id)
             ctx.cancel_requested = True
             if ctx.task is not None:
                 ctx.task.cancel()
@@ -226,12 +226,16 @@ class ProgressWorker(Worker):
         doc, tenant = loaded
         await self.pool.pexpire(in_progress_key_prefix + job_id, int(self.settings.lease * 1000))
         ctx = JobContext(self.store, doc, self.settings.progress_interval, tenant)
+        # every line about this job carries its id, attempt and the request id that submitted it
+        ctx.log = logging.LoggerAdapter(
+            log, {"job_id": job_id, "attempt": attempt, "request_id": await self.store.field(job_id, "rid") or None}
+        )
         self.running[job_id] = ctx
         started = time.monotonic()
         try:
             await self._run(ctx, job_type, attempt, params)
         except JobEnded as e:
-            log.info("job %s: ended elsewhere (%s) while running here", job_id, e)
+            ctx.log.info("job %s: ended elsewhere (%s) while running here", job_id, e)
         finally:
             self.running.pop(job_id, None)
             JOB_SECONDS.labels(job_type.name).observe(time.monotonic() - started)
@@ -245,7 +249,7 @@ class ProgressWorker(Worker):
             await ctx.finish(contract.FAILED, attempt=attempt, error=error("MaxTriesExceeded", message))
             return
         await ctx.write(status=contract.RUNNING, attempt=attempt, started_at=contract.now_iso(), message=None, error=None)
-        log.info("job %s: running %s, attempt %d", job_id, job_type.name, attempt)
+        ctx.log.info("job %s: running %s, attempt %d", job_id, job_type.name, attempt)
         if await self.pool.exists(contract.cancel_key(job_id)):
             ctx.cancel_requested = True
         try:
@@ -258,13 +262,13 @@ class ProgressWorker(Worker):
             contract.dumps(result)
         except asyncio.CancelledError:
             if asyncio.current_task().cancelling():  # this worker is stopping: arq re-queues the job
-                log.info("job %s: worker stopping, re-queued", job_id)
+                ctx.log.info("job %s: worker stopping, re-queued", job_id)
                 await asyncio.shield(ctx.finish(contract.QUEUED, message="worker stopped; job re-queued"))
                 raise
-            log.info("job %s: cancelled", job_id)
+            ctx.log.info("job %s: cancelled", job_id)
             await ctx.finish(contract.CANCELLED, result_ttl=job_type.result_ttl)
         except TimeoutError:
-            log.info("job %s: timed out after %g s", job_id, timeout)
+            ctx.log.info("job %s: timed out after %g s", job_id, timeout)
             ctx.cancel_requested = True  # a sync job's thread stops at its next progress() call
             failure = error("TimeoutError", f"job exceeded its {timeout:g} s timeout")
             await ctx.finish(contract.FAILED, result_ttl=job_type.result_ttl, error=failure)
@@ -273,7 +277,7 @@ class ProgressWorker(Worker):
         except Exception as e:
             await self._failed(ctx, job_type, attempt, e)
         else:
-            log.info("job %s: succeeded", job_id)
+            ctx.log.info("job %s: succeeded", job_id)
             await ctx.finish(contract.SUCCEEDED, result=result, result_ttl=job_type.result_ttl, progress=100.0)
 
     async def _failed(self, ctx: JobContext, job_type: JobType, attempt: int, e: Exception) -> None:
@@ -287,10 +291,10 @@ class ProgressWorker(Worker):
             failure = error(type(e).__name__, str(e), **extra)
         if attempt < job_type.max_tries and not isinstance(e, ValidationError):
             after = e.after if isinstance(e, Retry) and e.after is not None else backoff(job_type.backoff, attempt)
-            log.info("job %s: attempt %d failed (%s); retrying in %.2f s", ctx.id, attempt, failure["type"], after)
+            ctx.log.info("job %s: attempt %d failed (%s); retrying in %.2f s", ctx.id, attempt, failure["type"], after)
             await ctx.finish(contract.QUEUED, message=f"retrying in {after:.1f} s", error=failure)
             raise ArqRetry(defer=after)
-        log.info("job %s: failed: %s: %s", ctx.id, failure["type"], failure["message"])
+        ctx.log.info("job %s: failed: %s: %s", ctx.id, failure["type"], failure["message"])
         await ctx.finish(contract.FAILED, result_ttl=job_type.result_ttl, error=failure)
 
     async def _call(self, job_type: JobType, ctx: JobContext, params: Any) -> Any:
