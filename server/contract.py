@@ -225,13 +225,19 @@ return {1, tonumber(ARGV[2])}
 # idempotency key, a key seen before returns what it remembers ("<job id> <request hash>")
 # instead of creating anything, so concurrent identical requests make exactly one job. A tenant
 # with ``queue cap`` jobs already queued gets -1 and nothing is written.
-# KEYS: job hash, jobs index, arq job key, arq queue, idempotency key, tenant's queued set
+# The submit rate limit is counted here too (as ratelimit.COUNT_SCRIPT does), so a submit is
+# one round trip; over the limit it returns -2 and writes nothing else.
+# KEYS: job hash, jobs index, arq job key, arq queue, idempotency key, tenant's queued set,
+#       the caller's submit-rate counter of this window
 # ARGV: job id, type, packed event, document ttl (s), index score, index trim-below score,
 #       arq job payload, arq job ttl (ms), enqueue time (ms), channel, wake channel,
 #       params JSON, webhook URL ('' for none), idempotency value ('' for no key), its ttl (s),
 #       queue cap (0: none), queued-set trim-below score (entries of jobs that expired queued),
-#       request id (for the worker's logs)
+#       request id (for the worker's logs), submit rate limit, its window (s)
 CREATE_SCRIPT = """
+local submits = redis.call('INCR', KEYS[7])
+if submits == 1 then redis.call('EXPIRE', KEYS[7], ARGV[20]) end
+if submits > tonumber(ARGV[19]) then return -2 end
 if ARGV[14] ~= '' then
   local prior = redis.call('GET', KEYS[5])
   if prior then return prior end

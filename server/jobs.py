@@ -16,12 +16,12 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from server import contract, render, webhooks
+from server import contract, ratelimit, render, webhooks
 from server.auth import TICKET_TTL, Caller
 from server.hub import Event, Mailbox, MailboxClosed
 from server.logs import request_id
 from server.problems import Problem, gone, invalid, not_found
-from server.store import IdempotencyConflict, QueueFull, WriteRefused
+from server.store import IdempotencyConflict, QueueFull, RateLimited, WriteRefused
 
 JSON = "application/json"
 MAX_PAGE = 100
@@ -151,8 +151,6 @@ def depth(value: Any, limit: int) -> int:
 async def submit(request: Request) -> Response:
     caller = await key_holder(request)
     settings = request.app.state.settings
-    async with redis_deadline():
-        await request.app.state.limiter.check("submit", caller.ident, settings.rate_submit)
     payload = await read_json(request)  # not under the Redis deadline: a slow upload is not Redis
     if not isinstance(payload, dict):
         raise invalid("body", "must be a JSON object")
@@ -184,8 +182,11 @@ async def submit(request: Request) -> Response:
     if key is not None and not (0 < len(key) <= 255 and key.isprintable()):
         raise invalid("Idempotency-Key", "must be 1 to 255 printable characters")
     try:
-        async with redis_deadline():
-            doc, _ = await request.app.state.store.create(job_type, params, caller.tenant, webhook, key, request_id.get())
+        rate = (ratelimit.window_key("submit", caller.ident), settings.rate_submit, ratelimit.WINDOW)
+        async with redis_deadline():  # one round trip: rate counter, idempotency, cap, job, enqueue
+            doc, _ = await request.app.state.store.create(job_type, params, caller.tenant, webhook, key, request_id.get(), rate)
+    except RateLimited:
+        raise ratelimit.too_many("submit", settings.rate_submit) from None
     except QueueFull:
         detail = f"At most {settings.queue_cap} jobs may wait in the queue; try again when some have started."
         raise Problem(429, "Queue full", detail, headers={"Retry-After": "5"}) from None

@@ -25,16 +25,24 @@ class RateLimiter:
 
     async def check(self, bucket: str, who: str, limit: int) -> None:
         """Count one request of ``who`` in ``bucket``; 429 with Retry-After once over ``limit``."""
-        now = time.time()
-        window = int(now // WINDOW)
-        count = await self._count(keys=[contract.rate_key(bucket, who, window)], args=[WINDOW])
+        count = await self._count(keys=[window_key(bucket, who)], args=[WINDOW])
         if count > limit:
-            reset = max(1, int((window + 1) * WINDOW - now) + 1)
-            headers = {
-                "Retry-After": str(reset),
-                "RateLimit-Limit": str(limit),
-                "RateLimit-Remaining": "0",
-                "RateLimit-Reset": str(reset),
-                "RateLimit-Policy": f"{limit};w={WINDOW}",
-            }
-            raise Problem(429, "Too many requests", f"At most {limit} {bucket} requests per {WINDOW} s.", headers=headers)
+            raise too_many(bucket, limit)
+
+
+def window_key(bucket: str, who: str) -> str:
+    """The counter of the current window (``COUNT_SCRIPT``; the create script counts submits itself)."""
+    return contract.rate_key(bucket, who, int(time.time() // WINDOW))
+
+
+def too_many(bucket: str, limit: int) -> Problem:
+    now = time.time()
+    reset = max(1, int((now // WINDOW + 1) * WINDOW - now) + 1)
+    headers = {
+        "Retry-After": str(reset),
+        "RateLimit-Limit": str(limit),
+        "RateLimit-Remaining": "0",
+        "RateLimit-Reset": str(reset),
+        "RateLimit-Policy": f"{limit};w={WINDOW}",
+    }
+    return Problem(429, "Too many requests", f"At most {limit} {bucket} requests per {WINDOW} s.", headers=headers)

@@ -27,6 +27,10 @@ class WriteRefused(Exception):
         self.seq, self.state = seq, state
 
 
+class RateLimited(Exception):
+    """The caller used up its submit budget of this window."""
+
+
 class QueueFull(Exception):
     """The tenant already has QUEUE_CAP jobs queued."""
 
@@ -101,12 +105,14 @@ class Store:
         webhook: str | None = None,
         idempotency_key: str | None = None,
         request_id: str = "",
+        rate: tuple[str, int, int] = ("", 0, 0),
     ) -> tuple[dict[str, Any], bool]:
         """Store a queued job of ``tenant`` and enqueue it for arq, atomically (``CREATE_SCRIPT``).
 
         Returns ``(document, created)``: with an ``idempotency_key`` the tenant used before for
         the same request, the existing job's document and False. A key used with another
-        request raises ``IdempotencyConflict``.
+        request raises ``IdempotencyConflict``. ``rate`` is ``(counter key, limit, window s)``
+        of the caller's submits (``RateLimited`` over it); ``QueueFull`` past ``QUEUE_CAP``.
         """
         job_id = contract.new_job_id()
         doc = contract.new_document(job_id, job_type, contract.now_iso())
@@ -124,6 +130,7 @@ class Store:
                 default_queue_name,
                 idem_key,
                 contract.queued_set(tenant),
+                rate[0] or contract.rate_key("submit", "-", 0),
             ],
             args=[
                 job_id,
@@ -144,8 +151,12 @@ class Store:
                 self.settings.queue_cap,
                 now_us - self.settings.job_ttl * 1_000_000,
                 request_id,
+                rate[1] if rate[0] else 1 << 62,
+                rate[2] or 1,
             ],
         )
+        if answer == -2:
+            raise RateLimited()
         if answer == -1:
             raise QueueFull()
         if answer in (1, 0):
