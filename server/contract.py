@@ -132,9 +132,13 @@ def event_name(status: str) -> str:
     return status if status in TERMINAL else "progress"
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def dumps(obj: Any) -> bytes:
-    """Compact JSON; NaN and infinities are refused so every client can parse it."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    """Compact UTF-8 JSON; NaN and infinities are refused so every client can parse it.
+    (One encoder for all calls: ``json.dumps`` with options builds a new one each time.)"""
+    return _ENCODER.encode(obj).encode()
 
 
 class Packed(NamedTuple):

@@ -115,7 +115,7 @@ def strict_json(body: bytes) -> Any:
     keys, no runaway nesting, no lone surrogates (which cannot be stored as UTF-8)."""
     try:
         value = json.loads(body, parse_constant=_reject_constant, parse_float=_finite, object_pairs_hook=_no_duplicate_keys)
-        json.dumps(value, ensure_ascii=False).encode()
+        contract.dumps(value)  # lone surrogates cannot be stored as UTF-8
         return value
     except UnicodeEncodeError:
         raise Problem(400, "Malformed JSON", "strings must be valid Unicode (no lone surrogates)") from None

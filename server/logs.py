@@ -16,6 +16,9 @@ request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", d
 EXTRA_FIELDS = ("request_id", "job_id", "attempt", "client", "status")
 
 
+_ENCODER = json.JSONEncoder()
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = {"ts": self.formatTime(record), "level": record.levelname, "logger": record.name, "msg": record.getMessage()}
@@ -27,7 +30,7 @@ class JsonFormatter(logging.Formatter):
             line["request_id"] = request_id.get()
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
-        return json.dumps(line)
+        return _ENCODER.encode(line)
 
 
 def setup_logging(level: str) -> None:

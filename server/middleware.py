@@ -8,9 +8,9 @@ Credentials in the query string (``token``, ``ticket``) never reach the log.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
-import uuid
 from urllib.parse import parse_qsl, urlencode
 
 from starlette.datastructures import MutableHeaders
@@ -48,7 +48,7 @@ class RequestContext:
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        rid = given if REQUEST_ID_RE.fullmatch(given) else uuid.uuid4().hex
+        rid = given if REQUEST_ID_RE.fullmatch(given) else os.urandom(12).hex()
         reset = request_id.set(rid)
         started = time.perf_counter()
         status = 101 if scope["type"] == "websocket" else 0

@@ -46,7 +46,7 @@ def request_hash(job_type: str, params: dict[str, Any], webhook: str | None) -> 
 
 def job_dumps(obj: Any) -> bytes:
     """arq's job and result serializer: JSON, never pickle."""
-    return json.dumps(obj, separators=(",", ":")).encode()
+    return contract.dumps(obj)
 
 
 def job_loads(raw: bytes) -> Any:
