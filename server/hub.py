@@ -42,6 +42,11 @@ NOTICE_CAP = 16  # undelivered non-event messages (errors) per mailbox  # per ma
 HUB_CHANNEL = contract.PREFIX + "hub"  # always subscribed, so the connection is never idle-empty
 
 
+def sse_frame(event_id: bytes, name: str, data: bytes) -> bytes:
+    """One SSE frame; ``data`` must be one line (JSON, or HTML from ``render.html_bar``)."""
+    return b"id: %s\nevent: %s\ndata: %s\n\n" % (event_id, name.encode(), data)
+
+
 class Event:
     """One change of one job, framed once per transport and shared by every client."""
 
@@ -60,7 +65,7 @@ class Event:
     @property
     def sse(self) -> bytes:
         if self._sse is None:
-            self._sse = b"id: %d\nevent: %s\ndata: %s\n\n" % (self.seq, self.name.encode(), self.doc)
+            self._sse = sse_frame(b"%d" % self.seq, self.name, self.doc)
         return self._sse
 
     @property

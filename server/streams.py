@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
+from operator import attrgetter
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -21,7 +22,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from server import contract, render
-from server.hub import Event, Mailbox, MailboxClosed, Notice, SubscribeTimeout
+from server.hub import Event, Mailbox, MailboxClosed, Notice, SubscribeTimeout, sse_frame
 from server.auth import Caller
 from server.jobs import deadline, int_param, load, reader, redis_deadline
 from server.metrics import STATS
@@ -163,26 +164,31 @@ async def job_events(request: Request) -> Response:
 
     if wants_text(request):
         return TextStream(mailbox, close)
-    html = request.query_params.get("format") == "html"
+    frame = html_frame if request.query_params.get("format") == "html" else attrgetter("sse")
+    return Stream(request, sse_frames(request, mailbox, frame, until_terminal=True), close)
 
-    async def frames() -> AsyncIterator[bytes]:
-        yield retry_frame(request)
-        while True:
-            try:
-                event = await mailbox.get()
-            except MailboxClosed:
-                yield DRAIN_FRAME
-                return
-            delivered["sse"] += 1
-            if html:  # htmx's SSE extension swaps this fragment in
-                fragment = render.html_bar(json.loads(event.doc)).encode()
-                yield b"id: %d\nevent: %s\ndata: %s\n\n" % (event.seq, event.name.encode(), fragment)
-            else:
-                yield event.sse
-            if event.terminal:
-                return
 
-    return Stream(request, frames(), close)
+def html_frame(event: Event) -> bytes:
+    """For htmx's SSE extension, which swaps the fragment in: the bar as HTML instead of JSON."""
+    return sse_frame(b"%d" % event.seq, event.name, render.html_bar(json.loads(event.doc)).encode())
+
+
+async def sse_frames(
+    request: Request, mailbox: Mailbox, frame: Callable[[Event], bytes], until_terminal: bool
+) -> AsyncIterator[bytes]:
+    """The body of an SSE stream: ``retry:``, then ``frame(event)`` for each event, until the
+    final event (per-job streams) or a drain, which ends it with a short ``retry:`` hint."""
+    yield retry_frame(request)
+    while True:
+        try:
+            event = await mailbox.get()
+        except MailboxClosed:
+            yield DRAIN_FRAME
+            return
+        delivered["sse"] += 1
+        yield frame(event)
+        if until_terminal and event.terminal:
+            return
 
 
 def wants_text(request: Request) -> bool:
@@ -264,22 +270,15 @@ async def events(request: Request) -> Response:
         close()
         raise
 
-    async def frames() -> AsyncIterator[bytes]:
-        yield retry_frame(request)
-        while True:
-            try:
-                event = await mailbox.get()
-            except MailboxClosed:
-                yield DRAIN_FRAME
-                return
-            delivered["sse"] += 1
-            seen.pop(event.job_id, None)
-            seen[event.job_id] = event.seq
-            if len(seen) > MAX_JOBS_PER_STREAM:
-                del seen[next(iter(seen))]
-            yield b"id: %s\nevent: %s\ndata: %s\n\n" % (contract.encode_cursor(seen).encode(), event.name.encode(), event.doc)
+    def frame(event: Event) -> bytes:
+        """The frame's id is the resume cursor: the last seq of each job, newest last."""
+        seen.pop(event.job_id, None)
+        seen[event.job_id] = event.seq
+        if len(seen) > MAX_JOBS_PER_STREAM:
+            del seen[next(iter(seen))]
+        return sse_frame(contract.encode_cursor(seen).encode(), event.name, event.doc)
 
-    return Stream(request, frames(), close)
+    return Stream(request, sse_frames(request, mailbox, frame, until_terminal=False), close)
 
 
 class Connection:
