@@ -279,6 +279,16 @@ class _Watch:
             return "retry"
         return "refused"  # the long poll then gives the real answer (e.g. 404) if there is one
 
+    def not_streaming(self, answer: str, response: httpx.Response) -> None:
+        """Act on an SSE answer that is not a stream (its body read): stop (204), fall back to
+        the long poll, or raise so the watch retries."""
+        if answer == "done":  # 204: the caller has the final event already
+            self.stop = True
+        elif answer == "refused":
+            self.sse = False
+        else:
+            raise problem(response)
+
     def parse(self, data: str) -> Any:
         try:
             return json.loads(data)
@@ -382,12 +392,7 @@ class Client:
                 w.healthy()
             else:
                 response.read()
-                if answer == "done":  # 204: the caller has the final event already
-                    w.stop = True
-                elif answer == "refused":
-                    w.sse = False
-                else:
-                    raise problem(response)
+                w.not_streaming(answer, response)
                 return
             parser, fresh = _SSEParser(), False
             for line in response.iter_lines():
@@ -481,12 +486,7 @@ class AsyncClient:
                 w.healthy()
             else:
                 await response.aread()
-                if answer == "done":  # 204: the caller has the final event already
-                    w.stop = True
-                elif answer == "refused":
-                    w.sse = False
-                else:
-                    raise problem(response)
+                w.not_streaming(answer, response)
                 return
             parser, fresh = _SSEParser(), False
             async for line in response.aiter_lines():
