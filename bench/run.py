@@ -278,14 +278,7 @@ class Bench:
         pub = asyncio.create_task(self.publisher.call("publish", rate=rate, duration=duration, timeout=duration + 60))
         try:
             await asyncio.sleep(cfg.warm)
-            await self.each("reset")
-            s0 = Snapshot.take(sum(self.all_pids().values(), []))
-            profile = self.start_profile(scenario, rate) if cfg.profile else None
-            await asyncio.sleep(cfg.measure)
-            s1 = Snapshot.take(sum(self.all_pids().values(), []))
-            replies = await self.each("stats", stop=True)
-            if profile is not None:
-                await self.finish_profile(*profile)
+            s0, s1, replies = await self.measure_window(scenario, rate)
         finally:
             published = await pub
         self.check_servers()
@@ -396,13 +389,13 @@ class Bench:
         self.expected_terminal = [2 * len(p) for p in per]
         try:
             await asyncio.sleep(0.5)
-            s0 = Snapshot.take(sum(self.all_pids().values(), []))
+            s0 = self.snapshot()
             await asyncio.sleep(cfg.idle_hold)
-            s1 = Snapshot.take(sum(self.all_pids().values(), []))
+            s1 = self.snapshot()
             rss1 = sum(rss_kib(p) for p in self.server_pids())
             await self.each("arrivals", start=True)
             await self.each("reset")
-            t_pub = Snapshot.take(sum(self.all_pids().values(), []))
+            t_pub = self.snapshot()
             await self.publisher.call("publish", rate=1, duration=0.2)
             deadline = time.monotonic() + 30
             while True:
@@ -410,7 +403,7 @@ class Bench:
                 if got >= 2 * half or time.monotonic() > deadline:
                     break
                 await asyncio.sleep(0.05)
-            t_done = Snapshot.take(sum(self.all_pids().values(), []))
+            t_done = self.snapshot()
             arrivals = [x for r in await self.each("arrivals", start=False) for x in r["arrivals"]]
             end = await self.finish_jobs()
         finally:
@@ -439,14 +432,7 @@ class Bench:
         await self.each("http_start", host="127.0.0.1", port=self.ports, requests=requests, per_agent=[{"conns": n} for n in per])
         try:
             await asyncio.sleep(cfg.warm)
-            await self.each("reset")
-            s0 = Snapshot.take(sum(self.all_pids().values(), []))
-            profile = self.start_profile(f"{scenario}-{extra.get('variant', 'c')}", conns) if cfg.profile else None
-            await asyncio.sleep(cfg.measure)
-            s1 = Snapshot.take(sum(self.all_pids().values(), []))
-            replies = await self.each("stats", stop=True)
-            if profile is not None:
-                await self.finish_profile(*profile)
+            s0, s1, replies = await self.measure_window(f"{scenario}-{extra.get('variant', 'c')}", conns)
         finally:
             await self.each("http_stop", timeout=30)
         self.check_servers()
@@ -504,10 +490,10 @@ class Bench:
         try:
             await asyncio.sleep(0.5)
             n = self.cfg.start_jobs
-            s0 = Snapshot.take(sum(self.all_pids().values(), []))
+            s0 = self.snapshot()
             reply = await self.agents[0].call("start_latency", timeout=n * 0.05 + 90, host="127.0.0.1", port=self.ports[0], n=n,
                                               interval=0.05, job_type="bench_noop", params={"sleep": 0.05})  # fmt: skip
-            s1 = Snapshot.take(sum(self.all_pids().values(), []))
+            s1 = self.snapshot()
         finally:
             self.children.stop(worker)
             self.flush_redis()
@@ -545,6 +531,23 @@ class Bench:
         return s
 
     # -- profiling ----------------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        """CPU and memory of every process the bench started."""
+        return Snapshot.take(sum(self.all_pids().values(), []))
+
+    async def measure_window(self, label: str, step: float) -> tuple[Snapshot, Snapshot, list[dict[str, Any]]]:
+        """One measured window: counters reset, snapshots around cfg.measure seconds (py-spy on
+        the server during it with --profile), then the agents' stats."""
+        await self.each("reset")
+        s0 = self.snapshot()
+        profile = self.start_profile(label, step) if self.cfg.profile else None
+        await asyncio.sleep(self.cfg.measure)
+        s1 = self.snapshot()
+        replies = await self.each("stats", stop=True)
+        if profile is not None:
+            await self.finish_profile(*profile)
+        return s0, s1, replies
 
     def start_profile(self, scenario: str, rate: float):
         """py-spy on the first server during the measured window (collapsed stacks; speedscope opens them)."""
