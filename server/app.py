@@ -9,9 +9,6 @@ import logging
 import signal
 from pathlib import Path
 
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.applications import Starlette
@@ -23,7 +20,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
-from server import jobs, jobtypes, streams
+from server import connections, jobs, jobtypes, streams
 from server.auth import Auth, parse_keys, shared_secret
 from server.hub import Hub, SubscribeTimeout
 from server.metrics import metrics
@@ -73,21 +70,6 @@ def page(name: str):
     return endpoint
 
 
-def connect(url: str) -> Redis:
-    """A client that retries a command twice on a dropped connection (e.g. after a Redis restart).
-    Retrying is safe for our writes: creation rewrites the same keys and a document write is a
-    compare-and-set, so a second attempt after a lost reply is refused, not applied twice.
-    No per-command timeout: each request bounds all its Redis calls at once (``redis_deadline``)."""
-    retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), 2)
-    return Redis.from_url(
-        url,
-        socket_connect_timeout=2,
-        socket_keepalive=True,
-        retry=retry,
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
-    )
-
-
 def drain_on_signals(hub: Hub) -> None:
     """On SIGTERM/SIGINT, end every stream at once (then run uvicorn's own handler, which waits
     for connections to finish). Without this, uvicorn would wait out its graceful timeout on
@@ -108,14 +90,22 @@ def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings.from_env()
     registry = load(settings.jobs_module)
     parse_keys(settings.api_keys)  # refuse a malformed API_KEYS at start-up
+    try:
+        connections.sentinel_target(settings.redis_url)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     origins = {o.strip().rstrip("/") for o in settings.allowed_origins.split(",") if o.strip()}
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
-        redis = connect(settings.redis_url)
+        # Commands are retried twice on a dropped connection (e.g. a Redis restart or failover).
+        # That is safe for our writes: creation rewrites the same keys and a document write is a
+        # compare-and-set, so a second attempt after a lost reply is refused, not applied twice.
+        # No per-command timeout: each request bounds all its Redis calls (``redis_deadline``).
+        redis = connections.client(settings.redis_url, retries=2)
         store = Store(redis, settings)
         # the hub's own client, without retries: it must see every lost connection to resync
-        hub_redis = Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_keepalive=True)
+        hub_redis = connections.client(settings.redis_url)
         hub = Hub(hub_redis, store)
         app.state.settings, app.state.registry, app.state.store, app.state.hub = settings, registry, store, hub
         app.state.auth = Auth(settings, await shared_secret(settings, redis), redis)

@@ -45,11 +45,14 @@ def free_port() -> int:
 class RedisProcess:
     """A ``redis-server`` child process; ``start()`` returns once it answers PING."""
 
-    def __init__(self, data_dir: str | Path, port: int | None = None, appendonly: bool = True, password: str = "") -> None:
+    def __init__(
+        self, data_dir: str | Path, port: int | None = None, appendonly: bool = True, password: str = "", args: tuple[str, ...] = ()
+    ) -> None:
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.appendonly = appendonly
         self.password = password
+        self.args = args  # more server options, e.g. ("--replicaof", "127.0.0.1 6379")
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -69,7 +72,7 @@ class RedisProcess:
             "--appendfsync", "everysec",
             "--protected-mode", "yes",
             "--logfile", str(self.data_dir / "redis.log"),
-        ] + (["--requirepass", self.password] if self.password else [])  # fmt: skip
+        ] + (["--requirepass", self.password] if self.password else []) + list(self.args)  # fmt: skip
         with open(self.data_dir / "redis.stderr", "ab") as stderr:
             self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=stderr)
         deadline = time.monotonic() + timeout

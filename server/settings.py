@@ -9,6 +9,8 @@ from dataclasses import dataclass, fields
 @dataclass(frozen=True)
 class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_wait_replicas: int = -1  # replicas that must have a 202'd job or final state (WAIT); -1: 1 with Sentinel, else 0
+    redis_wait_ms: int = 500  # how long such a write waits for them before going on anyway
     host: str = "127.0.0.1"
     port: int = 8000
     api_keys: str = ""  # tenant:key,tenant:key ; empty: keyless dev mode (every caller is one tenant)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from typing import Any
 
@@ -17,8 +18,10 @@ from arq.constants import default_queue_name, expires_extra_ms, in_progress_key_
 from arq.jobs import serialize_job
 from redis.asyncio import Redis
 
-from server import contract
+from server import connections, contract
 from server.settings import Settings
+
+log = logging.getLogger("server")
 
 
 class WriteRefused(Exception):
@@ -68,6 +71,22 @@ class Store:
         self._write = redis.register_script(contract.WRITE_SCRIPT)
         self._create = redis.register_script(contract.CREATE_SCRIPT)
         self._reopen = redis.register_script(contract.REOPEN_SCRIPT)
+        self.replicas = settings.redis_wait_replicas
+        if self.replicas < 0:  # auto: one with Sentinel (which has replicas to fail over to)
+            self.replicas = 1 if connections.sentinel_target(settings.redis_url) else 0
+        self._warned = 0.0
+
+    async def _replicated(self) -> None:
+        """Hold an acknowledgement (a 202, a final state) until ``replicas`` replicas have the
+        write, so a failover cannot lose it. Redis replication is asynchronous; WAIT narrows
+        the window to a write whose replica did not answer within ``REDIS_WAIT_MS``, which we
+        accept (and log) rather than refuse service while a replica is down."""
+        if not self.replicas:
+            return
+        acked = await self.redis.wait(self.replicas, self.settings.redis_wait_ms)
+        if acked < self.replicas and time.monotonic() - self._warned > 60:
+            self._warned = time.monotonic()
+            log.warning("only %d of %d replicas acknowledged a write within %d ms", acked, self.replicas, self.settings.redis_wait_ms)
 
     async def read(self, job_id: str) -> bytes | None:
         """The job's packed event (``contract.unpack`` it), or None."""
@@ -160,6 +179,7 @@ class Store:
         if answer == -1:
             raise QueueFull()
         if answer in (1, 0):
+            await self._replicated()
             return doc, True
         prior_id, _, prior_hash = _decode(answer).partition(" ")
         if prior_id == job_id:  # our own earlier attempt, whose reply was lost
@@ -218,6 +238,8 @@ class Store:
         if not ok:
             seq, state = stored
             raise WriteRefused(int(seq), _decode(state))
+        if terminal:
+            await self._replicated()
         return new
 
     async def reopen(self, doc: dict[str, Any], tenant: str) -> dict[str, Any]:
@@ -265,4 +287,5 @@ class Store:
         if not ok:
             seq, state = stored
             raise WriteRefused(int(seq), _decode(state))
+        await self._replicated()
         return new

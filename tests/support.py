@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -125,9 +126,10 @@ def _healthy(server: Proc) -> bool:
         return False
 
 
-def start_worker(redis_url: str, tmp: Path, name: str = "worker", **settings: Any) -> Proc:
-    """Start a worker and return once it listens for wake-ups (it then starts jobs at once)."""
-    client = redis.Redis.from_url(redis_url)
+def start_worker(redis_url: str, tmp: Path, name: str = "worker", probe_url: str = "", **settings: Any) -> Proc:
+    """Start a worker and return once it listens for wake-ups (it then starts jobs at once).
+    ``probe_url`` is a plain URL of the same Redis, to look for that (for a Sentinel ``redis_url``)."""
+    client = redis.Redis.from_url(probe_url or redis_url)
     before = client.pubsub_numsub(contract.WAKE_CHANNEL)[0][1]
     worker = Proc("worker", process_env(redis_url, **settings), tmp / f"{name}-{time.monotonic_ns()}.log").start()
 
@@ -186,6 +188,30 @@ async def watch_sse(client: httpx.AsyncClient, url: str, headers: dict[str, str]
             if isinstance(item, SSE):
                 out.append(item)
     return out
+
+
+async def watch_with_retries(client: httpx.AsyncClient, servers: list, job: dict, deadline: float) -> list[dict]:
+    """Like a browser: on any failure, reconnect to some live server from the last seq seen."""
+    docs: list[dict] = []
+    loop = asyncio.get_running_loop()
+    while loop.time() < deadline:
+        base = random.choice([s for s in servers if s.alive()]).url
+        headers = {"Last-Event-ID": str(docs[-1]["seq"])} if docs else {}
+        try:
+            async with asyncio.timeout(max(0.1, deadline - loop.time())), client.stream("GET", base + job["links"]["events"], headers=headers) as r:
+                if r.status_code == 204:
+                    return docs
+                if r.status_code != 200:
+                    await asyncio.sleep(0.2)
+                    continue
+                async for item in sse_frames(r):
+                    if isinstance(item, SSE):
+                        docs.append(item.doc)
+                        if item.event in ("succeeded", "failed", "cancelled"):
+                            return docs
+        except (httpx.HTTPError, TimeoutError):
+            await asyncio.sleep(0.2)
+    raise AssertionError(f"watcher of {job['id']} did not reach a final state; saw {[(d['seq'], d['status']) for d in docs]}")
 
 
 async def submit(client: httpx.AsyncClient, base: str, **params: Any) -> dict[str, Any]:

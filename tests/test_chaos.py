@@ -20,35 +20,11 @@ import pytest
 import redis
 
 from server.devredis import RedisProcess
-from support import SSE, sse_frames, start_server, start_worker
+from support import start_server, start_worker, watch_with_retries
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 JOBS = 40
-
-
-async def watch_with_retries(client: httpx.AsyncClient, servers: list, job: dict, deadline: float) -> list[dict]:
-    """Like a browser: on any failure, reconnect to some live server from the last seq seen."""
-    docs: list[dict] = []
-    loop = asyncio.get_running_loop()
-    while loop.time() < deadline:
-        base = random.choice([s for s in servers if s.alive()]).url
-        headers = {"Last-Event-ID": str(docs[-1]["seq"])} if docs else {}
-        try:
-            async with asyncio.timeout(max(0.1, deadline - loop.time())), client.stream("GET", base + job["links"]["events"], headers=headers) as r:
-                if r.status_code == 204:
-                    return docs
-                if r.status_code != 200:
-                    await asyncio.sleep(0.2)
-                    continue
-                async for item in sse_frames(r):
-                    if isinstance(item, SSE):
-                        docs.append(item.doc)
-                        if item.event in ("succeeded", "failed", "cancelled"):
-                            return docs
-        except (httpx.HTTPError, TimeoutError):
-            await asyncio.sleep(0.2)
-    raise AssertionError(f"watcher of {job['id']} did not reach a final state; saw {[(d['seq'], d['status']) for d in docs]}")
 
 
 async def test_faults_lose_nothing(tmp_path, capsys):

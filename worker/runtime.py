@@ -27,13 +27,15 @@ from typing import Any
 
 from arq import Retry as ArqRetry
 from arq import Worker
-from arq.connections import RedisSettings, create_pool
+from arq.connections import create_pool
 from arq.constants import in_progress_key_prefix
 from arq.worker import func
 from prometheus_client import Counter, Histogram
 from pydantic import ValidationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from server import contract
+from server import connections, contract
 from server.settings import Settings
 from server.store import Store, WriteRefused, job_dumps, job_loads
 from worker import webhooks
@@ -80,7 +82,7 @@ class ProgressWorker(Worker):
         )
         super().__init__(
             functions,
-            redis_settings=RedisSettings.from_dsn(settings.redis_url),
+            redis_settings=connections.arq_settings(settings.redis_url),
             max_jobs=settings.worker_concurrency,
             keep_result=0,  # results live in our own keys, as JSON
             job_serializer=job_dumps,
@@ -114,11 +116,36 @@ class ProgressWorker(Worker):
         self._listener = asyncio.create_task(self._listen())
         self._heartbeat = asyncio.create_task(self._beat())
         log.info("worker ready for job types: %s", ", ".join(self.registry))
+        backoff = 0.1
         while True:
             self._wake.clear()
-            await self._poll_iteration()
+            try:
+                await self._poll_iteration()
+                backoff = 0.1
+            except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+                # arq would end the worker here, which then waits for its running jobs before
+                # the supervisor restarts it: no new job would start for that long. Keep polling
+                # (with a back-off) while Redis restarts or fails over; the running jobs go on.
+                log.warning("polling the queue failed (%s); again in %.1f s", e, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_delay_s)
+
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        """arq takes a slot (``job_counter`` and ``sem``) for a job before the Redis calls that
+        claim it, and does not give the slot back when one of them raises a connection error.
+        Give it back, so polling can go on after the error. A job this worker is still running
+        is not claimed again, even when its lease lapsed while Redis was away."""
+        mine = {job_id for job_id, task in self.tasks.items() if not task.done()}
+        job_ids = [j for j in job_ids if j.decode() not in mine]  # our lease lapsed in an outage
+        try:
+            await super().start_jobs(job_ids)
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            self.job_counter -= 1
+            self.sem.release()
+            raise
 
     async def _connect(self):
         return await create_pool(
@@ -168,7 +195,8 @@ class ProgressWorker(Worker):
                 if running:
                     async with self.pool.pipeline(transaction=False) as pipe:
                         for ctx in running:
-                            pipe.pexpire(in_progress_key_prefix + ctx.id, lease_ms)
+                            # SET, not PEXPIRE: a lease that lapsed in a Redis outage is taken back
+                            pipe.set(in_progress_key_prefix + ctx.id, b"1", px=lease_ms)
                         await pipe.execute()
                 now = time.monotonic()
                 for ctx in running:
