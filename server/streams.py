@@ -439,6 +439,12 @@ def origin_allowed(ws: WebSocket) -> bool:
 
 
 async def websocket(ws: WebSocket) -> None:
+    # uvicorn answers HTTP requests past MAX_CONNECTIONS with 503 but lets WebSocket upgrades
+    # through: refuse those here, before the handshake, in the same way
+    if sum(STATS.connections.values()) >= ws.app.state.settings.max_connections:
+        log.warning("websocket refused: MAX_CONNECTIONS streams open")
+        full = Problem(503, "Server full", "This server holds MAX_CONNECTIONS connections; try again.", headers={"Retry-After": "5"})
+        return await ws.send_denial_response(full.response())
     if not origin_allowed(ws):
         log.info("websocket refused: origin %r not allowed", ws.headers.get("origin"))
         return await ws.close(1008)  # before accept: the handshake is answered 403
