@@ -20,7 +20,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
-from server import connections, jobs, jobtypes, streams
+from server import connections, direct, jobs, jobtypes, streams
 from server.auth import Auth, parse_keys, shared_secret
 from server.hub import Hub, SubscribeTimeout
 from server.metrics import metrics
@@ -86,7 +86,13 @@ def drain_on_signals(hub: Hub) -> None:
         signal.signal(sig, handler)
 
 
-def create_app(settings: Settings | None = None) -> Starlette:
+class App(Starlette):
+    async def __call__(self, scope, receive, send) -> None:
+        direct.remember(scope, send)  # before any middleware wraps ``send``
+        await super().__call__(scope, receive, send)
+
+
+def create_app(settings: Settings | None = None) -> App:
     settings = settings or Settings.from_env()
     registry = load(settings.jobs_module)
     parse_keys(settings.api_keys)  # refuse a malformed API_KEYS at start-up
@@ -168,4 +174,4 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 max_age=600,
             )
         )
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers, middleware=middleware)
+    return App(routes=routes, lifespan=lifespan, exception_handlers=handlers, middleware=middleware)

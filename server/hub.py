@@ -23,7 +23,7 @@ import contextlib
 import logging
 import time
 from datetime import datetime
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from redis.asyncio import Redis
 
@@ -50,13 +50,15 @@ def sse_frame(event_id: bytes, name: str, data: bytes) -> bytes:
 class Event:
     """One change of one job, framed once per transport and shared by every client."""
 
-    __slots__ = ("job_id", "seq", "name", "tenant", "doc", "_sse", "_ws")
+    __slots__ = ("job_id", "seq", "name", "tenant", "doc", "_sse", "_ws", "_sse_chunk", "_ws_frame")
 
     def __init__(self, job_id: str, raw: bytes) -> None:
         self.job_id = job_id
         self.seq, self.name, self.tenant, self.doc = contract.unpack(raw)
         self._sse: bytes | None = None
         self._ws: str | None = None
+        self._sse_chunk: bytes | None = None
+        self._ws_frame: bytes | None = None
 
     @property
     def terminal(self) -> bool:
@@ -73,6 +75,29 @@ class Event:
         if self._ws is None:
             self._ws = '{"event":"%s","job":%s}' % (self.name, self.doc.decode())
         return self._ws
+
+    @property
+    def sse_chunk(self) -> bytes:
+        """The SSE frame as one HTTP/1.1 chunk, for ``server.direct``."""
+        if self._sse_chunk is None:
+            frame = self.sse
+            self._sse_chunk = b"%x\r\n%s\r\n" % (len(frame), frame)
+        return self._sse_chunk
+
+    @property
+    def ws_frame(self) -> bytes:
+        """``ws`` as a whole WebSocket text frame (unmasked, as a server sends), for ``server.direct``."""
+        if self._ws_frame is None:
+            payload = self.ws.encode()
+            n = len(payload)
+            if n < 126:
+                head = bytes((0x81, n))
+            elif n < 1 << 16:
+                head = bytes((0x81, 126)) + n.to_bytes(2, "big")
+            else:
+                head = bytes((0x81, 127)) + n.to_bytes(8, "big")
+            self._ws_frame = head + payload
+        return self._ws_frame
 
 
 class Notice:
@@ -91,7 +116,7 @@ class MailboxClosed(Exception):
 class Mailbox:
     """The newest undelivered event per job, for one client connection."""
 
-    __slots__ = ("_pending", "_seen", "_waiter", "conflated", "closed")
+    __slots__ = ("_pending", "_seen", "_waiter", "conflated", "closed", "direct")
 
     def __init__(self) -> None:
         self._pending: dict[str, Event] = {}
@@ -99,6 +124,9 @@ class Mailbox:
         self._waiter: asyncio.Future | None = None
         self.conflated = 0
         self.closed = False
+        # set by the stream once its client is connected: writes an event at once if it can
+        # (``server.direct``); used only while the consumer waits with nothing queued
+        self.direct: Callable[[Event], bool] | None = None
 
     def close(self) -> None:
         self.closed = True
@@ -114,6 +142,16 @@ class Mailbox:
         if event.seq <= self._seen.get(event.job_id, 0):
             return
         self._remember(event.job_id, event.seq)
+        waiter = self._waiter
+        if (
+            waiter is not None
+            and not waiter.done()
+            and not self._pending
+            and self.direct is not None
+            and not event.terminal  # the consumer ends or unwatches on it: give it the usual way
+            and self.direct(event)
+        ):
+            return
         if event.job_id in self._pending:
             self.conflated += 1
             STATS.conflated += 1

@@ -21,7 +21,7 @@ from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from server import contract, render
+from server import contract, direct, render
 from server.hub import Event, Mailbox, MailboxClosed, Notice, SubscribeTimeout, sse_frame
 from server.auth import Caller
 from server.jobs import deadline, int_param, load, reader, redis_deadline
@@ -164,8 +164,10 @@ async def job_events(request: Request) -> Response:
 
     if wants_text(request):
         return TextStream(mailbox, close)
-    frame = html_frame if request.query_params.get("format") == "html" else attrgetter("sse")
-    return Stream(request, sse_frames(request, mailbox, frame, until_terminal=True), close)
+    if request.query_params.get("format") == "html":
+        return Stream(request, sse_frames(request, mailbox, html_frame, until_terminal=True), close)
+    mailbox.direct = direct.sse_writer(request.scope)
+    return Stream(request, sse_frames(request, mailbox, attrgetter("sse"), until_terminal=True), close)
 
 
 def html_frame(event: Event) -> bytes:
@@ -291,6 +293,7 @@ class Connection:
         self.caller = caller
         self.granted: dict[str, str] = {}  # job -> tenant, opened by tokens sent with a subscribe
         self.mailbox = Mailbox()
+        self.mailbox.direct = direct.ws_writer(ws.scope)
         self.jobs: set[str] = set()
         self.all = False
 

@@ -1,0 +1,82 @@
+"""Direct delivery: an event's bytes written straight to an idle client's socket.
+
+Every watcher of a job gets the same bytes: the WebSocket frame (server frames are not masked)
+and the SSE chunk are built once per event (``Event.ws_frame``, ``Event.sse_chunk``). Sending
+them through ASGI costs, per client, a task wake-up, the ASGI message, Starlette's and uvicorn's
+send wrappers and the framing again: most of the CPU of a delivery. So when a client is idle
+(its writer waits on an empty mailbox and its socket buffer is empty) ``Mailbox.put`` hands the
+event to the writer made here, which writes the bytes in the hub's own loop iteration. Anything
+else takes the ordinary path: a client with unsent bytes (back-pressure, conflation and the slow
+client reaper apply), a notice, a job's final event (which also ends or unwatches a stream), a
+server or protocol other than uvicorn's httptools and websockets-sansio ones.
+
+Uvicorn hands the app a bound ``send`` of its WebSocket protocol or HTTP request cycle;
+``remember``, called before any middleware wraps ``send``, keeps that object in the scope.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.protocol import State
+
+from server.metrics import STATS
+
+if TYPE_CHECKING:
+    from server.hub import Event
+
+SCOPE_KEY = "progress.uvicorn"
+Writer = Callable[["Event"], bool]
+delivered = STATS.delivered
+
+
+def remember(scope: dict[str, Any], send: Any) -> None:
+    """Called first for each connection (``server.app.App``): keep uvicorn's protocol or request
+    cycle whose bound method ``send`` is."""
+    owner = getattr(send, "__self__", None)
+    if isinstance(owner, (RequestResponseCycle, WebSocketsSansIOProtocol)):
+        scope[SCOPE_KEY] = owner
+
+
+def ws_writer(scope: dict[str, Any]) -> Writer | None:
+    """For an accepted WebSocket: write an event's text frame if the socket is open and idle."""
+    proto = scope.get(SCOPE_KEY)
+    if not isinstance(proto, WebSocketsSansIOProtocol):
+        return None
+    transport, conn = proto.transport, proto.conn
+
+    def write(event: Event) -> bool:
+        if conn.state is not State.OPEN or proto.close_sent or transport.is_closing() or transport.get_write_buffer_size():
+            return False
+        transport.write(event.ws_frame)
+        delivered["ws"] += 1
+        return True
+
+    return write
+
+
+def sse_writer(scope: dict[str, Any]) -> Writer | None:
+    """For an SSE response: write an event's chunk once the response is under way (chunked,
+    not finished) and the socket is idle."""
+    cycle = scope.get(SCOPE_KEY)
+    if not isinstance(cycle, RequestResponseCycle):
+        return None
+    transport = cycle.transport
+
+    def write(event: Event) -> bool:
+        if (
+            cycle.chunked_encoding is not True
+            or cycle.response_complete
+            or cycle.disconnected
+            or transport.is_closing()
+            or transport.get_write_buffer_size()
+        ):
+            return False
+        transport.write(event.sse_chunk)
+        delivered["sse"] += 1
+        return True
+
+    return write
