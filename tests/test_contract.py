@@ -1,5 +1,6 @@
 """The shared contract, without I/O: document shape, event packing, ids, cursors."""
 
+import asyncio
 import json
 import re
 
@@ -96,3 +97,52 @@ async def test_mailbox_expect_skips_what_the_client_has():
     box.put(event("j_a", 10))
     box.put(event("j_a", 11))
     assert (await box.get()).seq == 11
+
+
+def test_event_ws_frame_and_sse_chunk_are_whole_frames():
+    """The pre-framed bytes written by server.direct: an unmasked final text frame with the
+    right length form, and one HTTP/1.1 chunk holding the SSE frame."""
+    for size in (10, 200, 70_000):  # 7-bit, 16-bit and 64-bit payload lengths
+        doc = contract.new_document("j_a", "demo", "t") | {"seq": 3, "message": "x" * size}
+        ev = Event("j_a", contract.pack(doc, ""))
+        payload = ev.ws.encode()
+        frame = ev.ws_frame
+        assert frame[0] == 0x81 and not frame[1] & 0x80  # FIN + text, no mask
+        length, start = frame[1], 2
+        if length == 126:
+            length, start = int.from_bytes(frame[2:4], "big"), 4
+        elif length == 127:
+            length, start = int.from_bytes(frame[2:10], "big"), 10
+        assert length == len(payload) and frame[start:] == payload
+        size_line, _, rest = ev.sse_chunk.partition(b"\r\n")
+        assert int(size_line, 16) == len(ev.sse) and rest == ev.sse + b"\r\n"
+
+
+@pytest.mark.anyio
+async def test_mailbox_writes_directly_only_to_an_idle_consumer():
+    """put() hands an event to the direct writer only while the consumer waits on an empty
+    mailbox; a refused write, anything queued, and final events take the mailbox."""
+    box = Mailbox()
+    written: list[int] = []
+    accept = True
+
+    def write(ev: Event) -> bool:
+        if accept:
+            written.append(ev.seq)
+        return accept
+
+    box.direct = write
+    box.put(event("j_a", 1))  # no consumer waiting yet: queued
+    assert written == [] and (await box.get()).seq == 1
+    consumer = asyncio.ensure_future(box.get())
+    await asyncio.sleep(0)  # the consumer now waits
+    box.put(event("j_a", 2))
+    assert written == [2] and not consumer.done()
+    accept = False  # e.g. the socket has unsent bytes
+    box.put(event("j_a", 3))
+    assert (await consumer).seq == 3
+    consumer = asyncio.ensure_future(box.get())
+    await asyncio.sleep(0)
+    accept = True
+    box.put(event("j_a", 4, "succeeded"))  # final: the consumer must see it
+    assert (await consumer).seq == 4 and written == [2]
