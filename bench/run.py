@@ -114,7 +114,7 @@ class Bench:
             # every client of the bench is one IP and one (keyless) caller: lift the per-caller
             # limits (the limiter still runs) so they measure the server, not the abuse guard
             "RATE_SUBMIT": "100000000", "RATE_POLL": "100000000", "MAX_STREAMS_PER_CLIENT": "1000000",
-            "MAX_CONNECTIONS": "1000000",
+            "MAX_CONNECTIONS": "1000000", "QUEUE_CAP": "0",  # submit steps queue tens of thousands
         })  # fmt: skip
         env.update({k.upper(): str(v) for k, v in extra.items()})
         return env
