@@ -18,6 +18,7 @@ import time
 import httpx
 import pytest
 
+from server.devredis import RedisProcess
 from support import start_server
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -52,13 +53,15 @@ async def open_stream(port: int, job_id: str, kind: str) -> tuple[bytes, asyncio
     return head, reader, writer
 
 
-async def test_ten_thousand_idle_connections_and_the_limit(tmp_path, redis_server):
+async def test_ten_thousand_idle_connections_and_the_limit(tmp_path):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < IDLE + 2_000:
         pytest.skip(f"open-file limit {hard} is below {IDLE + 2_000}")
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the server inherits it too
-    server = start_server(redis_server.url, tmp_path, max_connections=LIMIT, max_streams_per_client=2 * IDLE, rate_poll=100_000)
+    redis = RedisProcess(tmp_path / "redis").start()  # its own: no worker may run these jobs
+    server = start_server(redis.url, tmp_path, max_connections=LIMIT, max_streams_per_client=2 * IDLE, rate_poll=100_000)
     held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, str]] = []
+    extra: list[asyncio.StreamWriter] = []
     try:
         async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
             jobs = []
@@ -88,7 +91,6 @@ async def test_ten_thousand_idle_connections_and_the_limit(tmp_path, redis_serve
 
             # past the limit: 503 for a new stream and a new WebSocket; the server lives
             refused = {}
-            extra = []
             for kind in ("sse", "ws"):
                 for _ in range(2 * (LIMIT - IDLE)):
                     head, reader, writer = await open_stream(server.port, jobs[0], kind)
@@ -101,6 +103,7 @@ async def test_ten_thousand_idle_connections_and_the_limit(tmp_path, redis_serve
             assert server.alive()
             for writer in extra:
                 writer.close()
+            await asyncio.gather(*(w.wait_closed() for w in extra), return_exceptions=True)
             # room again: served again (uvicorn counts a closed connection out at once)
             ok = False
             deadline = time.monotonic() + 10
@@ -121,6 +124,10 @@ async def test_ten_thousand_idle_connections_and_the_limit(tmp_path, redis_serve
         print(f"\n{IDLE} idle: connected in {connect_s:.1f} s; /healthz + POST while held {answer_s * 1000:.0f} ms; "
               f"cancel of {JOBS} jobs reached all in {fanout_s:.2f} s")  # fmt: skip
     finally:
-        for _, writer, _ in held:
+        # close every socket while the loop runs (else they are collected after it is gone)
+        writers = [w for _, w, _ in held] + extra
+        for writer in writers:
             writer.close()
+        await asyncio.wait_for(asyncio.gather(*(w.wait_closed() for w in writers), return_exceptions=True), 30)
         server.stop()
+        redis.stop()
