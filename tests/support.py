@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import os
 import random
@@ -212,6 +213,25 @@ async def watch_with_retries(client: httpx.AsyncClient, servers: list, job: dict
         except (httpx.HTTPError, TimeoutError):
             await asyncio.sleep(0.2)
     raise AssertionError(f"watcher of {job['id']} did not reach a final state; saw {[(d['seq'], d['status']) for d in docs]}")
+
+
+def tally(store: redis.Redis, jobs: list[dict[str, Any]], seen: list[list[dict[str, Any]]]) -> tuple[collections.Counter, int, int]:
+    """Jepsen-style count of a fault test: ``(final states, re-runs (attempt > 1), lost)`` from the
+    stored documents. Each watcher's ``seen`` must have seq strictly rising, exactly one final
+    event, and end at the stored final seq."""
+    finals: collections.Counter = collections.Counter()
+    reruns = 0
+    for job, docs in zip(jobs, seen):
+        raw = store.hget(contract.job_key(job["id"]), "ev")
+        assert raw is not None, f"job {job['id']} lost"
+        final = json.loads(contract.unpack(raw).doc)
+        finals[final["status"]] += 1
+        reruns += final["attempt"] > 1
+        seqs = [d["seq"] for d in docs]
+        assert seqs == sorted(set(seqs)), f"{job['id']}: seq repeated or went back: {seqs}"
+        assert [d["status"] for d in docs].count(final["status"]) >= 1 and docs[-1]["seq"] == final["seq"]
+        assert sum(d["status"] in TERMINAL for d in docs) == 1
+    return finals, reruns, len(jobs) - sum(finals.values())
 
 
 async def submit(client: httpx.AsyncClient, base: str, **params: Any) -> dict[str, Any]:

@@ -10,8 +10,6 @@ never repeated or went back, and duplicate executions (allowed: at-least-once) a
 from __future__ import annotations
 
 import asyncio
-import collections
-import json
 import random
 import signal
 
@@ -20,7 +18,7 @@ import pytest
 import redis
 
 from server.devredis import RedisProcess
-from support import start_server, start_worker, watch_with_retries
+from support import start_server, start_worker, tally, watch_with_retries
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -55,20 +53,7 @@ async def test_faults_lose_nothing(tmp_path, capsys):
 
             seen = await asyncio.wait_for(watching, 150)
 
-        store = redis.Redis.from_url(r.url)
-        finals = collections.Counter()
-        duplicates = 0
-        for job, docs in zip(jobs, seen):
-            raw = store.hget(f"progress:job:{job['id']}", "ev")
-            assert raw is not None, f"job {job['id']} lost"
-            final = json.loads(raw.split(b"\n", 1)[1])
-            finals[final["status"]] += 1
-            duplicates += final["attempt"] > 1
-            seqs = [d["seq"] for d in docs]
-            assert seqs == sorted(set(seqs)), f"{job['id']}: seq repeated or went back: {seqs}"
-            assert [d["status"] for d in docs].count(final["status"]) >= 1 and docs[-1]["seq"] == final["seq"]
-            assert sum(d["status"] in ("succeeded", "failed", "cancelled") for d in docs) == 1
-        lost = JOBS - sum(finals.values())
+        finals, duplicates, lost = tally(redis.Redis.from_url(r.url), jobs, seen)
         with capsys.disabled():
             print(f"\nchaos: accepted={JOBS} final={dict(finals)} re-run (attempt>1)={duplicates} lost={lost}")
         assert lost == 0 and finals["succeeded"] == JOBS

@@ -10,8 +10,6 @@ every watcher must see that exactly once with seq never repeating or going back.
 from __future__ import annotations
 
 import asyncio
-import collections
-import json
 import random
 import subprocess
 import time
@@ -24,7 +22,7 @@ import redis
 
 from server import connections
 from server.devredis import RedisProcess, find_binary, free_port
-from support import start_server, start_worker, wait_until, watch_with_retries
+from support import start_server, start_worker, tally, wait_until, watch_with_retries
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -124,20 +122,7 @@ async def test_failover_loses_nothing(tmp_path, capsys):
             jobs += later
             seen = await asyncio.wait_for(asyncio.gather(*watchers), 90)
 
-        store = redis.Redis(port=replica.port)
-        finals = collections.Counter()
-        reruns = 0
-        for job, docs in zip(jobs, seen):
-            raw = store.hget(f"progress:job:{job['id']}", "ev")
-            assert raw is not None, f"job {job['id']} lost"
-            final = json.loads(raw.split(b"\n", 1)[1])
-            finals[final["status"]] += 1
-            reruns += final["attempt"] > 1
-            seqs = [d["seq"] for d in docs]
-            assert seqs == sorted(set(seqs)), f"{job['id']}: seq repeated or went back: {seqs}"
-            assert docs[-1]["seq"] == final["seq"]
-            assert sum(d["status"] in ("succeeded", "failed", "cancelled") for d in docs) == 1
-        lost = len(jobs) - sum(finals.values())
+        finals, reruns, lost = tally(redis.Redis(port=replica.port), jobs, seen)
         with capsys.disabled():
             print(
                 f"\nsentinel failover: promoted after {promoted:.1f} s; accepted={len(jobs)} "
