@@ -134,14 +134,7 @@ def create_app(settings: Settings | None = None) -> App:
             await redis.aclose()
             await hub_redis.aclose()
 
-    routes = [
-        Route("/", page("index.html")),
-        Route("/dashboard", page("dashboard.html")),
-        Route("/healthz", healthz),
-        Route("/readyz", readyz),
-        Route("/metrics", metrics),
-        Route("/openapi.json", openapi),
-        Route("/docs", page("docs.html")),
+    routes = [  # the busiest first: Starlette tries them in order
         Route("/jobs", jobs.submit, methods=["POST"]),
         Route("/jobs", jobs.list_jobs, methods=["GET"]),
         Route("/jobs/{job_id}", jobs.status, methods=["GET"]),
@@ -153,6 +146,13 @@ def create_app(settings: Settings | None = None) -> App:
         Route("/jobs/{job_id}/events", streams.job_events),
         Route("/events", streams.events),
         WebSocketRoute("/ws", streams.websocket),
+        Route("/", page("index.html")),
+        Route("/dashboard", page("dashboard.html")),
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/metrics", metrics),
+        Route("/openapi.json", openapi),
+        Route("/docs", page("docs.html")),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
     handlers = {

@@ -7,6 +7,7 @@ import contextlib
 import functools
 import json
 import math
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -110,12 +111,16 @@ def _finite(text: str) -> float:
     return value
 
 
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # only an escape can give a lone surrogate
+
+
 def strict_json(body: bytes) -> Any:
     """Parse a request body: no NaN/Infinity (nor numbers that overflow to it), no duplicate
     keys, no runaway nesting, no lone surrogates (which cannot be stored as UTF-8)."""
     try:
         value = json.loads(body, parse_constant=_reject_constant, parse_float=_finite, object_pairs_hook=_no_duplicate_keys)
-        contract.dumps(value)  # lone surrogates cannot be stored as UTF-8
+        if SURROGATE_ESCAPE.search(body):
+            contract.dumps(value)  # a lone surrogate cannot be encoded to UTF-8
         return value
     except UnicodeEncodeError:
         raise Problem(400, "Malformed JSON", "strings must be valid Unicode (no lone surrogates)") from None
@@ -164,7 +169,8 @@ async def submit(request: Request) -> Response:
     params = payload.get("params", {})
     if not isinstance(params, dict):
         raise invalid("params", "must be a JSON object")
-    if len(contract.dumps(params)) > settings.params_max_bytes:
+    params_json = contract.dumps(params)
+    if len(params_json) > settings.params_max_bytes:
         raise invalid("params", f"must be at most {settings.params_max_bytes} bytes as JSON")
     if depth(params, MAX_PARAMS_DEPTH) > MAX_PARAMS_DEPTH:
         raise invalid("params", f"must not nest deeper than {MAX_PARAMS_DEPTH} levels")
@@ -184,7 +190,9 @@ async def submit(request: Request) -> Response:
     try:
         rate = (ratelimit.window_key("submit", caller.ident), settings.rate_submit, ratelimit.WINDOW)
         async with redis_deadline():  # one round trip: rate counter, idempotency, cap, job, enqueue
-            doc, _ = await request.app.state.store.create(job_type, params, caller.tenant, webhook, key, request_id.get(), rate)
+            doc, _ = await request.app.state.store.create(
+                job_type, params, caller.tenant, webhook, key, request_id.get(), rate, params_json
+            )
     except RateLimited:
         raise ratelimit.too_many("submit", settings.rate_submit) from None
     except QueueFull:

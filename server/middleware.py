@@ -13,7 +13,6 @@ import re
 import time
 from urllib.parse import parse_qsl, urlencode
 
-from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.logs import request_id
@@ -31,6 +30,7 @@ SECURITY_HEADERS = {
     "referrer-policy": "no-referrer",
     "x-frame-options": "DENY",
 }
+SECURITY_HEADER_LINES = [(name.encode(), value.encode()) for name, value in SECURITY_HEADERS.items()]
 
 
 def redacted(query: bytes) -> str:
@@ -52,16 +52,17 @@ class RequestContext:
         reset = request_id.set(rid)
         started = time.perf_counter()
         status = 101 if scope["type"] == "websocket" else 0
+        rid_header = rid.encode("latin-1")
 
         async def send_with_headers(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                headers = MutableHeaders(scope=message)
-                headers["x-request-id"] = rid
-                for name, value in SECURITY_HEADERS.items():
-                    if name not in headers:
-                        headers[name] = value
+                headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != b"x-request-id"]
+                present = {k.lower() for k, _ in headers}
+                headers.append((b"x-request-id", rid_header))
+                headers.extend(h for h in SECURITY_HEADER_LINES if h[0] not in present)
+                message["headers"] = headers
             elif message["type"] == "websocket.close" and status == 101:
                 status = 403 if message.get("code") == 1008 else status
             await send(message)

@@ -125,6 +125,7 @@ class Store:
         idempotency_key: str | None = None,
         request_id: str = "",
         rate: tuple[str, int, int] = ("", 0, 0),
+        params_json: bytes | None = None,
     ) -> tuple[dict[str, Any], bool]:
         """Store a queued job of ``tenant`` and enqueue it for arq, atomically (``CREATE_SCRIPT``).
 
@@ -132,13 +133,14 @@ class Store:
         the same request, the existing job's document and False. A key used with another
         request raises ``IdempotencyConflict``. ``rate`` is ``(counter key, limit, window s)``
         of the caller's submits (``RateLimited`` over it); ``QueueFull`` past ``QUEUE_CAP``.
+        ``params_json`` is ``contract.dumps(params)`` when the caller has it already.
         """
         job_id = contract.new_job_id()
         doc = contract.new_document(job_id, job_type, contract.now_iso())
         event = contract.pack(doc, tenant)
         enqueued_ms = now_ms()
         now_us = time.time_ns() // 1000
-        fingerprint = request_hash(job_type, params, webhook)
+        fingerprint = request_hash(job_type, params, webhook) if idempotency_key else ""
         idem_key = contract.idempotency_key(tenant, idempotency_key or "")
         index = contract.jobs_index(tenant)
         answer = await self._create(
@@ -163,7 +165,7 @@ class Store:
                 enqueued_ms,
                 contract.channel(job_id),
                 contract.WAKE_CHANNEL,
-                contract.dumps(params),
+                params_json if params_json is not None else contract.dumps(params),
                 webhook or "",
                 f"{job_id} {fingerprint}" if idempotency_key else "",
                 self.settings.idempotency_ttl,
