@@ -190,7 +190,7 @@ async def submit(request: Request) -> Response:
     try:
         rate = (ratelimit.window_key("submit", caller.ident), settings.rate_submit, ratelimit.WINDOW)
         async with redis_deadline():  # one round trip: rate counter, idempotency, cap, job, enqueue
-            doc, _ = await request.app.state.store.create(
+            doc, doc_json, _ = await request.app.state.store.create(
                 job_type, params, caller.tenant, webhook, key, request_id.get(), rate, params_json
             )
     except RateLimited:
@@ -206,8 +206,8 @@ async def submit(request: Request) -> Response:
             errors=[{"field": "Idempotency-Key", "message": "already used with a different request"}],
         ) from None
     headers = {"Location": doc["links"]["self"], "Retry-After": retry_after(doc)}
-    body = {**doc, "token": request.app.state.auth.token(doc["id"], caller.tenant)}
-    return Response(contract.dumps(body), 202, headers, media_type=JSON)
+    token = request.app.state.auth.token(doc["id"], caller.tenant)
+    return Response(contract.with_field(doc_json, "token", token), 202, headers, media_type=JSON)
 
 
 def retry_after(doc: dict[str, Any]) -> str:

@@ -126,11 +126,11 @@ class Store:
         request_id: str = "",
         rate: tuple[str, int, int] = ("", 0, 0),
         params_json: bytes | None = None,
-    ) -> tuple[dict[str, Any], bool]:
+    ) -> tuple[dict[str, Any], bytes, bool]:
         """Store a queued job of ``tenant`` and enqueue it for arq, atomically (``CREATE_SCRIPT``).
 
-        Returns ``(document, created)``: with an ``idempotency_key`` the tenant used before for
-        the same request, the existing job's document and False. A key used with another
+        Returns ``(document, its JSON, created)``: with an ``idempotency_key`` the tenant used
+        before for the same request, the existing job's document and False. A key used with another
         request raises ``IdempotencyConflict``. ``rate`` is ``(counter key, limit, window s)``
         of the caller's submits (``RateLimited`` over it); ``QueueFull`` past ``QUEUE_CAP``.
         ``params_json`` is ``contract.dumps(params)`` when the caller has it already.
@@ -182,16 +182,17 @@ class Store:
             raise QueueFull()
         if answer in (1, 0):
             await self._replicated()
-            return doc, True
+            return doc, contract.unpack(event).doc, True
         prior_id, _, prior_hash = _decode(answer).partition(" ")
         if prior_id == job_id:  # our own earlier attempt, whose reply was lost
-            return doc, True
+            return doc, contract.unpack(event).doc, True
         if prior_hash != fingerprint:
             raise IdempotencyConflict(prior_id)
-        prior = await self.document(prior_id)
-        if prior is None:
+        raw = await self.read(prior_id)
+        if raw is None:
             raise IdempotencyConflict(prior_id)  # remembered, but the job itself has expired
-        return prior, False
+        prior_json = contract.unpack(raw).doc
+        return json.loads(prior_json), prior_json, False
 
     async def write(
         self, doc: dict[str, Any], tenant: str, result: Any = None, result_ttl: int | None = None, **changes: Any

@@ -32,6 +32,13 @@ def test_pack_unpack_round_trip_keeps_document_bytes():
     assert body == contract.dumps(doc)
 
 
+def test_with_field_appends_a_field_to_document_json():
+    doc = contract.new_document("j_x", "demo", contract.now_iso())
+    spliced = contract.with_field(contract.dumps(doc), "token", 'v1.j_x."é')
+    assert json.loads(spliced) == {**doc, "token": 'v1.j_x."é'}
+    assert list(json.loads(spliced))[-1] == "token"
+
+
 def test_event_name_is_progress_until_terminal():
     assert [contract.event_name(s) for s in contract.STATES] == ["progress", "progress", "succeeded", "failed", "cancelled"]
 

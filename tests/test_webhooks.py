@@ -272,7 +272,7 @@ async def test_send_time_guard_refuses_what_submit_would_refuse(stack):
         client = aioredis.Redis.from_url(stack.redis.url)
         try:
             store = Store(client, Settings(webhook_secret=SECRET))
-            doc, _ = await store.create("demo", {"steps": 1, "interval": 0}, "", receiver.url)  # bypasses the API check
+            doc, _, _ = await store.create("demo", {"steps": 1, "interval": 0}, "", receiver.url)  # bypasses the API check
 
             async def finished() -> dict | None:
                 now = await store.document(doc["id"])
