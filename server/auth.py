@@ -59,6 +59,7 @@ class Auth:
         self.secret = secret
         self.redis = redis
         self.keys: dict[str, str] = parse_keys(settings.api_keys)
+        self.idents = {key: "key:" + hashlib.sha256(key.encode()).hexdigest()[:16] for key in self.keys}
 
     @property
     def keyless(self) -> bool:
@@ -116,7 +117,7 @@ class Auth:
                 raise unauthorized("Use Authorization: Bearer <API key or watch token>.")
             tenant = self.keys.get(credential)
             if tenant is not None:
-                return Caller(tenant, "key:" + hashlib.sha256(credential.encode()).hexdigest()[:16], by_key=True)
+                return Caller(tenant, self.idents[credential], by_key=True)
             if credential.startswith("v1.") and not key_only:
                 return self.from_token(credential)
             raise unauthorized("Unknown API key.")
