@@ -21,14 +21,15 @@ _ENCODER = json.JSONEncoder()
 
 
 class JsonFormatter(logging.Formatter):
-    _second, _stamp = -1, ""
+    _last: tuple[int, str] = (-1, "")  # (second, its strftime), replaced whole: thread-safe
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         """The standard ``2026-11-22 18:40:07,123``, with strftime once per second."""
         second = int(record.created)
-        if second != self._second:
-            self._second, self._stamp = second, time.strftime("%Y-%m-%d %H:%M:%S", self.converter(second))
-        return f"{self._stamp},{int(record.msecs):03d}"
+        last = self._last
+        if last[0] != second:
+            last = self._last = (second, time.strftime("%Y-%m-%d %H:%M:%S", self.converter(second)))
+        return f"{last[1]},{int(record.msecs):03d}"
 
     def format(self, record: logging.LogRecord) -> str:
         line = {"ts": self.formatTime(record), "level": record.levelname, "logger": record.name, "msg": record.getMessage()}
