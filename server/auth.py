@@ -73,7 +73,7 @@ class Auth:
         return f"v1.{body}.{self._mac(body)}"
 
     def _mac(self, body: str) -> str:
-        digest = hmac.new(self.secret, body.encode(), hashlib.sha256).digest()[:18]
+        digest = hmac.digest(self.secret, body.encode(), "sha256")[:18]
         return base64.urlsafe_b64encode(digest).decode()
 
     def from_token(self, token: str) -> Caller:

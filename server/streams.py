@@ -33,43 +33,62 @@ log = logging.getLogger("server.streams")
 delivered = STATS.delivered
 MAX_JOBS_PER_STREAM = 100
 DRAIN_FRAME = b"retry: 250\n\n"  # sent as a stream ends for a server drain: come back soon
+PING_FRAME = b": ping\n\n"
 
 
 class Stream(EventSourceResponse):
     """An SSE response that always runs ``on_close`` (unwatching its mailbox), however it ends.
 
-    Writes are timed by the process's ``SlowClientReaper`` rather than sse-starlette's
-    ``send_timeout``, which opens an anyio cancel scope around every send (about a quarter of
-    the CPU of an SSE delivery in the benchmark's profile). A client that does not take a
-    write for ``SEND_TIMEOUT`` seconds has its request cancelled and is dropped.
+    sse-starlette's response gives the headers and the answer to HEAD. Its ``__call__`` runs an
+    anyio task group of four tasks per stream (body, ping, shutdown signal, disconnect), which
+    held about half of an idle SSE connection's memory. Here the request's own task writes the
+    body, and one small task waits for the client to go away and then cancels it. Pings come
+    from the body (``sse_frames``), a server drain from the hub (``MailboxClosed``).
+
+    Writes are timed by the process's ``SlowClientReaper`` (two dict operations per write, no
+    timer): a client that does not take a write for ``SEND_TIMEOUT`` seconds is dropped.
     """
 
     def __init__(self, request: Request, frames: AsyncIterator[bytes], on_close: Callable[[], None]) -> None:
-        super().__init__(frames, ping=request.app.state.settings.sse_ping, sep="\n")
+        super().__init__(frames, ping=0, sep="\n")
         self.on_close = on_close
         self.reaper: SlowClientReaper = request.app.state.reaper
-        self.task: asyncio.Task | None = None
-
-    async def _send_with_timeout(self, send, message) -> None:  # overrides sse-starlette's
-        sending = self.reaper.sending
-        sending[self.task] = self.loop_time()
-        try:
-            await send(message)
-        finally:
-            sending.pop(self.task, None)
+        self.gone = False  # the client disconnected
 
     async def __call__(self, scope, receive, send) -> None:
-        self.task = asyncio.current_task()
-        self.loop_time = asyncio.get_running_loop().time
+        if scope["method"] == "HEAD":  # headers only; sse-starlette answers it without a stream
+            try:
+                return await super().__call__(scope, receive, send)
+            finally:
+                self.on_close()
+        task = asyncio.current_task()
+
+        async def until_disconnect() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            self.gone = True
+            task.cancel()
+
+        listener = asyncio.create_task(until_disconnect())
+        sending, now = self.reaper.sending, asyncio.get_running_loop().time
         try:
-            await super().__call__(scope, receive, send)
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            async for chunk in self.body_iterator:
+                sending[task] = now()
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                del sending[task]
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
-            if not self.reaper.reaped(self.task):
+            if not (self.gone or self.reaper.reaped(task)):
                 raise
-            self.task.uncancel()
-            log.info("SSE client too slow; dropped")
+            task.uncancel()
+            if not self.gone:
+                log.info("SSE client too slow; dropped")
         finally:
-            self.reaper.forget(self.task)
+            listener.cancel()
+            self.reaper.forget(task)
+            with contextlib.suppress(Exception):
+                await self.body_iterator.aclose()  # cancelled in a send: run the body's clean-up
             self.on_close()
 
 
@@ -179,11 +198,18 @@ async def sse_frames(
     request: Request, mailbox: Mailbox, frame: Callable[[Event], bytes], until_terminal: bool
 ) -> AsyncIterator[bytes]:
     """The body of an SSE stream: ``retry:``, then ``frame(event)`` for each event, until the
-    final event (per-job streams) or a drain, which ends it with a short ``retry:`` hint."""
+    final event (per-job streams) or a drain, which ends it with a short ``retry:`` hint.
+    A ``: ping`` comment after ``SSE_PING`` seconds without a wake-up keeps proxies from
+    closing an idle stream."""
     yield retry_frame(request)
+    ping = request.app.state.settings.sse_ping or None
     while True:
         try:
-            event = await mailbox.get()
+            async with asyncio.timeout(ping):
+                event = await mailbox.get()
+        except TimeoutError:
+            yield PING_FRAME
+            continue
         except MailboxClosed:
             yield DRAIN_FRAME
             return

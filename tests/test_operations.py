@@ -9,7 +9,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from server.devredis import RedisProcess, free_port
-from support import start_server, start_worker, submit, watch_sse
+from support import async_wait_until, start_server, start_worker, submit, watch_sse
 
 pytestmark = pytest.mark.anyio
 
@@ -73,3 +73,32 @@ async def test_request_id_travels_into_the_worker_logs(base, worker):
     ours = [json.loads(line) for line in worker.log().splitlines() if job["id"] in line and '"logger": "worker"' in line]
     assert [line["msg"].split(": ", 1)[1] for line in ours] == ["running demo, attempt 1", "succeeded"]
     assert all(line["request_id"] == "rid-into-worker-7" and line["job_id"] == job["id"] for line in ours)
+
+
+async def test_idle_sse_stream_is_pinged_and_freed_when_the_client_goes(tmp_path):
+    """An idle stream gets a ``: ping`` comment every SSE_PING seconds (proxies close silent
+    connections), and the server lets go of the stream as soon as its client disconnects."""
+    r = RedisProcess(tmp_path / "redis").start()
+    server = start_server(r.url, tmp_path, sse_ping=0.2)  # no worker: the job stays queued
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+            job = await submit(client, server.url, steps=1, interval=0)
+            lines: list[str] = []
+            async with client.stream("GET", job["links"]["events"]) as response:
+                async for line in response.aiter_lines():
+                    lines.append(line)
+                    if lines.count(": ping") == 2:
+                        break
+                text = (await client.get("/metrics")).text
+                assert metric(text, 'progress_connections{transport="sse"}') == 1
+            assert lines[0] == "retry: 2000" and '"status":"queued"' in "".join(lines)
+            assert lines.index(": ping") > lines.index("event: progress")
+
+            async def freed() -> bool:
+                text = (await client.get("/metrics")).text
+                return metric(text, 'progress_connections{transport="sse"}') == 0
+
+            await async_wait_until(freed, timeout=5, what="the stream freed after the client left")
+    finally:
+        server.stop()
+        r.stop()
