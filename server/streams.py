@@ -487,17 +487,35 @@ async def websocket(ws: WebSocket) -> None:
     await ws.accept()
     conn = Connection(ws, caller)
     reaper = ws.app.state.reaper
-    tasks = [asyncio.create_task(conn.read_loop()), asyncio.create_task(conn.write_loop())]
+    # This task writes; one more task reads, and when it ends (the client left) it stops the
+    # writing. Two tasks per connection, not three: an idle WebSocket is mostly its tasks.
+    writer = asyncio.current_task()
+    writing = True
+
+    def reader_ended(_: asyncio.Task) -> None:
+        if writing:  # it runs on a later loop turn: by then this task may be elsewhere
+            writer.cancel()
+
+    reader = asyncio.create_task(conn.read_loop())
+    reader.add_done_callback(reader_ended)
+    failure: BaseException | None = None
     try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        await conn.write_loop()  # returns after a server drain
+    except asyncio.CancelledError:
+        if not (reader.done() or reaper.reaped(writer)):
+            raise
+        writer.uncancel()
+    except Exception as e:
+        failure = e
     finally:
-        for task in tasks:
-            task.cancel()
+        writing = False
+        reader.cancel()
         conn.close()
         release()
-        too_slow = reaper.reaped(tasks[1])
-        reaper.forget(tasks[1])
-    failure = next((t.exception() for t in done if not t.cancelled() and t.exception() is not None), None)
+        too_slow = reaper.reaped(writer)
+        reaper.forget(writer)
+    if failure is None and reader.done() and not reader.cancelled():
+        failure = reader.exception()
     if too_slow:  # the client stopped taking our writes
         log.info("websocket client too slow; closing")
         with contextlib.suppress(Exception):
