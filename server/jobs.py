@@ -64,8 +64,12 @@ def deadline(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Req
 
 async def load(request: Request, job_id: str, caller: Caller) -> Event:
     """The job's current event if ``caller`` may read it, or 404 (also for another tenant's job) / 410."""
+    return await readable(request, job_id, caller, await request.app.state.store.read(job_id))
+
+
+async def readable(request: Request, job_id: str, caller: Caller, raw: bytes | None) -> Event:
+    """``raw``, the job's stored event (None: none stored), if ``caller`` may read it; else 404 / 410."""
     store = request.app.state.store
-    raw = await store.read(job_id)
     if raw is None:
         if caller.jobs is None or job_id in caller.jobs:
             if await store.is_gone(job_id, caller.tenant):
@@ -235,8 +239,9 @@ async def status(request: Request) -> Response:
     job_id = request.path_params["job_id"]
     async with redis_deadline():
         caller = await reader(request)
-        await request.app.state.limiter.check("poll", caller.ident, request.app.state.settings.rate_poll)
-        event = await load(request, job_id, caller)
+        limit = request.app.state.settings.rate_poll
+        raw = await request.app.state.limiter.check("poll", caller.ident, limit, read=contract.job_key(job_id))
+        event = await readable(request, job_id, caller, raw)
     wait = request.query_params.get("wait")
     if wait is not None:
         event = await long_poll(request, event, wait, caller)

@@ -11,11 +11,14 @@ from server.problems import Problem
 
 WINDOW = 60  # seconds
 
-# KEYS: the window's counter; ARGV: window length (s). Returns the count after this request.
+# KEYS: the window's counter, and optionally a job hash; ARGV: window length (s).
+# Returns {count after this request, the job's packed event (absent if none)}: a poll's count
+# and read in one round trip.
 COUNT_SCRIPT = """
 local n = redis.call('INCR', KEYS[1])
 if n == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
-return n
+if KEYS[2] then return {n, redis.call('HGET', KEYS[2], 'ev')} end
+return {n}
 """
 
 
@@ -23,11 +26,14 @@ class RateLimiter:
     def __init__(self, redis: Redis) -> None:
         self._count = redis.register_script(COUNT_SCRIPT)
 
-    async def check(self, bucket: str, who: str, limit: int) -> None:
-        """Count one request of ``who`` in ``bucket``; 429 with Retry-After once over ``limit``."""
-        count = await self._count(keys=[window_key(bucket, who)], args=[WINDOW])
+    async def check(self, bucket: str, who: str, limit: int, read: str | None = None) -> bytes | None:
+        """Count one request of ``who`` in ``bucket``; 429 with Retry-After once over ``limit``.
+        With ``read`` (a job hash's key), also returns that job's stored event, or None."""
+        keys = [window_key(bucket, who)] if read is None else [window_key(bucket, who), read]
+        count, *stored = await self._count(keys=keys, args=[WINDOW])
         if count > limit:
             raise too_many(bucket, limit)
+        return stored[0] if stored else None
 
 
 def window_key(bucket: str, who: str) -> str:

@@ -324,6 +324,27 @@ async def test_rate_limit_is_shared_by_replicas(tmp_path):
         r.stop()
 
 
+async def test_status_polls_are_rate_limited_per_caller(tmp_path):
+    """Attack: poll a status URL in a tight loop. Answer: past RATE_POLL reads in the window,
+    429 with Retry-After (and unknown jobs count too); another key keeps its own budget."""
+    r = RedisProcess(tmp_path / "redis").start()
+    server = start_server(r.url, tmp_path, api_keys=KEYS, rate_poll=3)
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+            job = (await client.post("/jobs", json={"type": "demo"}, headers=bearer(ACME))).json()
+            codes = [(await client.get(job["links"]["self"], headers=bearer(ACME))).status_code for _ in range(2)]
+            codes.append((await client.get("/jobs/j_unknown", headers=bearer(ACME))).status_code)
+            over = await client.get(job["links"]["self"], headers=bearer(ACME))
+            assert codes + [over.status_code] == [200, 200, 404, 429]
+            assert int(over.headers["retry-after"]) >= 1 and over.headers["ratelimit-limit"] == "3"
+            assert over.headers["content-type"] == "application/problem+json"
+            other = await client.get(job["links"]["self"], headers=bearer(GLOBEX))
+            assert other.status_code == 404, "another tenant's key has its own budget (and no access)"
+    finally:
+        server.stop()
+        r.stop()
+
+
 async def test_streams_per_client_are_capped(tmp_path):
     r = RedisProcess(tmp_path / "redis").start()
     server = start_server(r.url, tmp_path, max_streams_per_client=2)
