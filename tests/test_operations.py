@@ -85,10 +85,9 @@ async def test_idle_sse_stream_is_pinged_and_freed_when_the_client_goes(tmp_path
             job = await submit(client, server.url, steps=1, interval=0)
             lines: list[str] = []
             async with client.stream("GET", job["links"]["events"]) as response:
-                async for line in response.aiter_lines():
-                    lines.append(line)
-                    if lines.count(": ping") == 2:
-                        break
+                stream = response.aiter_lines()  # held, not left by ``break``: that would close it
+                while lines.count(": ping") < 2:
+                    lines.append(await anext(stream))
                 text = (await client.get("/metrics")).text
                 assert metric(text, 'progress_connections{transport="sse"}') == 1
             assert lines[0] == "retry: 2000" and '"status":"queued"' in "".join(lines)
