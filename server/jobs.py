@@ -125,15 +125,17 @@ def _finite(text: str) -> float:
     return value
 
 
-SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # only an escape can give a lone surrogate
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # in valid UTF-8, only an escape gives a lone surrogate
 
 
 def strict_json(body: bytes) -> Any:
-    """Parse a request body: no NaN/Infinity (nor numbers that overflow to it), no duplicate
-    keys, no runaway nesting, no lone surrogates (which cannot be stored as UTF-8)."""
+    """Parse a request body: UTF-8 (RFC 8259; a BOM is skipped), no NaN/Infinity (nor numbers
+    that overflow to it), no duplicate keys, no runaway nesting, no lone surrogates (which
+    cannot be stored as UTF-8)."""
     try:
-        value = json.loads(body, parse_constant=_reject_constant, parse_float=_finite, object_pairs_hook=_no_duplicate_keys)
-        if SURROGATE_ESCAPE.search(body):
+        text = body.decode("utf-8-sig")  # strict: json.loads(bytes) would let raw surrogates in
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite, object_pairs_hook=_no_duplicate_keys)
+        if SURROGATE_ESCAPE.search(text):
             contract.dumps(value)  # a lone surrogate cannot be encoded to UTF-8
         return value
     except UnicodeEncodeError:

@@ -514,8 +514,8 @@ async def websocket(ws: WebSocket) -> None:
         release()
         too_slow = reaper.reaped(writer)
         reaper.forget(writer)
-    if failure is None and reader.done() and not reader.cancelled():
-        failure = reader.exception()
+    if reader.done() and not reader.cancelled():
+        failure = failure or reader.exception()  # read either way: asyncio warns if it is not
     if too_slow:  # the client stopped taking our writes
         log.info("websocket client too slow; closing")
         with contextlib.suppress(Exception):

@@ -246,13 +246,17 @@ async def test_websocket_oversized_frame_closes_1009(secured):
         ('{"type":"demo","params":{"steps":1e400}}', 400, None),
         ('{"type":"demo","params":{"steps":' + "9" * 5000 + "}}", 400, None),
         ('{"type":"demo","params":{"s":"\\ud800"}}', 400, None),
+        ('{"type":"demo","params":{"s":"\\uDFFF"}}', 400, None),
+        (b'{"type":"demo","params":{"s":"\xed\xa0\x80"}}', 400, None),  # a surrogate as raw bytes: not UTF-8
+        ('{"type":"demo","params":{}}'.encode("utf-16"), 400, None),
     ],
 )
 async def test_hostile_json_is_refused(secured, body, status, field):
     """Attack: deep nesting, oversized params, numbers that overflow, huge integers, lone surrogates.
     Answer: 400/422 problem (never 500), nothing created."""
     async with httpx.AsyncClient(base_url=secured.url) as client:
-        r = await client.post("/jobs", content=body.encode(), headers={"content-type": "application/json", **bearer(ACME)})
+        content = body if isinstance(body, bytes) else body.encode()
+        r = await client.post("/jobs", content=content, headers={"content-type": "application/json", **bearer(ACME)})
     assert r.status_code == status, r.text
     if field:
         assert r.json()["errors"][0]["field"] == field
