@@ -21,7 +21,6 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import DataError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
@@ -50,14 +49,15 @@ class HiredisPacking:
     argument: 200,000 instructions of a submit's 30-argument EVALSHA (13% of the request)."""
 
     def pack_command(self, *args: Any) -> list[bytes]:
-        if isinstance(args[0], str):
-            args = (*args[0].encode().split(), *args[1:])
-        elif b" " in args[0]:
-            args = (*args[0].split(), *args[1:])
+        command = args
+        if isinstance(command[0], str):
+            command = (*command[0].encode().split(), *command[1:])
+        elif b" " in command[0]:
+            command = (*command[0].split(), *command[1:])
         try:
-            return [hiredis.pack_command(args)]
-        except TypeError as e:
-            raise DataError(str(e)) from None
+            return [hiredis.pack_command(command)]
+        except TypeError:  # a type hiredis refuses (an int subclass, say): redis-py's own packing
+            return super().pack_command(*args)  # type: ignore[misc]
 
 
 def _lean(redis: Redis) -> Redis:
