@@ -60,10 +60,12 @@ class HiredisPacking:
             return super().pack_command(*args)  # type: ignore[misc]
 
 
-def _lean(redis: Redis) -> Redis:
+def lean(redis: Redis) -> Redis:
+    """``redis`` with both of the above for every connection its pool makes from now on."""
     pool = redis.connection_pool
     base = pool.connection_class
     pool.connection_class = type(base.__name__, (HiredisPacking, base), {})
+    pool.connection_kwargs["parser_class"] = ReadyCheckParser
     return redis
 
 
@@ -108,17 +110,16 @@ def client(url: str, retries: int = 0, **kwargs: Any) -> Redis:
     many times after a dropped connection, with a short backoff."""
     kwargs.setdefault("socket_connect_timeout", CONNECT_TIMEOUT)
     kwargs.setdefault("socket_keepalive", True)
-    kwargs.setdefault("parser_class", ReadyCheckParser)
     if retries:
         kwargs["retry"] = Retry(ExponentialBackoff(cap=0.5, base=0.05), retries)
         kwargs["retry_on_error"] = [RedisConnectionError, RedisTimeoutError]
     target = sentinel_target(url)
     if target is None:
-        return _lean(Redis.from_url(url, **kwargs))
+        return lean(Redis.from_url(url, **kwargs))
     sentinels = Sentinel(target.sentinels, sentinel_kwargs={"socket_connect_timeout": CONNECT_TIMEOUT})
     if target.ssl:
         kwargs["ssl"] = True
-    return _lean(
+    return lean(
         sentinels.master_for(target.service, db=target.db, username=target.username, password=target.password, **kwargs)
     )
 

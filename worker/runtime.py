@@ -148,12 +148,18 @@ class ProgressWorker(Worker):
             raise
 
     async def _connect(self):
-        return await create_pool(
+        pool = await create_pool(
             self.redis_settings,
             job_serializer=self.job_serializer,
             job_deserializer=self.job_deserializer,
             default_queue_name=self.queue_name,
         )
+        # the server's per-command savings (server.connections) for every progress write too;
+        # arq's pool has made a connection already (its ping): close and forget it
+        connections.lean(pool)
+        await pool.connection_pool.disconnect()
+        pool.connection_pool.reset()
+        return pool
 
     async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
         """arq gave up on a job before calling us (unreadable payload, unknown function, expired):
