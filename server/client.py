@@ -267,6 +267,13 @@ class _Watch:
             delay = max(delay, min(error.retry_after, BACKOFF_MAX * 2))
         return min(delay, self.remaining())
 
+    def stream_ended(self, fresh: bool, retry_ms: int | None) -> float:
+        """The stream ended before the final event (a server drain or restart): the delay before
+        coming back. After new events, the server's ``retry:`` hint; else a failed attempt."""
+        if fresh:
+            return min((retry_ms or 0) / 1000, BACKOFF_MAX, self.remaining())
+        return self.failed(httpx.RemoteProtocolError("event stream ended without a new event"))
+
     def sse_answer(self, response: httpx.Response) -> str:
         """What to do with the answer to an SSE request: "stream", "done" (204: the client has the
         final event already), "refused" (long poll instead) or "retry" (a transient error)."""
@@ -402,11 +409,7 @@ class Client:
                     yield doc
                     if w.stop:
                         return
-        # the stream ended before the final event (server drain or restart): come back
-        if fresh:
-            time.sleep(min((parser.retry_ms or 0) / 1000, BACKOFF_MAX, w.remaining()))
-        else:
-            time.sleep(w.failed(httpx.RemoteProtocolError("event stream ended without a new event")))
+        time.sleep(w.stream_ended(fresh, parser.retry_ms))
 
     def _long_poll(self, w: _Watch) -> Iterator[dict[str, Any]]:
         path, params, timeout = w.poll_request()
@@ -496,10 +499,7 @@ class AsyncClient:
                     yield doc
                     if w.stop:
                         return
-        if fresh:
-            await asyncio.sleep(min((parser.retry_ms or 0) / 1000, BACKOFF_MAX, w.remaining()))
-        else:
-            await asyncio.sleep(w.failed(httpx.RemoteProtocolError("event stream ended without a new event")))
+        await asyncio.sleep(w.stream_ended(fresh, parser.retry_ms))
 
     async def _long_poll(self, w: _Watch) -> AsyncIterator[dict[str, Any]]:
         path, params, timeout = w.poll_request()

@@ -274,6 +274,11 @@ def test_watch_gate_and_patience_without_io():
     with pytest.raises(TimeoutError):
         timed.remaining()
 
+    ended = _Watch("j_x", 0, None, retry_for=10)  # a stream that ends before the final event
+    assert ended.stream_ended(True, 250) == 0.25 and ended.stream_ended(True, None) == 0
+    assert ended.stream_ended(True, 3_600_000) == BACKOFF_MAX and ended.failures == 0
+    assert 0 < ended.stream_ended(False, 250) <= BACKOFF_FIRST and ended.failures == 1  # no new event: a failure
+
     parser = _SSEParser()
     lines = ["retry: 2000", "", ": ping", "id: 7", "event: progress", "data: {\"seq\": 7,", "data: \"a\": 1}", ""]
     frames = [frame for frame in map(parser.feed, lines) if frame]
