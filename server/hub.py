@@ -37,8 +37,8 @@ HEARTBEAT = 1.0  # seconds between the hub's own pings through Redis pub/sub
 HEARTBEAT_MISSES = 3  # silent pub/sub for this many heartbeats: the connection is dead (half-open)
 RESYNC_DEADLINE = 10.0  # seconds for one snapshot resync before it is tried again
 SNAPSHOT_ALL = 100  # a dashboard starts with this many of its tenant's newest jobs
-SEEN_CAP = 10_000
-NOTICE_CAP = 16  # undelivered non-event messages (errors) per mailbox  # per mailbox: how many jobs' last seq it remembers (oldest forgotten first)
+SEEN_CAP = 10_000  # per mailbox: how many jobs' last seq it remembers (oldest forgotten first)
+NOTICE_CAP = 16  # undelivered non-event messages (errors) per mailbox
 HUB_CHANNEL = contract.PREFIX + "hub"  # always subscribed, so the connection is never idle-empty
 
 
@@ -420,12 +420,8 @@ class Hub:
 
     async def snapshot_all(self, tenant: str) -> list[Event]:
         """The ``SNAPSHOT_ALL`` newest jobs of ``tenant``: what a dashboard starts (or resyncs) from."""
-        redis = self.store.redis
-        job_ids = [j.decode() for j in await redis.zrevrange(contract.jobs_index(tenant), 0, SNAPSHOT_ALL - 1)]
-        async with redis.pipeline(transaction=False) as pipe:
-            for job_id in job_ids:
-                pipe.hget(contract.job_key(job_id), "ev")
-            raws = await pipe.execute()
+        job_ids = [j.decode() for j in await self.store.redis.zrevrange(contract.jobs_index(tenant), 0, SNAPSHOT_ALL - 1)]
+        raws = await self.store.read_many(job_ids)
         return [Event(job_id, raw) for job_id, raw in zip(job_ids, raws) if raw is not None]
 
 

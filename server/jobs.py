@@ -409,10 +409,7 @@ async def list_jobs(request: Request) -> Response:
         if not batch:
             exhausted = True
             break
-        async with store.redis.pipeline(transaction=False) as pipe:
-            for job_id, _ in batch:
-                pipe.hget(contract.job_key(job_id.decode()), "ev")
-            raws = await pipe.execute()
+        raws = await store.read_many([job_id.decode() for job_id, _ in batch])
         for (_, score), raw in zip(batch, raws):
             scanned += 1
             last_score = int(score)

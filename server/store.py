@@ -92,6 +92,13 @@ class Store:
         """The job's packed event (``contract.unpack`` it), or None."""
         return await self.redis.hget(contract.job_key(job_id), "ev")
 
+    async def read_many(self, job_ids: list[str]) -> list[bytes | None]:
+        """``read`` of each job, in one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hget(contract.job_key(job_id), "ev")
+            return await pipe.execute()
+
     async def document(self, job_id: str) -> dict[str, Any] | None:
         loaded = await self.load(job_id)
         return None if loaded is None else loaded[0]

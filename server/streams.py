@@ -287,8 +287,7 @@ async def events(request: Request) -> Response:
     try:
         await watching
         if job_ids:
-            for job_id in job_ids:
-                raw = await store.read(job_id)
+            for job_id, raw in zip(job_ids, await store.read_many(job_ids)):
                 if raw is not None:
                     mailbox.put(Event(job_id, raw))
         else:
@@ -397,7 +396,7 @@ class Connection:
             return await self.error(f"at most {MAX_JOBS_PER_STREAM} jobs per connection", op="subscribe")
         store = self.app.state.store
         allowed = []
-        for job_id, raw in zip(new, await self.read(new)):
+        for job_id, raw in zip(new, await store.read_many(new)):
             if raw is not None and self.may_read(Event(job_id, raw)):
                 allowed.append(job_id)
             else:
@@ -412,15 +411,9 @@ class Connection:
             self.jobs.difference_update(allowed)
             self.hub.unwatch(self.mailbox, allowed)
             raise
-        for job_id, raw in zip(allowed, await self.read(allowed)):
+        for job_id, raw in zip(allowed, await store.read_many(allowed)):
             if raw is not None and job_id in self.jobs:  # not already ended and dropped meanwhile
                 self.mailbox.put(Event(job_id, raw))
-
-    async def read(self, jobs: list[str]) -> list[bytes | None]:
-        async with self.app.state.store.redis.pipeline(transaction=False) as pipe:
-            for job_id in jobs:
-                pipe.hget(contract.job_key(job_id), "ev")
-            return await pipe.execute()
 
     async def subscribe_all(self) -> None:
         if not (self.caller.by_key or self.caller.all_jobs):
