@@ -51,6 +51,7 @@ class Stream(EventSourceResponse):
 
     def __init__(self, request: Request, frames: AsyncIterator[bytes], on_close: Callable[[], None]) -> None:
         super().__init__(frames, ping=0, sep="\n")
+        del self._send_lock  # sse-starlette's, used only by its own __call__ (760 bytes)
         self.on_close = on_close
         self.reaper: SlowClientReaper = request.app.state.reaper
         self.gone = False  # the client disconnected
@@ -76,7 +77,7 @@ class Stream(EventSourceResponse):
             async for chunk in self.body_iterator:
                 sending[task] = now()
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                del sending[task]
+                del sending[task], chunk  # an idle stream holds no frame
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
             if not (self.gone or self.reaper.reaped(task)):
@@ -217,6 +218,7 @@ async def sse_frames(
         yield frame(event)
         if until_terminal and event.terminal:
             return
+        del event  # an idle stream holds no event
 
 
 def wants_text(request: Request) -> bool:
@@ -345,6 +347,7 @@ class Connection:
             if event.terminal and event.job_id in self.jobs and not self.all:
                 self.jobs.discard(event.job_id)
                 self.hub.unwatch(self.mailbox, [event.job_id])
+            del event  # an idle connection holds no event
 
     async def handle(self, text: str) -> None:
         try:
