@@ -19,8 +19,8 @@ def main() -> None:
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
-        ws="websockets-sansio",
+        http="server.protocols:HttpProtocol",  # uvicorn's httptools and websockets-sansio ones,
+        ws="server.protocols:WebSocketProtocol",  # holding less per idle connection
         ws_max_size=WS_MAX_MESSAGE,
         ws_per_message_deflate=False,  # no compression: no decompression bombs, less CPU per frame
         limit_concurrency=settings.max_connections,

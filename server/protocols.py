@@ -1,0 +1,134 @@
+"""uvicorn's httptools and websockets-sansio protocols, holding less for an idle connection.
+
+For every connection uvicorn makes asyncio objects that an idle stream never uses, and each of
+them costs about 760 bytes before it is used (an empty ``collections.deque`` holds a 64-slot
+block): an ``asyncio.Event`` for flow control and one per request, a deque for pipelined
+requests, and, for a WebSocket, an ``asyncio.Queue`` (three deques) and an Event. A WebSocket also
+keeps its handshake's request and response headers for as long as it is open. These subclasses
+put ``Flag`` and ``Inbox`` (the same behaviour, in lists) in their place and drop the handshake
+once it is answered.
+
+``server.__main__`` selects them by import string (uvicorn's ``http=`` and ``ws=``), the way uvicorn
+lets a deployment choose its protocol implementations. ``tests/test_protocols.py`` checks the
+uvicorn attributes they replace, so an upgrade that renames one fails there, not in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+
+class Flag:
+    """``asyncio.Event`` (``set``, ``clear``, ``is_set``, ``wait``) with its waiters in a list."""
+
+    __slots__ = ("_set", "_waiters")
+
+    def __init__(self, value: bool = False) -> None:
+        self._set = value
+        self._waiters: list[asyncio.Future] = []
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        if not self._set:
+            self._set = True
+            for waiter in self._waiters:
+                if not waiter.done():
+                    waiter.set_result(True)
+
+    def clear(self) -> None:
+        self._set = False
+
+    async def wait(self) -> bool:
+        if self._set:
+            return True
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+            return True
+        finally:
+            self._waiters.remove(waiter)
+
+
+class Inbox:
+    """An unbounded ``asyncio.Queue``'s ``put_nowait``, ``get`` and ``empty``, in lists. It holds
+    a message or two: uvicorn stops reading the socket while one waits."""
+
+    __slots__ = ("_items", "_getters")
+
+    def __init__(self) -> None:
+        self._items: list[Any] = []
+        self._getters: list[asyncio.Future] = []
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def put_nowait(self, item: Any) -> None:
+        self._items.append(item)
+        self._wake()
+
+    def _wake(self) -> None:
+        for getter in self._getters:
+            if not getter.done():
+                getter.set_result(None)
+                return
+
+    async def get(self) -> Any:
+        while not self._items:
+            getter = asyncio.get_running_loop().create_future()
+            self._getters.append(getter)
+            try:
+                await getter
+            finally:
+                self._getters.remove(getter)
+                if self._items:  # woken but cancelled, or more than one item: pass it on
+                    self._wake()
+        return self._items.pop(0)
+
+
+class Pipeline(list):
+    """The deque of pipelined requests (uvicorn uses ``appendleft`` and ``pop``), as a list."""
+
+    def appendleft(self, item: Any) -> None:
+        self.insert(0, item)
+
+
+class HttpProtocol(HttpToolsProtocol):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pipeline = Pipeline()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.flow._is_writable_event = Flag(True)
+
+    def on_headers_complete(self) -> None:
+        previous = self.cycle
+        super().on_headers_complete()
+        if self.cycle is not previous:  # a new request (its task has not started yet)
+            self.cycle.message_event = Flag()
+
+
+class WebSocketProtocol(WebSocketsSansIOProtocol):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.queue = Inbox()  # type: ignore[assignment]
+        self.writable = Flag(True)  # type: ignore[assignment]
+
+    def handle_connect(self, event: Any) -> None:
+        super().handle_connect(event)
+        # The app sees the headers in its scope; the request (which the websockets parser also
+        # keeps) is not read again once ``accept`` has made the response.
+        self.request = None
+        event.headers.clear()
+
+    async def send(self, message: Any) -> None:
+        await super().send(message)
+        if self.handshake_complete:
+            self.response = None
