@@ -41,6 +41,10 @@ def invalid(field: str, message: str) -> Problem:
     return Problem(422, "Invalid request", f"{field}: {message}", errors=[{"field": field, "message": message}])
 
 
+def unavailable() -> Problem:
+    return Problem(503, "Service unavailable", "Redis is unreachable; try again.", headers={"Retry-After": "2"})
+
+
 def not_found(job_id: str) -> Problem:
     return Problem(404, "Job not found", f"No job {job_id!r}.")
 

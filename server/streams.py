@@ -19,6 +19,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from sse_starlette import EventSourceResponse
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from server import contract, direct, render
@@ -26,7 +27,7 @@ from server.hub import Event, Mailbox, MailboxClosed, Notice, SubscribeTimeout, 
 from server.auth import Caller
 from server.jobs import deadline, int_param, load, reader, redis_deadline
 from server.metrics import STATS
-from server.problems import Problem, invalid
+from server.problems import Problem, invalid, unavailable
 
 log = logging.getLogger("server.streams")
 
@@ -463,6 +464,14 @@ def origin_allowed(ws: WebSocket) -> bool:
     return origin in (f"http://{host}", f"https://{host}")
 
 
+async def websocket_app(scope: Scope, receive: Receive, send: Send) -> None:
+    """Every WebSocket handshake, whatever its path (``server.app.App``): ``/ws`` is the only one."""
+    ws = WebSocket(scope, receive, send)
+    if scope["path"] != "/ws":
+        return await ws.send_denial_response(Problem(404, "Not found", "WebSockets are served at /ws.").response())
+    await websocket(ws)
+
+
 async def websocket(ws: WebSocket) -> None:
     # uvicorn answers HTTP requests past MAX_CONNECTIONS with 503 but lets WebSocket upgrades
     # through: refuse those here, before the handshake, in the same way
@@ -474,12 +483,16 @@ async def websocket(ws: WebSocket) -> None:
         log.info("websocket refused: origin %r not allowed", ws.headers.get("origin"))
         return await ws.close(1008)  # before accept: the handshake is answered 403
     try:
-        caller = await ws.app.state.auth.caller(ws)
+        async with redis_deadline():  # a ticket is checked in Redis
+            caller = await ws.app.state.auth.caller(ws)
         release = admit(ws, caller, "ws")
     except Problem as problem:  # accept, then close with the reason, so a browser can see why
         log.info("websocket refused: %s", problem.detail)
         await ws.accept()
         return await ws.close(1008, (problem.detail or problem.title)[:120])
+    except (RedisTimeoutError, RedisConnectionError) as e:
+        log.warning("websocket refused: Redis unavailable: %s", e)
+        return await ws.send_denial_response(unavailable().response())
     await ws.accept()
     conn = Connection(ws, caller)
     reaper = ws.app.state.reaper

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
 from server import contract
 
@@ -91,3 +95,13 @@ async def test_unknown_route_is_a_problem(base):
     async with httpx.AsyncClient() as client:
         r = await client.get(base + "/nope")
     assert r.status_code == 404 and r.headers["content-type"] == PROBLEM
+
+
+async def test_unknown_websocket_path_is_a_problem(base):
+    with pytest.raises(InvalidStatus) as refused:
+        async with connect(base.replace("http", "ws") + "/nope"):
+            pass
+    response = refused.value.response
+    assert response.status_code == 404 and response.headers["content-type"] == PROBLEM
+    assert json.loads(response.body)["detail"] == "WebSockets are served at /ws."
+    assert response.headers["x-request-id"]

@@ -8,6 +8,7 @@ import json
 import httpx
 import pytest
 from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
 from server.devredis import RedisProcess
 from support import assert_stream_ok, start_server, start_worker, submit, watch_sse
@@ -54,6 +55,10 @@ async def test_redis_down_gives_503_and_recovery_is_automatic(tmp_path):
             assert r.headers["content-type"] == "application/problem+json"
             assert (await client.get("/readyz")).status_code == 503
             assert (await client.get("/healthz")).status_code == 200
+            with pytest.raises(InvalidStatus) as refused:  # a ticket is looked up in Redis
+                async with connect(server.url.replace("http", "ws") + "/ws?ticket=t"):
+                    pass
+            assert refused.value.response.status_code == 503
             redis.start()
 
             async def ready():
