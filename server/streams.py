@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from operator import attrgetter
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -142,6 +142,21 @@ def admit(conn: HTTPConnection, caller: Caller, transport: str) -> Callable[[], 
             del counts[caller.ident]
 
     return release
+
+
+class Endpoint:
+    """A stream's endpoint as a plain ASGI app, which Starlette's ``Route`` calls as it is. A
+    function endpoint gets two more layers (Starlette's request/response adapter and its
+    exception wrapper) whose frames an open stream keeps. An error raised before the stream
+    starts still becomes problem+json: the ``ExceptionMiddleware`` around the router has the
+    same handlers."""
+
+    def __init__(self, handler: Callable[[Request], Awaitable[Response]]) -> None:
+        self.handler = handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = await self.handler(Request(scope, receive, send))
+        await response(scope, receive, send)
 
 
 def retry_frame(request: Request) -> bytes:

@@ -25,6 +25,17 @@ async def test_submit_answers_202_with_location_and_document(base):
     assert (doc["status"], doc["seq"], doc["type"]) == ("queued", 1, "demo")
 
 
+async def test_head_of_a_stream_answers_headers_only(base):
+    """HEAD of an SSE endpoint gives the stream's headers and no stream (it does not hang)."""
+    async with httpx.AsyncClient(timeout=10) as client:
+        job = await submit(client, base, steps=2, interval=0)
+        for url in (job["links"]["events"], f"/events?job={job['id']}"):
+            r = await client.head(base + url)
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            assert r.content == b""
+        assert (await client.post(base + "/jobs/" + job["id"] + "/events")).status_code == 405
+
+
 async def test_sse_streams_every_step_then_ends_after_success(base):
     """The SSE stream shows the bar rising step by step, ends with `succeeded`, then closes."""
     async with httpx.AsyncClient(timeout=30) as client:
