@@ -128,7 +128,6 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         self.request = None
         event.headers.clear()
 
-    async def send(self, message: Any) -> None:
-        await super().send(message)
-        if self.handshake_complete:
-            self.response = None
+    def start_keepalive(self) -> None:
+        self.response = None  # uvicorn calls this once it has written the accepting response
+        super().start_keepalive()
