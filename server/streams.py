@@ -480,10 +480,11 @@ def origin_allowed(ws: WebSocket) -> bool:
 
 
 async def websocket_app(scope: Scope, receive: Receive, send: Send) -> None:
-    """Every WebSocket handshake, whatever its path (``server.app.App``): ``/ws`` is the only one."""
+    """Every WebSocket handshake, whatever its path (``server.app.App``): ``/ws`` is the only one.
+    Any other path is closed before accept (uvicorn answers 403), as Starlette's router does."""
     ws = WebSocket(scope, receive, send)
-    if scope["path"] != "/ws":
-        return await ws.send_denial_response(Problem(404, "Not found", "WebSockets are served at /ws.").response())
+    if scope["path"].removeprefix(scope.get("root_path", "")) != "/ws":
+        return await ws.close()
     await websocket(ws)
 
 

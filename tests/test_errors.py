@@ -97,11 +97,13 @@ async def test_unknown_route_is_a_problem(base):
     assert r.status_code == 404 and r.headers["content-type"] == PROBLEM
 
 
-async def test_unknown_websocket_path_is_a_problem(base):
+async def test_unknown_websocket_path_is_refused(base):
+    """Only /ws takes WebSockets; any other path is refused at the handshake, as Starlette's
+    router does (403), and /ws itself answers."""
     with pytest.raises(InvalidStatus) as refused:
         async with connect(base.replace("http", "ws") + "/nope"):
             pass
-    response = refused.value.response
-    assert response.status_code == 404 and response.headers["content-type"] == PROBLEM
-    assert json.loads(response.body)["detail"] == "WebSockets are served at /ws."
-    assert response.headers["x-request-id"]
+    assert refused.value.response.status_code == 403
+    async with connect(base.replace("http", "ws") + "/ws") as ws:
+        await ws.send(json.dumps({"op": "dance"}))
+        assert json.loads(await ws.recv())["event"] == "error"
