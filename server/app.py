@@ -154,8 +154,8 @@ def create_app(settings: Settings | None = None) -> App:
         Route("/jobs/{job_id}/retry", jobs.retry, methods=["POST"]),
         Route("/tickets", jobs.ticket, methods=["POST"]),
         Route("/job-types", jobtypes.list_types),
-        Route("/jobs/{job_id}/events", streams.Endpoint(streams.job_events), methods=["GET"]),
-        Route("/events", streams.Endpoint(streams.events), methods=["GET"]),
+        Route("/jobs/{job_id}/events", streams.Endpoint(streams.job_events), methods=["GET"], name="job_events"),
+        Route("/events", streams.Endpoint(streams.events), methods=["GET"], name="events"),
         # WebSocket /ws: ``App.websocket_app``, past the router
         Route("/", page("index.html")),
         Route("/dashboard", page("dashboard.html")),

@@ -57,8 +57,9 @@ class Flag:
 
 
 class Inbox:
-    """An unbounded ``asyncio.Queue``'s ``put_nowait``, ``get`` and ``empty``, in lists. It holds
-    a message or two: uvicorn stops reading the socket while one waits."""
+    """An unbounded ``asyncio.Queue``'s ``put_nowait``, ``get`` and ``empty``, in lists, for the
+    one reader uvicorn has per connection. It holds a message or two: uvicorn stops reading the
+    socket while one waits."""
 
     __slots__ = ("_items", "_getters")
 
@@ -85,15 +86,19 @@ class Inbox:
             self._getters.append(getter)
             try:
                 await getter
-            finally:
+            except BaseException:
                 self._getters.remove(getter)
-                if self._items:  # woken but cancelled, or more than one item: pass it on
+                if self._items:  # perhaps woken for an item it will not take now: pass it on
                     self._wake()
+                raise
+            self._getters.remove(getter)
         return self._items.pop(0)
 
 
 class Pipeline(list):
     """The deque of pipelined requests (uvicorn uses ``appendleft`` and ``pop``), as a list."""
+
+    __slots__ = ()
 
     def appendleft(self, item: Any) -> None:
         self.insert(0, item)
@@ -108,11 +113,9 @@ class HttpProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         self.flow._is_writable_event = Flag(True)
 
-    def on_headers_complete(self) -> None:
-        previous = self.cycle
-        super().on_headers_complete()
-        if self.cycle is not previous:  # a new request (its task has not started yet)
-            self.cycle.message_event = Flag()
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        cycle.message_event = Flag(cycle.message_event.is_set())  # before its task exists
+        super()._start_asgi_task(cycle, app)
 
 
 class WebSocketProtocol(WebSocketsSansIOProtocol):

@@ -55,6 +55,17 @@ async def test_inbox_is_first_in_first_out_and_a_cancelled_getter_loses_nothing(
     assert inbox.empty() and inbox._getters == []
 
 
+async def test_inbox_serves_waiting_getters_in_order():
+    inbox = Inbox()
+    first, second = asyncio.create_task(inbox.get()), asyncio.create_task(inbox.get())
+    await asyncio.sleep(0)
+    inbox.put_nowait("a")
+    assert await first == "a"
+    assert not second.done()
+    inbox.put_nowait("b")
+    assert await second == "b"
+
+
 async def app(scope, receive, send):
     """A stream that sends one chunk and then waits, and a WebSocket that echoes."""
     if scope["type"] == "http":
