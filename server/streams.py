@@ -265,6 +265,9 @@ class TextStream(StreamingResponse):
 
     async def __call__(self, scope, receive, send) -> None:
         try:
+            if scope["method"] == "HEAD":  # headers only (StreamingResponse would stream the bar)
+                await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+                return await send({"type": "http.response.body", "body": b""})
             await super().__call__(scope, receive, send)
         finally:
             self.on_close()

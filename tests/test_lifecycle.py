@@ -26,14 +26,23 @@ async def test_submit_answers_202_with_location_and_document(base):
 
 
 async def test_head_of_a_stream_answers_headers_only(base):
-    """HEAD of an SSE endpoint gives the stream's headers and no stream (it does not hang)."""
-    async with httpx.AsyncClient(timeout=10) as client:
-        job = await submit(client, base, steps=2, interval=0)
-        for url in (job["links"]["events"], f"/events?job={job['id']}"):
-            r = await client.head(base + url)
-            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-            assert r.content == b""
-        assert (await client.post(base + "/jobs/" + job["id"] + "/events")).status_code == 405
+    """HEAD of a stream endpoint gives the stream's headers and no stream: it answers while the
+    job still runs, and the connection stays usable."""
+    async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+        job = await submit(client, base, steps=100, interval=0.2)
+        try:
+            for url, accept, media_type in [
+                (job["links"]["events"], "text/event-stream", "text/event-stream"),
+                (f"/events?job={job['id']}", "text/event-stream", "text/event-stream"),
+                (job["links"]["events"], "text/plain", "text/plain"),
+            ]:
+                r = await client.head(url, headers={"Accept": accept})
+                assert r.status_code == 200 and r.headers["content-type"].startswith(media_type), (url, accept)
+                assert r.content == b""
+            assert (await client.post(job["links"]["events"])).status_code == 405
+            assert (await client.get(job["links"]["self"])).json()["status"] in ("queued", "running")
+        finally:
+            await client.delete(job["links"]["self"])
 
 
 async def test_sse_streams_every_step_then_ends_after_success(base):
