@@ -11,7 +11,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from server.devredis import RedisProcess
-from support import assert_stream_ok, start_server, start_worker, submit, watch_sse
+from support import assert_stream_ok, start_server, start_worker, submit, wait_until, watch_sse
 
 pytestmark = pytest.mark.anyio
 
@@ -59,6 +59,10 @@ async def test_redis_down_gives_503_and_recovery_is_automatic(tmp_path):
                 async with connect(server.url.replace("http", "ws") + "/ws?ticket=t"):
                     pass
             assert refused.value.response.status_code == 503
+            # the denial is not an error of the app: no "returned without completing handshake"
+            await client.get("/healthz", headers={"X-Request-ID": "after-the-denial"})
+            wait_until(lambda: "after-the-denial" in server.log(), timeout=5, what="the access line after the denial")
+            assert "without completing handshake" not in server.log()
             redis.start()
 
             async def ready():
