@@ -66,6 +66,11 @@ def lean(redis: Redis) -> Redis:
     base = pool.connection_class
     pool.connection_class = type(base.__name__, (HiredisPacking, base), {})
     pool.connection_kwargs["parser_class"] = ReadyCheckParser
+    # redis-py 5.3 wraps get_connection in a warning about deprecated arguments, which inspects
+    # the call on every command; it is never given any
+    plain = getattr(type(pool).get_connection, "__wrapped__", None)
+    if plain is not None:
+        pool.get_connection = plain.__get__(pool)
     return redis
 
 

@@ -46,6 +46,7 @@ async def test_a_connection_with_a_stale_reply_is_replaced(redis_server):
     as is: the next command gets its own reply."""
     redis = connections.client(redis_server.url)
     try:
+        assert not hasattr(redis.connection_pool.get_connection, "__wrapped__")  # no deprecation check
         conn = await redis.connection_pool.get_connection()
         assert isinstance(conn._parser, connections.ReadyCheckParser)
         await conn.send_command("ECHO", "stale")  # its reply is never read
