@@ -53,7 +53,7 @@ class Config:
     servers: int = 1
     fanout_rates: list[float] = field(default_factory=lambda: [250, 500, 1000, 2000, 3000, 4500, 6000])
     hot_rates: list[float] = field(default_factory=lambda: [10, 20, 30, 45, 60, 80, 100])
-    hot_sse_rates: list[float] = field(default_factory=lambda: [10, 30, 45])
+    hot_sse_rates: list[float] = field(default_factory=lambda: [10, 30, 45, 60, 75])
     impl_rates: list[float] = field(default_factory=lambda: [20, 40, 60, 80])
     deflate_rates: list[float] = field(default_factory=lambda: [10, 20, 40])
     watchers: int = 1000
