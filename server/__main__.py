@@ -25,6 +25,7 @@ def main() -> None:
         ws_per_message_deflate=False,  # no compression: no decompression bombs, less CPU per frame
         limit_concurrency=settings.max_connections,
         timeout_graceful_shutdown=5,
+        server_header=False,  # no "server: uvicorn" banner on every response
         log_config=None,
         log_level=settings.log_level,
         access_log=False,

@@ -293,6 +293,7 @@ async def test_pages_carry_security_headers(secured):
     assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp and "unsafe-inline" not in csp
     assert r.headers["x-content-type-options"] == "nosniff"
     assert r.headers["x-request-id"]
+    assert "server" not in r.headers  # no software banner
 
 
 async def test_request_id_is_honoured_and_logged(secured):
