@@ -68,7 +68,6 @@ class Config:
     profile: bool = False
     profile_seconds: float = 10.0
     log_level: str = "info"
-    experiment: str = ""  # bench.experiments patches (a what-if server), e.g. "ws-direct"
     quiet_wait: float = 60.0  # before each scenario, wait up to this long for other load to go
     budget: float = 900.0  # hard cap on the whole run, seconds
     results: Path = RESULTS / "results.jsonl"
@@ -134,27 +133,22 @@ class Bench:
         return await Agent(child).start()
 
     async def start_servers(self, kind: str = "module", ws: str | None = None, n: int | None = None) -> None:
-        """``kind`` module: ``python -m server`` as shipped; uvicorn: ``python -m uvicorn`` with ``--ws ws``
-        (and with ``--experiment``, the app of ``bench.experiments`` with those patches)."""
+        """``kind`` module: ``python -m server`` as shipped; uvicorn: ``python -m uvicorn`` with ``--ws ws``."""
         for s in self.servers:
             self.children.stop(s)
         self.servers = []
         self.server_kind = (kind, ws)
-        experiment = self.cfg.experiment
-        if experiment:
-            kind = "uvicorn"
         for i in range(n or self.cfg.servers):
             port = free_port()
             if kind == "module":
                 argv = [sys.executable, "-m", "server"]
             else:
-                app = "bench.experiments:create_app" if experiment else "server.app:create_app"
-                argv = [sys.executable, "-m", "uvicorn", app, "--factory", "--host", "127.0.0.1",
+                argv = [sys.executable, "-m", "uvicorn", "server.app:create_app", "--factory", "--host", "127.0.0.1",
                         "--port", str(port), "--loop", "uvloop", "--http", "httptools", "--ws", ws or "websockets-sansio",
                         "--ws-max-size", "65536", "--no-access-log", "--log-level", self.cfg.log_level,
                         "--timeout-graceful-shutdown", "5"]  # fmt: skip
-            name = f"server{i}-{kind}{'-' + ws if ws else ''}{'-' + experiment.replace(',', '+') if experiment else ''}-{port}"
-            env = self.env(port=port, bench_experiment=experiment or "")
+            name = f"server{i}-{kind}{'-' + ws if ws else ''}-{port}"
+            env = self.env(port=port)
             self.servers.append(self.children.spawn(name, argv, env, role="server", port=port))
         for s in self.servers:
             await self.wait_healthy(s)
@@ -237,10 +231,8 @@ class Bench:
     def record(self, rec: dict[str, Any]) -> dict[str, Any]:
         kind, ws = self.server_kind
         server = "python -m server" if kind == "module" else f"uvicorn --ws {ws or 'websockets-sansio'}"
-        if self.cfg.experiment:
-            server = f"uvicorn --ws {ws or 'websockets-sansio'} bench.experiments {self.cfg.experiment}"
         rec = {"run": self.run_id, "ts": datetime.datetime.now().isoformat(timespec="seconds"), "quick": self.cfg.quick,
-               "server": server, "experiment": self.cfg.experiment, "servers": len(self.servers),
+               "server": server, "servers": len(self.servers),
                "profiled": self.cfg.profile, **rec, "machine": self.facts}  # fmt: skip
         self.cfg.results.parent.mkdir(parents=True, exist_ok=True)
         with open(self.cfg.results, "a") as f:
@@ -719,7 +711,6 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--hot-rates", help="comma-separated update rates for hot-ws")
     p.add_argument("--idle", type=int, help="connections held by the idle scenario (default 10000)")
     p.add_argument("--profile", action="store_true", help="py-spy the server during each measured window")
-    p.add_argument("--experiment", help="run the server with bench.experiments patches, e.g. ws-nolock, ws-direct, ws-sync, sse-lean, sse-direct")
     p.add_argument("--hot-sse-rates", help="comma-separated update rates for hot-sse")
     p.add_argument("--log-level", help="server LOG_LEVEL (default info, as shipped)")
     p.add_argument("--quiet-wait", type=float, help="seconds to wait for a quiet machine before each scenario (default 60)")
@@ -735,8 +726,6 @@ def parse_args(argv: list[str] | None = None) -> Config:
         kw["results"] = Path(a.results).resolve()
     if a.ws_impls:
         kw["ws_impls"] = a.ws_impls.split(",")
-    if a.experiment:
-        kw["experiment"] = a.experiment
     for name in ("fanout_rates", "hot_rates", "hot_sse_rates"):
         if getattr(a, name):
             kw[name] = [float(x) for x in getattr(a, name).split(",")]
