@@ -41,7 +41,7 @@ from server.devredis import RedisProcess, free_port
 
 RESULTS = ROOT / "bench" / "results"
 WS_IMPLS = ("websockets-sansio", "websockets", "wsproto")
-SCENARIOS = ("fanout-ws", "fanout-sse", "hot-ws", "hot-sse", "idle", "submit", "start", "poll", "ws-impls", "deflate")
+SCENARIOS = ("fanout-ws", "fanout-sse", "hot-ws", "floor", "hot-sse", "idle", "submit", "start", "poll", "ws-impls", "deflate")
 
 
 @dataclass
@@ -133,7 +133,8 @@ class Bench:
         return await Agent(child).start()
 
     async def start_servers(self, kind: str = "module", ws: str | None = None, n: int | None = None) -> None:
-        """``kind`` module: ``python -m server`` as shipped; uvicorn: ``python -m uvicorn`` with ``--ws ws``."""
+        """``kind`` module: ``python -m server`` as shipped; uvicorn: ``python -m uvicorn`` with
+        ``--ws ws``; floor: ``bench.floor``, the websockets library's own broadcast."""
         for s in self.servers:
             self.children.stop(s)
         self.servers = []
@@ -142,6 +143,8 @@ class Bench:
             port = free_port()
             if kind == "module":
                 argv = [sys.executable, "-m", "server"]
+            elif kind == "floor":
+                argv = [sys.executable, "-m", "bench.floor"]
             else:
                 argv = [sys.executable, "-m", "uvicorn", "server.app:create_app", "--factory", "--host", "127.0.0.1",
                         "--port", str(port), "--loop", "uvloop", "--http", "httptools", "--ws", ws or "websockets-sansio",
@@ -230,7 +233,7 @@ class Bench:
 
     def record(self, rec: dict[str, Any]) -> dict[str, Any]:
         kind, ws = self.server_kind
-        server = "python -m server" if kind == "module" else f"uvicorn --ws {ws or 'websockets-sansio'}"
+        server = {"module": "python -m server", "floor": "bench.floor"}.get(kind) or f"uvicorn --ws {ws or 'websockets-sansio'}"
         rec = {"run": self.run_id, "ts": datetime.datetime.now().isoformat(timespec="seconds"), "quick": self.cfg.quick,
                "server": server, "servers": len(self.servers),
                "profiled": self.cfg.profile, **rec, "machine": self.facts}  # fmt: skip
@@ -518,6 +521,20 @@ class Bench:
             self.server_kind = saved
         return {"scenario": "ws-impls", "summary": True, **out}
 
+    async def floor(self) -> dict[str, Any]:
+        """Scenario 3 against ``bench.floor``: the machine's floor, and the server's ratio to it."""
+        saved = self.server_kind
+        self.server_kind = ("floor", None)
+        try:
+            s = await self.hot("ws", scenario="floor")
+        finally:
+            self.server_kind = saved
+        hot = next((h for h in self.summary if h.get("scenario") == "hot-ws" and "at_10" in h), None)
+        if hot and "at_10" in s and s["at_10"]["server_us_per_delivery"]:
+            s["server_vs_floor_at_10"] = round(hot["at_10"]["server_us_per_delivery"] / s["at_10"]["server_us_per_delivery"], 2)
+            s["server_vs_floor_max"] = round(hot["max_deliveries_per_s"] / s["max_deliveries_per_s"], 2)
+        return s
+
     async def deflate(self) -> dict[str, Any]:
         s = await self.hot("ws", rates=self.cfg.deflate_rates, deflate=True, scenario="hot-ws-deflate")
         return s
@@ -602,6 +619,7 @@ class Bench:
             "fanout-ws": lambda: self.fanout("ws"),
             "fanout-sse": lambda: self.fanout("sse"),
             "hot-ws": lambda: self.hot("ws"),
+            "floor": self.floor,
             "hot-sse": lambda: self.hot("sse", rates=cfg.hot_sse_rates),
             "idle": self.idle,
             "submit": self.submit,
@@ -676,12 +694,14 @@ def summary_line(s: dict[str, Any]) -> str:
                  + ", ".join(f"{fmt(st['server_us_per_delivery'])} µs@{fmt(st['rate'])}" for st in v["steps"]) for k, v in s.items()
                  if k in WS_IMPLS]  # fmt: skip
         return f"{sc:<16} " + " | ".join(parts)
-    if sc.startswith(("fanout", "hot", "ws-impl:")):
+    if sc.startswith(("fanout", "hot", "ws-impl:", "floor")):
         ref = s.get("at_1000") or s.get("at_10") or (s["steps"][0] if s["steps"] else {})
+        ratio = (f" hot-ws/floor: {s['server_vs_floor_at_10']}x CPU per delivery at 10 upd/s, {s['server_vs_floor_max']}x max dlv/s;"
+                 if "server_vs_floor_at_10" in s else "")  # fmt: skip
         return (f"{sc:<16} {s['watchers']} watchers/{s['jobs']} jobs: max {fmt(s['max_deliveries_per_s'])} dlv/s"
                 f" (kept up to {fmt(s['max_kept_up_rate'])} upd/s); at {fmt(ref.get('rate'))} upd/s: {fmt(ref.get('server_us_per_delivery'))} µs/dlv,"
                 f" p50 {fmt(ref.get('lat_p50_ms'))} p99 {fmt(ref.get('lat_p99_ms'))} max {fmt(ref.get('lat_max_ms'))} ms;"
-                f" RSS {fmt(s['rss_kib_per_conn'])} KiB/conn; lost {s['lost_terminal']}; {s['took_s']} s")  # fmt: skip
+                f" RSS {fmt(s['rss_kib_per_conn'])} KiB/conn; lost {s['lost_terminal']};{ratio} {s['took_s']} s")  # fmt: skip
     if sc == "submit":
         b = s["best"]
         return f"{sc:<16} {fmt(b['requests_per_s'])} POST/s at {b['conns']} conns, {fmt(b['server_us_per_request'])} µs/req, p50 {fmt(b['lat_p50_ms'])} p99 {fmt(b['lat_p99_ms'])} ms; {s['took_s']} s"
