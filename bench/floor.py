@@ -21,6 +21,7 @@ from http import HTTPStatus
 
 import uvloop
 from websockets.asyncio.server import ServerConnection, broadcast, serve
+from websockets.http11 import Request, Response
 
 from server import connections, contract
 from server.hub import Event
@@ -31,7 +32,7 @@ async def main(port: int, redis_url: str) -> None:
     pubsub = redis.pubsub()
     watchers: dict[str, set[ServerConnection]] = {}
 
-    def ready(connection: ServerConnection, request):  # noqa: ANN001, ANN202 - websockets' hook
+    def ready(connection: ServerConnection, request: Request) -> Response | None:
         if request.path != "/ws":
             return connection.respond(HTTPStatus.OK, "ok\n")
         return None

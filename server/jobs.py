@@ -22,14 +22,11 @@ from server.auth import TICKET_TTL, Caller
 from server.hub import Event, Mailbox, MailboxClosed
 from server.logs import request_id
 from server.problems import Problem, gone, invalid, not_found
-from server.store import IdempotencyConflict, QueueFull, RateLimited, WriteRefused
+from server.store import REDIS_DEADLINE, IdempotencyConflict, QueueFull, RateLimited, WriteRefused
 
 JSON = "application/json"
 MAX_PAGE = 100
 MAX_PARAMS_DEPTH = 32
-
-
-REDIS_DEADLINE = 5.0  # seconds for all the Redis calls of one request
 
 
 class redis_deadline:  # lower case: used as ``async with redis_deadline():``, like asyncio.timeout

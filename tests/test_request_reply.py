@@ -55,6 +55,38 @@ async def test_fifty_concurrent_identical_requests_make_one_job(base, redis_clie
     assert redis_client.zcard(contract.jobs_index("")) == before + 1
 
 
+async def test_concurrent_submits_each_get_their_own_answer(base, redis_client):
+    """Submits that arrive together share one Redis pipeline (``store.Batched``): each still gets
+    its own outcome, whatever the others' are."""
+    params = {"steps": 1, "interval": 0}
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=40)) as client:
+        first = await post(client, base, "demo", params, **{"Idempotency-Key": "mixed-1"})
+        assert first.status_code == 202
+        same, other, keyed, plain = await asyncio.gather(
+            asyncio.gather(*(post(client, base, "demo", params, **{"Idempotency-Key": "mixed-1"}) for _ in range(10))),
+            asyncio.gather(*(post(client, base, "demo", {"steps": 2}, **{"Idempotency-Key": "mixed-1"}) for _ in range(10))),
+            asyncio.gather(*(post(client, base, "demo", params, **{"Idempotency-Key": f"mixed-{i + 2}"}) for i in range(10))),
+            asyncio.gather(*(post(client, base, "demo", params) for _ in range(10))),
+        )
+    assert [r.status_code for r in same] == [202] * 10 and {r.json()["id"] for r in same} == {first.json()["id"]}
+    assert [r.status_code for r in other] == [422] * 10
+    assert {r.json()["errors"][0]["field"] for r in other} == {"Idempotency-Key"}
+    created = [r.json()["id"] for r in keyed + plain]
+    assert [r.status_code for r in keyed + plain] == [202] * 20 and len(set(created)) == 20
+    assert first.json()["id"] not in created
+    for job_id in created:  # each answer is its own job's document
+        assert redis_client.hexists(contract.job_key(job_id), "ev")
+
+
+async def test_submit_after_redis_forgot_its_scripts(base, redis_client):
+    """A restarted Redis has no scripts loaded: the first submits load it again and succeed."""
+    redis_client.script_flush()
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=10)) as client:
+        answers = await asyncio.gather(*(post(client, base, "demo", {"steps": 1, "interval": 0}) for _ in range(10)))
+    assert [r.status_code for r in answers] == [202] * 10, answers[0].text
+    assert len({r.json()["id"] for r in answers}) == 10
+
+
 # -- retries, timeouts, sync jobs --------------------------------------------------------
 
 
