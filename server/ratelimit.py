@@ -8,6 +8,7 @@ from redis.asyncio import Redis
 
 from server import contract
 from server.problems import Problem
+from server.store import REDIS_DEADLINE, Batched
 
 WINDOW = 60  # seconds
 
@@ -24,7 +25,7 @@ return {n}
 
 class RateLimiter:
     def __init__(self, redis: Redis) -> None:
-        self._count = redis.register_script(COUNT_SCRIPT)
+        self._count = Batched(redis, COUNT_SCRIPT, REDIS_DEADLINE)  # a poll's one round trip
 
     async def check(self, bucket: str, who: str, limit: int, read: str | None = None) -> bytes | None:
         """Count one request of ``who`` in ``bucket``; 429 with Retry-After once over ``limit``.
