@@ -64,6 +64,7 @@ async def main(port: int, redis_url: str) -> None:
                 job_id = msg["channel"][prefix:].decode()
                 broadcast(watchers.get(job_id, ()), Event(job_id, msg["data"]).ws)
 
+    await pubsub.connect()  # now: two first subscribes at once would each take a connection
     async with serve(handler, "127.0.0.1", port, process_request=ready, compression=None, max_size=65536):
         await fan_out()
 

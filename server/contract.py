@@ -230,7 +230,8 @@ return {1, tonumber(ARGV[2])}
 
 
 # Creating a job: the document, the index entry and arq's job + queue entry, all or nothing.
-# Idempotent, so a retry after a lost reply changes nothing (the id is already there). With an
+# Idempotent, so a retry after a lost reply changes nothing: the id is already there, and that
+# is checked first, before the rate counter (redis-py re-sends a whole pipeline). With an
 # idempotency key, a key seen before returns what it remembers ("<job id> <request hash>")
 # instead of creating anything, so concurrent identical requests make exactly one job. A tenant
 # with ``queue cap`` jobs already queued gets -1 and nothing is written.
@@ -244,6 +245,7 @@ return {1, tonumber(ARGV[2])}
 #       queue cap (0: none), queued-set trim-below score (entries of jobs that expired queued),
 #       request id (for the worker's logs), submit rate limit, its window (s)
 CREATE_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local submits = redis.call('INCR', KEYS[7])
 if submits == 1 then redis.call('EXPIRE', KEYS[7], ARGV[20]) end
 if submits > tonumber(ARGV[19]) then return -2 end
@@ -251,7 +253,6 @@ if ARGV[14] ~= '' then
   local prior = redis.call('GET', KEYS[5])
   if prior then return prior end
 end
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', ARGV[17])
 if tonumber(ARGV[16]) > 0 and redis.call('ZCARD', KEYS[6]) >= tonumber(ARGV[16]) then return -1 end
 if ARGV[14] ~= '' then redis.call('SET', KEYS[5], ARGV[14], 'EX', ARGV[15]) end

@@ -74,7 +74,11 @@ class Batched:
     waking on the reply) dominates a small script: at 16 concurrent calls, 25 µs of our CPU per
     call alone against 8 µs in a pipeline. ``await batched(keys=[...], args=[...])`` answers
     or raises as a single call would; a pipeline that takes longer than ``deadline`` is
-    abandoned (redis-py then drops its connection, as for a cancelled call)."""
+    abandoned (redis-py then drops its connection, as for a cancelled call).
+
+    After a dropped connection redis-py sends the whole pipeline again, calls already answered
+    included, so a script must be safe to run twice: ``CREATE_SCRIPT`` is (it checks for its job
+    id first); ``COUNT_SCRIPT`` then counts such a poll twice, which a rate limit can afford."""
 
     def __init__(self, redis: Redis, script: str, deadline: float) -> None:
         self.script = redis.register_script(script)
@@ -104,6 +108,7 @@ class Batched:
         return await pipe.execute(raise_on_error=False)
 
     async def _run(self, batch: list[tuple[list, list, asyncio.Future]]) -> None:
+        results: list[Any] = [NoScriptError()] * len(batch)  # "not run", until a pipeline says
         try:
             async with asyncio.timeout(self.deadline):
                 results = await self._execute(batch)
@@ -112,8 +117,8 @@ class Batched:
                     again = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
                     for i, r in zip(again, await self._execute([batch[i] for i in again])):
                         results[i] = r
-        except Exception as e:  # noqa: BLE001 - handed to every caller of the batch
-            results = [e] * len(batch)
+        except Exception as e:  # noqa: BLE001 - for every call not answered yet
+            results = [e if isinstance(r, NoScriptError) else r for r in results]
         except BaseException:  # cancelled (shutdown): so are its callers
             for _, _, future in batch:
                 future.cancel()

@@ -87,6 +87,27 @@ async def test_submit_after_redis_forgot_its_scripts(base, redis_client):
     assert len({r.json()["id"] for r in answers}) == 10
 
 
+async def test_a_creation_sent_again_after_a_lost_reply_changes_nothing(redis_server, monkeypatch):
+    """redis-py sends a whole pipeline again after a dropped connection, answered calls included:
+    the same creation run twice must not count against the rate limit or make a second job."""
+    from server import connections, ratelimit
+    from server.settings import Settings
+    from server.store import Store
+
+    redis_async = connections.client(redis_server.url)
+    try:
+        store = Store(redis_async, Settings(redis_url=redis_server.url))
+        monkeypatch.setattr(contract, "new_job_id", lambda: "j_sent_twice")
+        rate = (ratelimit.window_key("submit", "sent-twice"), 1, ratelimit.WINDOW)
+        first, _, created = await store.create("demo", {}, "t-twice", rate=rate)
+        again, _, created_again = await store.create("demo", {}, "t-twice", rate=rate)
+        assert created and created_again and first["id"] == again["id"] == "j_sent_twice"
+        assert int(await redis_async.get(rate[0])) == 1
+        assert await redis_async.zcard(contract.jobs_index("t-twice")) == 1
+    finally:
+        await redis_async.aclose()
+
+
 # -- retries, timeouts, sync jobs --------------------------------------------------------
 
 
