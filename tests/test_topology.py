@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 
 import httpx
 import pytest
+import redis as redis_sync
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from server import contract
 from server.devredis import RedisProcess
 from support import assert_stream_ok, start_server, start_worker, submit, wait_until, watch_sse
 
@@ -38,6 +41,38 @@ async def test_submit_on_one_server_watch_on_another(redis_server, worker, serve
         assert_stream_ok(ws_docs, "succeeded")
     finally:
         other.stop()
+
+
+async def test_stalled_redis_during_a_submit_burst_gives_503_then_no_duplicates(tmp_path):
+    """Redis frozen (SIGSTOP) longer than a request's Redis deadline while 20 submits arrive
+    together (one pipeline): each gets 503 + Retry-After, not a hang. Retried with the same
+    Idempotency-Key once Redis is back, they make exactly one job each, whether or not the
+    frozen attempt ran (RELIABILITY.md, plan item 16)."""
+    redis = RedisProcess(tmp_path / "redis").start()
+    server = start_server(redis.url, tmp_path)
+    keys = [f"stalled-{i}" for i in range(20)]
+    body = {"type": "demo", "params": {"steps": 1, "interval": 0}}
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30, limits=httpx.Limits(max_connections=20)) as client:
+            assert (await client.get("/readyz")).status_code == 200
+            redis.proc.send_signal(signal.SIGSTOP)
+            try:
+                frozen = await asyncio.gather(*(client.post("/jobs", json=body, headers={"Idempotency-Key": k}) for k in keys))
+            finally:
+                redis.proc.send_signal(signal.SIGCONT)
+            assert [r.status_code for r in frozen] == [503] * 20, frozen[0].text
+            assert all(int(r.headers["retry-after"]) > 0 for r in frozen)
+            again = await asyncio.gather(*(client.post("/jobs", json=body, headers={"Idempotency-Key": k}) for k in keys))
+            assert [r.status_code for r in again] == [202] * 20, again[0].text
+            assert len({r.json()["id"] for r in again}) == 20
+        stored = redis_sync.Redis.from_url(redis.url)
+        try:
+            assert stored.zcard(contract.jobs_index("")) == 20
+        finally:
+            stored.close()
+    finally:
+        server.stop()
+        redis.stop()
 
 
 async def test_redis_down_gives_503_and_recovery_is_automatic(tmp_path):
