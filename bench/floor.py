@@ -25,10 +25,13 @@ from websockets.http11 import Request, Response
 
 from server import connections, contract
 from server.hub import Event
+from server.settings import Settings
+from server.store import Store
 
 
 async def main(port: int, redis_url: str) -> None:
     redis = connections.client(redis_url)
+    store = Store(redis, Settings(redis_url=redis_url))
     pubsub = redis.pubsub()
     watchers: dict[str, set[ServerConnection]] = {}
 
@@ -45,7 +48,7 @@ async def main(port: int, redis_url: str) -> None:
                     watchers[job_id] = set()
                     await pubsub.subscribe(contract.channel(job_id))
                 watchers[job_id].add(ws)
-                raw = await redis.hget(contract.job_key(job_id), "ev")
+                raw = await store.read(job_id)
                 if raw is not None:
                     await ws.send(Event(job_id, raw).ws)
             await ws.wait_closed()

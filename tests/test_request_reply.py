@@ -10,8 +10,10 @@ import httpx
 import pytest
 import redis
 
-from server import contract
+from server import connections, contract, ratelimit
 from server.devredis import RedisProcess
+from server.settings import Settings
+from server.store import Store
 from support import SSE, assert_stream_ok, sse_frames, start_server, start_worker, watch_sse
 
 pytestmark = pytest.mark.anyio
@@ -90,10 +92,6 @@ async def test_submit_after_redis_forgot_its_scripts(base, redis_client):
 async def test_a_creation_sent_again_after_a_lost_reply_changes_nothing(redis_server, monkeypatch):
     """redis-py sends a whole pipeline again after a dropped connection, answered calls included:
     the same creation run twice must not count against the rate limit or make a second job."""
-    from server import connections, ratelimit
-    from server.settings import Settings
-    from server.store import Store
-
     redis_async = connections.client(redis_server.url)
     try:
         store = Store(redis_async, Settings(redis_url=redis_server.url))
