@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install run test bench clean browser
+.PHONY: install run test bench clean browser tls-redis
 
 install: $(VENV)/.installed
 
@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 run: install
 	$(PY) -m server.dev
 
-test: install browser
+test: install browser tls-redis
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Headless Chromium for tests/test_browser.py, from Debian (Playwright's own downloads do not run here).
@@ -24,6 +24,12 @@ test: install browser
 browser:
 	@command -v chromium >/dev/null || (apt-get update && apt-get install -y --no-install-recommends chromium) \
 	  || echo "warning: could not install chromium; tests/test_browser.py will be skipped"
+
+# Debian's redis-server (built with TLS, which the embedded Valkey is not) for tests/test_tls.py,
+# which fails without it. Only the binary is used: no service is started.
+tls-redis:
+	@command -v redis-server >/dev/null || (apt-get update && apt-get install -y --no-install-recommends redis-server) \
+	  || echo "warning: could not install redis-server; tests/test_tls.py will fail"
 
 clean:
 	rm -rf $(VENV) data test-artifacts
