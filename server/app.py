@@ -21,7 +21,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp
 
-from server import connections, direct, jobs, jobtypes, problems, streams
+from server import connections, direct, jobs, jobtypes, problems, redischeck, streams, workers
 from server.auth import Auth, parse_keys, shared_secret
 from server.hub import Hub, SubscribeTimeout
 from server.metrics import metrics
@@ -56,12 +56,35 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
+    """200 while Redis answers, with what it keeps (``redischeck.facts``: still 200 if it warns)."""
     try:
         async with asyncio.timeout(2.0):
-            await request.app.state.store.redis.ping()
+            found = await redischeck.facts(request.app.state.store.redis)
     except Exception as e:
         return unavailable(request, e)
-    return JSONResponse({"status": "ready"})
+    return JSONResponse({"status": "ready", "redis": found})
+
+
+async def list_workers(request: Request) -> Response:
+    """``GET /workers``: the live workers (``server.workers``) with their types and load."""
+    await jobs.key_holder(request)
+    async with jobs.redis_deadline():
+        items = await workers.live(request.app.state.store.redis)
+    return JSONResponse({"items": items}, headers={"Cache-Control": "no-store"})
+
+
+async def read_live_types(app: Starlette) -> None:
+    """``app.state.live_types``: the job types that some live worker runs."""
+    try:
+        app.state.live_types = {t for w in await workers.live(app.state.store.redis) for t in w["types"]}
+    except Exception as e:  # noqa: BLE001 - Redis blip: keep the last answer
+        log.debug("reading the live workers failed: %s", e)
+
+
+async def follow_workers(app: Starlette) -> None:
+    while True:
+        await asyncio.sleep(workers.BEAT)
+        await read_live_types(app)
 
 
 def page(name: str):
@@ -132,13 +155,17 @@ def create_app(settings: Settings | None = None) -> App:
         if app.state.auth.keyless:
             log.warning("no API_KEYS set: keyless dev mode, every caller may submit, list and cancel any job")
         app.state.reaper = streams.SlowClientReaper(settings.send_timeout)
+        app.state.live_types = set()
+        await redischeck.check(redis, "server")
+        await read_live_types(app)
         reaper = asyncio.create_task(app.state.reaper.run())
         reader = asyncio.create_task(hub.run())
+        follower = asyncio.create_task(follow_workers(app))
         drain_on_signals(hub)
         try:
             yield
         finally:
-            for task in (reader, reaper):
+            for task in (reader, reaper, follower):
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
@@ -154,6 +181,7 @@ def create_app(settings: Settings | None = None) -> App:
         Route("/jobs/{job_id}/retry", jobs.retry, methods=["POST"]),
         Route("/tickets", jobs.ticket, methods=["POST"]),
         Route("/job-types", jobtypes.list_types),
+        Route("/workers", list_workers),
         Route("/jobs/{job_id}/events", streams.Endpoint(streams.job_events), methods=["GET"], name="job_events"),
         Route("/events", streams.Endpoint(streams.events), methods=["GET"], name="events"),
         # WebSocket /ws: ``App.websocket_app``, past the router

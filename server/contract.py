@@ -46,6 +46,14 @@ def queued_set(tenant: str) -> str:
     return f"{PREFIX}queued:{tenant}"
 
 
+WORKERS = PREFIX + "workers"  # sorted set: live worker ids by the time of their last beat (s)
+
+
+def worker_key(worker_id: str) -> str:
+    """A worker's heartbeat record (``server.workers``), JSON, expiring unless renewed."""
+    return f"{PREFIX}worker:{worker_id}"
+
+
 def ticket_key(ticket: str) -> str:
     """A single-use stream ticket: what it may watch, for 60 s."""
     return f"{PREFIX}ticket:{ticket}"
@@ -88,6 +96,13 @@ def new_job_id() -> str:
     return "j_" + secrets.token_urlsafe(18)
 
 
+def webhook_key(job_id: str) -> str:
+    """Hash with fields ``seq``, ``url`` and ``ev`` (the packed final event): what the job's newest
+    pending webhook delivery sends. Written with the final state, kept until that delivery ends
+    (not tied to ``RESULT_TTL``), replaced by a re-run's newer final state."""
+    return f"{PREFIX}webhook:{job_id}"
+
+
 def webhook_delivery_id(job_id: str, seq: int) -> str:
     """The arq job id of a webhook delivery, also its ``webhook-id``: one per final state."""
     return f"wh_{job_id}_{seq}"
@@ -105,14 +120,14 @@ def links(job_id: str) -> dict[str, str]:
     return {"self": base, "events": base + "/events", "result": base + "/result"}
 
 
-def new_document(job_id: str, job_type: str, created_at: str) -> dict[str, Any]:
+def new_document(job_id: str, job_type: str, created_at: str, message: str | None = None) -> dict[str, Any]:
     """A queued job's document: every field of the public shape, in its public order."""
     return {
         "id": job_id,
         "type": job_type,
         "status": QUEUED,
         "progress": None,
-        "message": None,
+        "message": message,
         "stage": None,
         "seq": 1,
         "attempt": 0,
@@ -166,14 +181,16 @@ def unpack(raw: bytes) -> Packed:
 
 
 # The one write path for a job document (both server and worker call it).
-# KEYS: job hash, tombstone, result, arq queue, arq job key of the webhook delivery, tenant's queued set
+# KEYS: job hash, tombstone, result, arq queue, arq job key of the webhook delivery, tenant's queued set,
+#       webhook payload (``webhook_key``)
 # ARGV: expected seq, new seq, new state, packed event, channel, ttl (s) of the document,
 #       terminal (1/0), tombstone ttl (s), result JSON ('' for none),
 #       webhook delivery arq payload, its ttl (ms), enqueue time (ms), delivery id, wake channel,
 #       job id, now (µs), tenant (kept in the tombstone, so a foreign expired job stays a 404)
 # Returns {1, seq} when written; {0, current seq, current state} when refused because the
 # stored seq is not the expected one, or the job is already terminal (no change after the end).
-# A final state of a job that has a webhook enqueues its delivery in the same step.
+# A final state of a job that has a webhook enqueues its delivery in the same step, and captures
+# what it will send (URL and event) for as long as the delivery may run.
 WRITE_SCRIPT = """
 local cur = redis.call('HMGET', KEYS[1], 'seq', 'state', 'webhook')
 local seq = tonumber(cur[1]) or 0
@@ -194,6 +211,8 @@ if ARGV[7] == '1' then
     redis.call('SET', KEYS[3], ARGV[9], 'EX', ARGV[6])
   end
   if cur[3] then
+    redis.call('HSET', KEYS[7], 'seq', ARGV[2], 'url', cur[3], 'ev', ARGV[4])
+    redis.call('PEXPIRE', KEYS[7], ARGV[11])
     redis.call('SET', KEYS[5], ARGV[10], 'PX', ARGV[11])
     redis.call('ZADD', KEYS[4], ARGV[12], ARGV[13])
     redis.call('PUBLISH', ARGV[14], ARGV[13])
@@ -201,6 +220,14 @@ if ARGV[7] == '1' then
 end
 redis.call('PUBLISH', ARGV[5], ARGV[4])
 return {1, tonumber(ARGV[2])}
+"""
+
+
+# A webhook delivery that has ended (delivered, or given up) drops the payload it sent, unless a
+# newer final state has replaced it meanwhile. KEYS: webhook payload. ARGV: the delivery's seq.
+WEBHOOK_DONE_SCRIPT = """
+if redis.call('HGET', KEYS[1], 'seq') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
 """
 
 

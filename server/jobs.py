@@ -17,7 +17,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from server import contract, ratelimit, render, webhooks
+from server import contract, ratelimit, render, webhooks, workers
 from server.auth import TICKET_TTL, Caller
 from server.hub import Event, Mailbox, MailboxClosed
 from server.logs import request_id
@@ -206,9 +206,11 @@ async def submit(request: Request) -> Response:
         raise invalid("Idempotency-Key", "must be 1 to 255 printable characters")
     try:
         rate = (ratelimit.window_key("submit", caller.ident), settings.rate_submit, ratelimit.WINDOW)
+        # accepted even when no live worker runs the type (one may be starting); the document says so
+        waiting = None if job_type in request.app.state.live_types else workers.waiting_message(job_type)
         async with redis_deadline():  # one round trip: rate counter, idempotency, cap, job, enqueue
             doc, doc_json, _ = await request.app.state.store.create(
-                job_type, params, caller.tenant, webhook, key, request_id.get(), rate, params_json
+                job_type, params, caller.tenant, webhook, key, request_id.get(), rate, params_json, waiting
             )
     except RateLimited:
         raise ratelimit.too_many("submit", settings.rate_submit) from None

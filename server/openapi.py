@@ -160,8 +160,14 @@ SPEC: dict[str, Any] = {
                 "responses": {"200": answer("job types", {"type": "object"})},
             }
         },
+        "/workers": {
+            "get": {
+                "summary": "Live workers: id, host, pid, job types, concurrency, running jobs, last heartbeat",
+                "responses": {"200": answer("workers", {"type": "object"})},
+            }
+        },
         "/healthz": {"get": {"summary": "Process alive", "security": [], "responses": {"200": answer("ok", {"type": "object"})}}},
-        "/readyz": {"get": {"summary": "Redis reachable", "security": [], "responses": {"200": answer("ready", {"type": "object"}), **problems(503)}}},
+        "/readyz": {"get": {"summary": "Redis reachable, and what it keeps (eviction policy, persistence, warnings)", "security": [], "responses": {"200": answer("ready", {"type": "object"}), **problems(503)}}},
         "/metrics": {"get": {"summary": "Prometheus metrics", "security": [], "responses": {"200": answer("metrics", {"type": "string"}, "text/plain")}}},
     },
 }

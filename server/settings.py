@@ -28,6 +28,7 @@ class Settings:
     tombstone_ttl: int = 7 * 86400  # after that, 410 Gone instead of 404 for this long
     job_ttl: int = 86400  # an unfinished job's document lives this long without a change
     idempotency_ttl: int = 86400  # an Idempotency-Key is remembered this long, seconds
+    unknown_type_grace: float = 3600.0  # a job of a type no worker runs fails after waiting this long
     lease: float = 10.0  # worker: a running job is re-run this long after its worker died, seconds
     stall_after: float = 60.0  # a running job without progress for this long is marked stalled
     webhook_secret: str = ""  # whsec_... (Standard Webhooks); empty: webhooks are refused

@@ -50,9 +50,19 @@ def request_hash(job_type: str, params: dict[str, Any], webhook: str | None) -> 
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
+def _plain(obj: Any) -> Any:
+    """What arq's results may hold besides JSON: the exception of a job it gave up on."""
+    if isinstance(obj, BaseException):
+        return {"type": type(obj).__name__, "message": str(obj)}
+    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+
+
+_ARQ_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_plain)
+
+
 def job_dumps(obj: Any) -> bytes:
     """arq's job and result serializer: JSON, never pickle."""
-    return contract.dumps(obj)
+    return _ARQ_ENCODER.encode(obj).encode()
 
 
 def job_loads(raw: bytes) -> Any:
@@ -139,6 +149,7 @@ class Store:
         self._write = redis.register_script(contract.WRITE_SCRIPT)
         self._create = Batched(redis, contract.CREATE_SCRIPT, REDIS_DEADLINE)
         self._reopen = redis.register_script(contract.REOPEN_SCRIPT)
+        self._webhook_done = redis.register_script(contract.WEBHOOK_DONE_SCRIPT)
         self.replicas = settings.redis_wait_replicas
         if self.replicas < 0:  # auto: one with Sentinel (which has replicas to fail over to)
             self.replicas = 1 if connections.sentinel_target(settings.redis_url) else 0
@@ -184,6 +195,15 @@ class Store:
         value = await self.redis.hget(contract.job_key(job_id), name)
         return None if value is None else _decode(value)
 
+    async def webhook_payload(self, job_id: str) -> tuple[int, str, bytes] | None:
+        """``(seq, url, packed final event)`` that the job's pending webhook delivery sends, or None."""
+        seq, url, event = await self.redis.hmget(contract.webhook_key(job_id), "seq", "url", "ev")
+        return None if event is None else (int(seq), _decode(url), event)
+
+    async def webhook_done(self, job_id: str, seq: int) -> None:
+        """The delivery of final state ``seq`` has ended: its payload is no longer needed."""
+        await self._webhook_done(keys=[contract.webhook_key(job_id)], args=[seq])
+
     async def is_gone(self, job_id: str, tenant: str) -> bool:
         """True when ``tenant``'s job existed but its document has expired (410, not 404)."""
         return await self.redis.get(contract.tombstone_key(job_id)) == tenant.encode()
@@ -201,6 +221,7 @@ class Store:
         request_id: str = "",
         rate: tuple[str, int, int] = ("", 0, 0),
         params_json: bytes | None = None,
+        message: str | None = None,
     ) -> tuple[dict[str, Any], bytes, bool]:
         """Store a queued job of ``tenant`` and enqueue it for arq, atomically (``CREATE_SCRIPT``).
 
@@ -208,10 +229,11 @@ class Store:
         before for the same request, the existing job's document and False. A key used with another
         request raises ``IdempotencyConflict``. ``rate`` is ``(counter key, limit, window s)``
         of the caller's submits (``RateLimited`` over it); ``QueueFull`` past ``QUEUE_CAP``.
-        ``params_json`` is ``contract.dumps(params)`` when the caller has it already.
+        ``params_json`` is ``contract.dumps(params)`` when the caller has it already; ``message``
+        is the new document's (e.g. that no live worker runs the type yet).
         """
         job_id = contract.new_job_id()
-        doc = contract.new_document(job_id, job_type, contract.now_iso())
+        doc = contract.new_document(job_id, job_type, contract.now_iso(), message)
         event = contract.pack(doc, tenant)
         enqueued_ms = now_ms()
         now_us = time.time_ns() // 1000
@@ -290,6 +312,7 @@ class Store:
                 default_queue_name,
                 job_key_prefix + delivery,
                 contract.queued_set(tenant),
+                contract.webhook_key(job_id),
             ],
             args=[
                 doc["seq"],

@@ -216,6 +216,47 @@ async def test_signed_delivery_retried_after_500(stack):
     assert f"{delivery_of(docs)} (job {docs[-1]['id']}) attempt 2: delivered, HTTP 200" in log
 
 
+async def test_delivery_outlives_the_result(tmp_path):
+    """RESULT_TTL=1 and a receiver that answers 503 until the job's document has expired (410):
+    the delivery goes on and then sends the final state that enqueued it, byte for byte."""
+    redis = RedisProcess(tmp_path / "redis").start()
+    settings = {**FAST, "result_ttl": 1, "tombstone_ttl": 600, "webhook_max_attempts": 30, "webhook_backoff_max": 0.5}
+    procs = []
+    gone = asyncio.Event()
+    script = lambda n: (200, {}, b"ok") if gone.is_set() else (503, {}, b"down")  # noqa: E731
+    try:
+        procs.append(start_worker(redis.url, tmp_path, **settings))
+        procs.append(server := start_server(redis.url, tmp_path, **settings))
+        async with Receiver(script) as receiver, httpx.AsyncClient(timeout=30) as client:
+            docs = await run_job(client, server.url, receiver.url)
+            final = docs[-1]
+            await count(receiver, 2)  # down for a retry at least
+
+            async def expired() -> bool:
+                return (await client.get(server.url + final["links"]["self"])).status_code == 410
+
+            await async_wait_until(expired, 15, what="the job's document to expire")
+            failed = len(receiver.requests)
+            gone.set()
+            await count(receiver, failed + 1)
+            await delivery_done(redis.url, delivery_of(docs))
+            left = aioredis.Redis.from_url(redis.url)
+            try:
+                payload_left = await left.exists(contract.webhook_key(final["id"]))
+            finally:
+                await left.aclose()
+    finally:
+        for proc in procs:
+            proc.stop()
+        redis.stop()
+    delivered = receiver.requests[-1]
+    assert delivered.verified == final
+    assert delivered.body == receiver.requests[0].body  # the same bytes on every attempt
+    assert {r.headers["webhook-id"] for r in receiver.requests} == {delivery_of(docs)}
+    assert f"attempt {failed + 1}: delivered, HTTP 200" in procs[0].log()
+    assert payload_left == 0  # a finished delivery keeps nothing
+
+
 async def test_hanging_receiver_times_out_without_blocking_others(stack):
     """A receiver that never answers: other jobs and their deliveries go on; the attempt times out and is retried."""
     hanging, good = Receiver(lambda n: "hang"), Receiver(answer(204))

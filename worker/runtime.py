@@ -11,7 +11,11 @@ Two differences from a stock arq worker:
   the next poll, so the time from 202 to ``running`` is not a polling interval;
 * cancellation is ours, not arq's abort set (which has pruning bugs): the server publishes
   the job id on ``contract.CANCEL_CHANNEL`` and sets ``contract.cancel_key``; the worker
-  running that job cancels its task.
+  running that job cancels its task;
+* a job of a type this worker does not run (a rolling deploy: a new server accepted a type
+  that an old worker does not know yet) is put back for another worker, without counting an
+  attempt, instead of failing; it fails only after ``UNKNOWN_TYPE_GRACE`` without a taker.
+  Workers announce the types they run with a heartbeat (``server.workers``).
 """
 
 from __future__ import annotations
@@ -20,7 +24,10 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import os
 import random
+import secrets
+import socket
 import time
 import traceback
 from typing import Any
@@ -28,14 +35,14 @@ from typing import Any
 from arq import Retry as ArqRetry
 from arq import Worker
 from arq.connections import create_pool
-from arq.constants import in_progress_key_prefix
+from arq.constants import in_progress_key_prefix, retry_key_prefix
 from arq.worker import func
 from prometheus_client import Counter, Histogram
 from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from server import connections, contract
+from server import connections, contract, redischeck, workers
 from server.settings import Settings
 from server.store import Store, WriteRefused, job_dumps, job_loads
 from worker import webhooks
@@ -58,6 +65,19 @@ CRASH_ALLOWANCE = 2  # runs beyond max_tries allowed for crashed or stopped work
 # out a Redis outage) is never cut by it and mistaken for a worker stop
 ARQ_TIMEOUT_MARGIN = 2 * REDIS_OUTAGE + 10
 WEBHOOK_TIMEOUT = 60.0  # arq's backstop for one delivery attempt
+UNKNOWN_TYPE_RETRY = 5.0  # a job of a type this worker does not run goes back for this long, seconds
+
+
+class KnownTypes(dict):
+    """arq's functions by name, where a name this worker does not run maps to ``fallback``
+    (arq looks a job's function up with ``functions[name]`` and fails the job on a KeyError)."""
+
+    def __init__(self, functions: dict[str, Any], fallback: Any) -> None:
+        super().__init__(functions)
+        self.fallback = fallback
+
+    def __missing__(self, name: str) -> Any:
+        return self.fallback
 
 
 class ProgressWorker(Worker):
@@ -68,6 +88,10 @@ class ProgressWorker(Worker):
         self._wake = asyncio.Event()
         self._listener: asyncio.Task | None = None
         self._heartbeat: asyncio.Task | None = None
+        self._announcer: asyncio.Task | None = None
+        self.bounced: dict[str, float] = {}  # job id -> until when: a type we do not run, left for others
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
+        self.started_at = contract.now_iso()
         functions = [
             func(
                 self._job_function(job_type),
@@ -89,6 +113,36 @@ class ProgressWorker(Worker):
             job_deserializer=job_loads,
             **kwargs,
         )
+        unknown = func(self._unknown_type, name="(unknown type)", timeout=WEBHOOK_TIMEOUT, max_tries=1_000_000)
+        self.functions = KnownTypes(self.functions, unknown)
+
+    async def _unknown_type(self, arq_ctx: dict[str, Any], *args: Any, **kwargs: Any) -> None:
+        """A job whose type this worker does not run: back to the queue for another worker
+        (arq's try counter given back, so it is not an attempt), or, after
+        ``UNKNOWN_TYPE_GRACE`` without a taker, ``failed``. The document says it waits."""
+        job_id = arq_ctx["job_id"]
+        await self.pool.decr(retry_key_prefix + job_id)
+        loaded = await self.store.load(job_id)
+        if loaded is None or loaded[0]["status"] in contract.TERMINAL:
+            return
+        doc, tenant = loaded
+        waited = time.time() - arq_ctx["enqueue_time"].timestamp()
+        with contextlib.suppress(WriteRefused):  # cancelled meanwhile: arq then drops it
+            if waited > self.settings.unknown_type_grace:
+                log.warning("job %s: no worker ran type %r within %g s; failed", job_id, doc["type"], waited)
+                message = f"no worker that runs type {doc['type']!r} took this job within {self.settings.unknown_type_grace:g} s"
+                await self.store.write(doc, tenant, status=contract.FAILED, eta_s=None, error=error("UnknownJobType", message))
+                return
+            log.info("job %s: type %r is not run here; back to the queue for another worker", job_id, doc["type"])
+            if doc["message"] != workers.waiting_message(doc["type"]):
+                await self.store.write(doc, tenant, message=workers.waiting_message(doc["type"]))
+        if any(doc["type"] in w["types"] for w in await workers.live(self.pool)):
+            # a worker that runs it is up: due at once for it (woken now), skipped here for a while
+            self.bounced[job_id] = time.monotonic() + UNKNOWN_TYPE_RETRY
+            await self.pool.publish(contract.WAKE_CHANNEL, job_id)
+            raise ArqRetry()
+        # none is: look again later (jittered, so that no worker's polling phase wins every time)
+        raise ArqRetry(defer=UNKNOWN_TYPE_RETRY * random.uniform(0.5, 1.5))
 
     async def _deliver_webhook(self, arq_ctx: dict[str, Any], job_id: str, seq: int) -> None:
         try:
@@ -113,8 +167,10 @@ class ProgressWorker(Worker):
         self._pool = await self._connect()
         self.ctx["redis"] = self.pool
         self.store = Store(self.pool, self.settings)
+        await redischeck.check(self.pool, "worker")
         self._listener = asyncio.create_task(self._listen())
         self._heartbeat = asyncio.create_task(self._beat())
+        self._announcer = asyncio.create_task(self._announce())
         log.info("worker ready for job types: %s", ", ".join(self.registry))
         backoff = 0.1
         while True:
@@ -137,8 +193,13 @@ class ProgressWorker(Worker):
         """arq takes a slot (``job_counter`` and ``sem``) for a job before the Redis calls that
         claim it, and does not give the slot back when one of them raises a connection error.
         Give it back, so polling can go on after the error. A job this worker is still running
-        is not claimed again, even when its lease lapsed while Redis was away."""
+        is not claimed again, even when its lease lapsed while Redis was away, and neither is a job
+        of a type we do not run that we just left for a worker that runs it."""
         mine = {job_id for job_id, task in self.tasks.items() if not task.done()}
+        if self.bounced:
+            now = time.monotonic()
+            self.bounced = {job_id: until for job_id, until in self.bounced.items() if until > now}
+            mine.update(self.bounced)
         job_ids = [j for j in job_ids if j.decode() not in mine]  # our lease lapsed in an outage
         try:
             await super().start_jobs(job_ids)
@@ -162,15 +223,17 @@ class ProgressWorker(Worker):
         return pool
 
     async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
-        """arq gave up on a job before calling us (unreadable payload, unknown function, expired):
-        end its document too, so no watcher waits forever and nothing in the payload ran."""
+        """arq gave up on a job before calling us (unreadable payload, expired): end its document
+        too, so no watcher waits forever and nothing in the payload ran."""
         await super().finish_failed_job(job_id, result_data)
         loaded = await self.store.load(job_id)
         if loaded is not None and loaded[0]["status"] not in contract.TERMINAL:
-            log.warning("job %s: rejected by arq before it ran", job_id)
-            failure = error("JobRejected", "the worker could not run this job (unreadable, unknown or expired)")
+            reason = job_loads(result_data).get("r") if result_data else None  # {"type", "message"}
+            why = reason.get("message") if isinstance(reason, dict) else None
+            log.warning("job %s: rejected by arq before it ran: %s", job_id, why)
+            failure = error("JobRejected", "the worker could not run this job" + (f": {why}" if why else ""))
             with contextlib.suppress(WriteRefused):
-                await self.store.write(*loaded, status=contract.FAILED, eta_s=None, error=failure)
+                await self.store.write(*loaded, status=contract.FAILED, eta_s=None, message=None, error=failure)
 
     def _release_sem_dec_counter_on_complete(self) -> None:
         super()._release_sem_dec_counter_on_complete()
@@ -179,12 +242,35 @@ class ProgressWorker(Worker):
     async def close(self) -> None:
         # arq waits here for the running jobs: keep renewing their leases and hearing cancels
         # until they are done, then stop our tasks
+        if self._announcer is not None:  # stopping: no longer a live worker for new jobs
+            self._announcer.cancel()
+            with contextlib.suppress(BaseException):
+                await self._announcer
+            with contextlib.suppress(Exception):
+                await workers.leave(self.pool, self.worker_id)
         await super().close()
         for task in (self._listener, self._heartbeat):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
+
+    async def _announce(self) -> None:
+        """The heartbeat that lists this worker, its job types and load (``GET /workers``)."""
+        record = {
+            "id": self.worker_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "types": sorted(self.registry),
+            "concurrency": self.max_jobs,
+            "started_at": self.started_at,
+        }
+        while True:
+            try:
+                await workers.beat(self.pool, {**record, "running": len(self.running)})
+            except Exception as e:  # Redis blip: the next beat tries again
+                log.warning("worker heartbeat failed: %s", e)
+            await asyncio.sleep(workers.BEAT)
 
     async def _beat(self) -> None:
         """Renew the lease of every running job, and mark the ones without progress as stalled.

@@ -3,7 +3,8 @@
 ``deliver`` runs as its own arq job (``contract.WEBHOOK_FUNCTION``), enqueued atomically with a
 job's final state by ``Store.write``; ``attempt`` is arq's ``job_try`` (1, 2, ...). Each attempt:
 
-1. reads the job's stored document and webhook URL (gone: nothing to send, stop);
+1. reads what to send, captured when the final state was written (``Store.webhook_payload``:
+   the URL and the final document, kept until the delivery ends, whatever ``RESULT_TTL`` says);
 2. resolves the URL's host once and checks every address with the SSRF guard
    (``server.webhooks.resolve``), then connects to a checked address itself (the URL's host is
    replaced by the IP; ``Host`` and, for https, SNI and certificate checks keep the name), so
@@ -13,10 +14,10 @@ job's final state by ``Store.write``; ``attempt`` is arq's ``job_try`` (1, 2, ..
 4. 2xx: done. 410: the receiver is gone, stop. Anything else (3xx, 4xx, 5xx, timeouts,
    connection errors): ``arq.Retry`` after a back-off, until ``WEBHOOK_MAX_ATTEMPTS`` or ``WEBHOOK_DEADLINE``.
 
-Which document is sent: the one stored when the attempt runs. That is the final state that
-enqueued the delivery, byte for byte, unless the job was run again (``POST /jobs/{id}/retry``)
-in between; then the newer document is sent (its ``seq`` is higher, and its status may not be
-final), because older versions are not kept. The re-run's own final state gets its own delivery.
+Which document is sent: the final state that enqueued the delivery, byte for byte, even after
+the job's document has expired. If the job is run again (``POST /jobs/{id}/retry``), the pending
+delivery goes on sending the earlier final state until the re-run reaches its own; that one
+replaces the payload and gets its own delivery, and the earlier delivery stops (superseded).
 
 The schedule comes from the settings (``WEBHOOK_*``), so tests can make it fast.
 """
@@ -75,18 +76,17 @@ async def deliver(store: Store, settings: Settings, job_id: str, seq: int, attem
     what = f"webhook {delivery_id} (job {job_id}) attempt {attempt}"
     if outcome.delivered:
         log.info("%s: delivered, %s in %.2f s", what, outcome.detail, took)
-        return
-    if outcome.final:
+    elif outcome.final:
         log.warning("%s: %s in %.2f s; no more attempts", what, outcome.detail, took)
-        return
-    delay = backoff(settings, attempt)
-    enqueued = await _enqueued_at(store, delivery_id)
-    deadline = min(settings.webhook_deadline, MAX_DEADLINE)
-    if attempt >= settings.webhook_max_attempts or (enqueued is not None and time.time() + delay - enqueued > deadline):
+    else:
+        delay = backoff(settings, attempt)
+        enqueued = await _enqueued_at(store, delivery_id)
+        deadline = min(settings.webhook_deadline, MAX_DEADLINE)
+        if attempt < settings.webhook_max_attempts and (enqueued is None or time.time() + delay - enqueued <= deadline):
+            log.info("%s: %s in %.2f s; retrying in %.2f s", what, outcome.detail, took, delay)
+            raise Retry(defer=delay)
         log.warning("%s: %s in %.2f s; giving up after %d attempts", what, outcome.detail, took, attempt)
-        return
-    log.info("%s: %s in %.2f s; retrying in %.2f s", what, outcome.detail, took, delay)
-    raise Retry(defer=delay)
+    await store.webhook_done(job_id, seq)
 
 
 async def _enqueued_at(store: Store, delivery_id: str) -> float | None:
@@ -99,15 +99,13 @@ async def _enqueued_at(store: Store, delivery_id: str) -> float | None:
 
 
 async def _attempt(store: Store, settings: Settings, job_id: str, seq: int, delivery_id: str) -> Outcome:
-    raw = await store.read(job_id)
-    if raw is None:
-        return Outcome(final=True, detail="the job's document has expired")
-    stored_seq, _, _, body = contract.unpack(raw)
-    if stored_seq < seq:
-        return Outcome(final=True, detail=f"the stored document is older (seq {stored_seq}) than this delivery")
-    url = await store.field(job_id, "webhook")
-    if not url:
-        return Outcome(final=True, detail="the job has no webhook URL")
+    payload = await store.webhook_payload(job_id)
+    if payload is None:
+        return Outcome(final=True, detail="nothing to send (the payload has expired)")
+    captured_seq, url, event = payload
+    if captured_seq != seq:
+        return Outcome(final=True, detail=f"superseded by the final state seq {captured_seq}, which has its own delivery")
+    body = contract.unpack(event).doc
     try:
         key = guard.secret_key(settings.webhook_secret)
     except ValueError as e:
