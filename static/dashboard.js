@@ -219,6 +219,31 @@
   window.__watcher = watcher;
   window.__dashboard = { render: render, rows: rows };
 
+  // -- workers (GET /workers, every 5 s) -------------------------------------------------------
+  function showWorkers(items) {
+    var body = $("workers");
+    body.replaceChildren();
+    items.forEach(function (w) {
+      var tr = body.insertRow();
+      tr.dataset.worker = w.id;
+      var cells = [w.id + " (pid " + w.pid + ")", w.types.join(", "), w.running + " of " + w.concurrency, F.time(w.beat_at)];
+      cells.forEach(function (text, i) {
+        var cell = i ? tr.insertCell() : document.createElement("th");
+        if (!i) { cell.scope = "row"; tr.appendChild(cell); }
+        cell.textContent = text;
+      });
+    });
+    $("no-workers").hidden = items.length > 0;
+  }
+  function pollWorkers() {
+    fetch("/workers", { headers: { accept: "application/json" }, cache: "no-store" })
+      .then(function (res) { return res.ok ? res.json() : null; })
+      .then(function (page) { if (page) showWorkers(page.items); })
+      .catch(function () { /* shown again at the next poll */ });
+  }
+  pollWorkers();
+  setInterval(pollWorkers, 5000);
+
   fetch("/jobs?limit=100", { headers: { accept: "application/json" }, cache: "no-store" })
     .then(function (res) { return res.ok ? res.json() : { items: [] }; })
     .then(function (page) { page.items.forEach(render); })

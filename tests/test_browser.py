@@ -413,6 +413,17 @@ def test_dashboard_shows_a_job_from_another_client_at_once_and_settles_it(page, 
     expect(page.locator("#transport-text")).to_contain_text("idle")
 
 
+def test_dashboard_lists_the_live_workers(page, base, worker):
+    """The session's worker, with its job types and load, as GET /workers has it."""
+    page.goto(base + "/dashboard")
+    row = page.locator(f"#workers tr:has-text('pid {worker.pid}')")
+    expect(row).to_be_visible()
+    expect(row).to_contain_text("count_sync, demo, echo")
+    expect(row).to_contain_text("of 10")
+    expect(page.locator("#no-workers")).to_be_hidden()
+    shot(page, "dashboard-workers")
+
+
 def test_dashboard_keeps_at_most_200_rows(page, base):
     page.goto(base + "/dashboard")
     expect(page.locator("#transport")).to_have_attribute("data-live", "true")
