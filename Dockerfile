@@ -4,11 +4,13 @@ FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 HOST=0.0.0.0 PORT=8000
 WORKDIR /app
 
+COPY requirements.lock ./
+RUN pip install --require-hashes -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY server ./server
 COPY worker ./worker
 COPY static ./static
-RUN pip install . && useradd --system --uid 10001 app
+RUN pip install --no-deps . && useradd --system --uid 10001 app
 USER app
 
 EXPOSE 8000

@@ -3,15 +3,32 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install run test bench clean browser tls-redis
+.PHONY: install run test bench clean browser tls-redis lock upgrade
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# Exactly the versions in the lock (every file checked against its hash), then the project itself.
+$(VENV)/.installed: pyproject.toml requirements-dev.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --require-hashes -r requirements-dev.lock
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
+
+# The locks, from pyproject.toml's bounds (uv's resolver: fast, and universal: one lock for every
+# platform and Python >= 3.11). `make lock` keeps what it can; `make upgrade` takes the newest
+# versions the bounds allow, then runs the suite and the benchmark's floor ratio on them.
+UV = $(PY) -m uv pip compile pyproject.toml --universal --python-version 3.11 --generate-hashes --quiet
+lock:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet uv
+	$(UV) $(LOCK_ARGS) -o requirements.lock
+	$(UV) $(LOCK_ARGS) --extra dev -o requirements-dev.lock
+
+upgrade:
+	$(MAKE) lock LOCK_ARGS=--upgrade
+	$(MAKE) test
+	$(MAKE) bench BENCH_ARGS='--only hot-ws,floor'
 
 run: install
 	$(PY) -m server.dev
