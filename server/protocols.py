@@ -6,8 +6,7 @@ block): an ``asyncio.Event`` for flow control and one per request, a deque for p
 requests, and, for a WebSocket, an ``asyncio.Queue`` (three deques) and an Event. A WebSocket also
 keeps its handshake's request and response headers for as long as it is open. These subclasses
 put ``Flag`` and ``Inbox`` (the same behaviour, in lists) in their place and drop the handshake
-once it is answered. The WebSocket one also ends the handshake after a denial response, which
-uvicorn 0.54 forgets to do.
+once it is answered.
 
 ``server.__main__`` selects them by import string (uvicorn's ``http=`` and ``ws=``), the way uvicorn
 lets a deployment choose its protocol implementations. ``tests/test_protocols.py`` checks the
@@ -131,14 +130,6 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         # keeps) is not read again once ``accept`` has made the response.
         self.request = None
         event.headers.clear()
-
-    async def send(self, message: Any) -> None:
-        await super().send(message)
-        if self.initial_response is not None and self.close_sent:
-            # A denial response (``websocket.http.response.*``) is written: the handshake is
-            # over. uvicorn does not mark it so, and would log an ERROR for every denial
-            # (Kludex/uvicorn#3138, open).
-            self.handshake_complete = True
 
     def start_keepalive(self) -> None:
         self.response = None  # uvicorn calls this once it has written the accepting response
