@@ -7,9 +7,8 @@ Everything here is pure (no I/O) and is the single definition of each fact:
 * the event as stored and published: ``b"<seq> <event> <tenant>\\n" + <document JSON>``. The
   short header lets a server route, order and authorise an event without parsing the JSON,
   and the document bytes are relayed to every client untouched;
-* the Redis keys and channels, all under the ``progress:`` prefix (arq keeps ``arq:*``);
-* the Lua script through which every change of a job document goes (compare-and-set on
-  ``seq``, store and publish in one atomic step).
+* the Redis keys and channels, all under the ``progress:`` prefix (arq keeps ``arq:*``, see
+  ``server.queue``); the Lua scripts that write them are in ``server.scripts``.
 """
 
 from __future__ import annotations
@@ -178,123 +177,6 @@ def unpack(raw: bytes) -> Packed:
     header, _, body = raw.partition(b"\n")
     seq, name, tenant = header.split(b" ", 2)
     return Packed(int(seq), name.decode(), tenant.decode(), body)
-
-
-# The one write path for a job document (both server and worker call it).
-# KEYS: job hash, tombstone, result, arq queue, arq job key of the webhook delivery, tenant's queued set,
-#       webhook payload (``webhook_key``)
-# ARGV: expected seq, new seq, new state, packed event, channel, ttl (s) of the document,
-#       terminal (1/0), tombstone ttl (s), result JSON ('' for none),
-#       webhook delivery arq payload, its ttl (ms), enqueue time (ms), delivery id, wake channel,
-#       job id, now (µs), tenant (kept in the tombstone, so a foreign expired job stays a 404)
-# Returns {1, seq} when written; {0, current seq, current state} when refused because the
-# stored seq is not the expected one, or the job is already terminal (no change after the end).
-# A final state of a job that has a webhook enqueues its delivery in the same step, and captures
-# what it will send (URL and event) for as long as the delivery may run.
-WRITE_SCRIPT = """
-local cur = redis.call('HMGET', KEYS[1], 'seq', 'state', 'webhook')
-local seq = tonumber(cur[1]) or 0
-local state = cur[2] or ''
-if seq ~= tonumber(ARGV[1]) or state == 'succeeded' or state == 'failed' or state == 'cancelled' then
-  return {0, seq, state}
-end
-redis.call('HSET', KEYS[1], 'seq', ARGV[2], 'state', ARGV[3], 'ev', ARGV[4])
-redis.call('EXPIRE', KEYS[1], ARGV[6])
-if ARGV[3] == 'queued' then
-  redis.call('ZADD', KEYS[6], ARGV[16], ARGV[15])
-else
-  redis.call('ZREM', KEYS[6], ARGV[15])
-end
-if ARGV[7] == '1' then
-  redis.call('SET', KEYS[2], ARGV[17], 'EX', ARGV[8])
-  if ARGV[9] ~= '' then
-    redis.call('SET', KEYS[3], ARGV[9], 'EX', ARGV[6])
-  end
-  if cur[3] then
-    redis.call('HSET', KEYS[7], 'seq', ARGV[2], 'url', cur[3], 'ev', ARGV[4])
-    redis.call('PEXPIRE', KEYS[7], ARGV[11])
-    redis.call('SET', KEYS[5], ARGV[10], 'PX', ARGV[11])
-    redis.call('ZADD', KEYS[4], ARGV[12], ARGV[13])
-    redis.call('PUBLISH', ARGV[14], ARGV[13])
-  end
-end
-redis.call('PUBLISH', ARGV[5], ARGV[4])
-return {1, tonumber(ARGV[2])}
-"""
-
-
-# A webhook delivery that has ended (delivered, or given up) drops the payload it sent, unless a
-# newer final state has replaced it meanwhile. KEYS: webhook payload. ARGV: the delivery's seq.
-WEBHOOK_DONE_SCRIPT = """
-if redis.call('HGET', KEYS[1], 'seq') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-
-# Running a failed or cancelled job again (POST /jobs/{id}/retry): back to queued, re-enqueued.
-# KEYS: job hash, tombstone, result, arq job key, arq queue, tenant's queued set, arq in-progress key
-# ARGV: expected seq, new seq, packed event, channel, document ttl (s), arq payload,
-#       arq job ttl (ms), enqueue time (ms), wake channel, job id, now (µs)
-# Returns {1, seq} or {0, current seq, current state}; refused too while arq is still finishing
-# the last attempt (its cleanup would delete the job we enqueue).
-REOPEN_SCRIPT = """
-local cur = redis.call('HMGET', KEYS[1], 'seq', 'state')
-local seq = tonumber(cur[1]) or 0
-if seq ~= tonumber(ARGV[1]) or (cur[2] ~= 'failed' and cur[2] ~= 'cancelled') then
-  return {0, seq, cur[2] or ''}
-end
-if redis.call('EXISTS', KEYS[7]) == 1 then return {0, seq, 'busy'} end
-redis.call('HSET', KEYS[1], 'seq', ARGV[2], 'state', 'queued', 'ev', ARGV[3])
-redis.call('EXPIRE', KEYS[1], ARGV[5])
-redis.call('DEL', KEYS[2], KEYS[3])
-redis.call('SET', KEYS[4], ARGV[6], 'PX', ARGV[7])
-redis.call('ZADD', KEYS[5], ARGV[8], ARGV[10])
-redis.call('ZADD', KEYS[6], ARGV[11], ARGV[10])
-redis.call('PUBLISH', ARGV[4], ARGV[3])
-redis.call('PUBLISH', ARGV[9], ARGV[10])
-return {1, tonumber(ARGV[2])}
-"""
-
-
-# Creating a job: the document, the index entry and arq's job + queue entry, all or nothing.
-# Idempotent, so a retry after a lost reply changes nothing: the id is already there, and that
-# is checked first, before the rate counter (redis-py re-sends a whole pipeline). With an
-# idempotency key, a key seen before returns what it remembers ("<job id> <request hash>")
-# instead of creating anything, so concurrent identical requests make exactly one job. A tenant
-# with ``queue cap`` jobs already queued gets -1 and nothing is written.
-# The submit rate limit is counted here too (as ratelimit.COUNT_SCRIPT does), so a submit is
-# one round trip; over the limit it returns -2 and writes nothing else.
-# KEYS: job hash, jobs index, arq job key, arq queue, idempotency key, tenant's queued set,
-#       the caller's submit-rate counter of this window
-# ARGV: job id, type, packed event, document ttl (s), index score, index trim-below score,
-#       arq job payload, arq job ttl (ms), enqueue time (ms), channel, wake channel,
-#       params JSON, webhook URL ('' for none), idempotency value ('' for no key), its ttl (s),
-#       queue cap (0: none), queued-set trim-below score (entries of jobs that expired queued),
-#       request id (for the worker's logs), submit rate limit, its window (s)
-CREATE_SCRIPT = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-local submits = redis.call('INCR', KEYS[7])
-if submits == 1 then redis.call('EXPIRE', KEYS[7], ARGV[20]) end
-if submits > tonumber(ARGV[19]) then return -2 end
-if ARGV[14] ~= '' then
-  local prior = redis.call('GET', KEYS[5])
-  if prior then return prior end
-end
-redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', ARGV[17])
-if tonumber(ARGV[16]) > 0 and redis.call('ZCARD', KEYS[6]) >= tonumber(ARGV[16]) then return -1 end
-if ARGV[14] ~= '' then redis.call('SET', KEYS[5], ARGV[14], 'EX', ARGV[15]) end
-redis.call('HSET', KEYS[1], 'seq', 1, 'state', 'queued', 'type', ARGV[2], 'ev', ARGV[3], 'params', ARGV[12], 'rid', ARGV[18])
-if ARGV[13] ~= '' then redis.call('HSET', KEYS[1], 'webhook', ARGV[13]) end
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[6])
-redis.call('ZADD', KEYS[6], ARGV[5], ARGV[1])
-redis.call('SET', KEYS[3], ARGV[7], 'PX', ARGV[8])
-redis.call('ZADD', KEYS[4], ARGV[9], ARGV[1])
-redis.call('PUBLISH', ARGV[10], ARGV[3])
-redis.call('PUBLISH', ARGV[11], ARGV[1])
-return 1
-"""
 
 
 def encode_cursor(seqs: dict[str, int]) -> str:

@@ -11,13 +11,12 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any
 
-from arq.constants import default_queue_name, job_key_prefix
 from pydantic import ValidationError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from server import contract, ratelimit, render, webhooks, workers
+from server import contract, queue, ratelimit, render, webhooks, workers
 from server.auth import TICKET_TTL, Caller
 from server.hub import Event, Mailbox, MailboxClosed
 from server.logs import request_id
@@ -328,10 +327,7 @@ async def cancel(request: Request) -> Response:
                 doc = await store.write(doc, event.tenant, status=contract.CANCELLED, eta_s=None)
             except WriteRefused:
                 continue  # a worker took it, or it changed: look again
-            async with redis.pipeline(transaction=True) as tx:
-                tx.zrem(default_queue_name, job_id)
-                tx.delete(job_key_prefix + job_id)
-                await tx.execute()
+            await queue.dequeue(redis, job_id)
             return Response(contract.dumps(doc), 200, media_type=JSON)
         async with redis.pipeline(transaction=True) as tx:
             tx.set(contract.cancel_key(job_id), b"1", ex=store.settings.job_ttl)

@@ -10,12 +10,12 @@ import asyncio
 import contextlib
 from collections import Counter
 
-from arq.constants import default_queue_name
-
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.requests import Request
 from starlette.responses import Response
+
+from server import queue
 
 TRANSPORTS = ("sse", "ws", "text")
 
@@ -64,5 +64,5 @@ REGISTRY.register(StatsCollector(_queue_depth))
 async def metrics(request: Request) -> Response:
     with contextlib.suppress(Exception):  # metrics still answer while Redis is away
         async with asyncio.timeout(2.0):
-            _queue_depth[0] = await request.app.state.store.redis.zcard(default_queue_name)
+            _queue_depth[0] = await queue.depth(request.app.state.store.redis)
     return Response(generate_latest(REGISTRY), media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -6,39 +6,27 @@ import time
 
 from redis.asyncio import Redis
 
-from server import contract
+from server import contract, scripts
 from server.problems import Problem
 from server.store import REDIS_DEADLINE, Batched
 
 WINDOW = 60  # seconds
 
-# KEYS: the window's counter, and optionally a job hash; ARGV: window length (s).
-# Returns {count after this request, the job's packed event (absent if none)}: a poll's count
-# and read in one round trip.
-COUNT_SCRIPT = """
-local n = redis.call('INCR', KEYS[1])
-if n == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
-if KEYS[2] then return {n, redis.call('HGET', KEYS[2], 'ev')} end
-return {n}
-"""
-
-
 class RateLimiter:
     def __init__(self, redis: Redis) -> None:
-        self._count = Batched(redis, COUNT_SCRIPT, REDIS_DEADLINE)  # a poll's one round trip
+        self._count = Batched(redis, scripts.COUNT, REDIS_DEADLINE)  # a poll's one round trip
 
     async def check(self, bucket: str, who: str, limit: int, read: str | None = None) -> bytes | None:
         """Count one request of ``who`` in ``bucket``; 429 with Retry-After once over ``limit``.
         With ``read`` (a job hash's key), also returns that job's stored event, or None."""
-        keys = [window_key(bucket, who)] if read is None else [window_key(bucket, who), read]
-        count, *stored = await self._count(keys=keys, args=[WINDOW])
+        count, *stored = await self._count(counter=window_key(bucket, who), job=read or "", window=WINDOW)
         if count > limit:
             raise too_many(bucket, limit)
         return stored[0] if stored else None
 
 
 def window_key(bucket: str, who: str) -> str:
-    """The counter of the current window (``COUNT_SCRIPT``; the create script counts submits itself)."""
+    """The counter of the current window (``scripts.COUNT``; ``scripts.CREATE`` counts submits itself)."""
     return contract.rate_key(bucket, who, int(time.time() // WINDOW))
 
 

@@ -1,7 +1,7 @@
 """Reading and writing job documents in Redis: the I/O beside ``contract``.
 
 Both the server and the worker change documents only through ``Store.write``, which runs
-``contract.WRITE_SCRIPT``: a compare-and-set on ``seq`` that stores the packed event and
+``scripts.WRITE``: a compare-and-set on ``seq`` that stores the packed event and
 publishes the same bytes in one atomic step. A refused write raises ``WriteRefused`` with
 the stored state, so the caller decides (re-read and retry, or give up on a finished job).
 """
@@ -15,12 +15,10 @@ import logging
 import time
 from typing import Any
 
-from arq.constants import default_queue_name, expires_extra_ms, in_progress_key_prefix, job_key_prefix
-from arq.jobs import serialize_job
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
-from server import connections, contract
+from server import connections, contract, queue, scripts
 from server.settings import Settings
 
 log = logging.getLogger("server")
@@ -50,25 +48,6 @@ def request_hash(job_type: str, params: dict[str, Any], webhook: str | None) -> 
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
-def _plain(obj: Any) -> Any:
-    """What arq's results may hold besides JSON: the exception of a job it gave up on."""
-    if isinstance(obj, BaseException):
-        return {"type": type(obj).__name__, "message": str(obj)}
-    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
-
-
-_ARQ_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_plain)
-
-
-def job_dumps(obj: Any) -> bytes:
-    """arq's job and result serializer: JSON, never pickle."""
-    return _ARQ_ENCODER.encode(obj).encode()
-
-
-def job_loads(raw: bytes) -> Any:
-    return json.loads(raw)
-
-
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -78,26 +57,27 @@ def _decode(value: Any) -> str:
 
 
 class Batched:
-    """A Lua script whose calls made in one event-loop turn go to Redis as one pipeline: one
+    """A Lua script (``scripts.Script``) whose calls made in one event-loop turn go to Redis as one pipeline: one
     pooled connection, one write and one read for all of them. Under load a loop turn runs many
     requests, and redis-py's cost per call (taking a connection, the ready check, the write,
     waking on the reply) dominates a small script: at 16 concurrent calls, 25 µs of our CPU per
-    call alone against 8 µs in a pipeline. ``await batched(keys=[...], args=[...])`` answers
-    or raises as a single call would; a pipeline that takes longer than ``deadline`` is
-    abandoned (redis-py then drops its connection, as for a cancelled call).
+    call alone against 8 µs in a pipeline. ``await batched(name=value, ...)`` (the script's
+    fields) answers or raises as a single call would; a pipeline that takes longer than
+    ``deadline`` is abandoned (redis-py then drops its connection, as for a cancelled call).
 
     After a dropped connection redis-py sends the whole pipeline again, calls already answered
-    included, so a script must be safe to run twice: ``CREATE_SCRIPT`` is (it checks for its job
-    id first); ``COUNT_SCRIPT`` then counts such a poll twice, which a rate limit can afford."""
+    included, so a script must be safe to run twice (``scripts.CREATE`` and ``scripts.COUNT`` are)."""
 
-    def __init__(self, redis: Redis, script: str, deadline: float) -> None:
-        self.script = redis.register_script(script)
+    def __init__(self, redis: Redis, script: scripts.Script, deadline: float) -> None:
+        self.fields = script.fields
+        self.script = redis.register_script(script.lua)
         self.redis = redis
         self.deadline = deadline
         self.pending: list[tuple[list, list, asyncio.Future]] = []
         self.sending: set[asyncio.Task] = set()
 
-    def __call__(self, keys: list, args: list) -> asyncio.Future:
+    def __call__(self, **fields: Any) -> asyncio.Future:
+        keys, args = self.fields(**fields)
         loop = asyncio.get_running_loop()
         if not self.pending:
             loop.call_soon(self._send)  # after the rest of this loop turn has added its calls
@@ -146,10 +126,10 @@ class Store:
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
         self.settings = settings
-        self._write = redis.register_script(contract.WRITE_SCRIPT)
-        self._create = Batched(redis, contract.CREATE_SCRIPT, REDIS_DEADLINE)
-        self._reopen = redis.register_script(contract.REOPEN_SCRIPT)
-        self._webhook_done = redis.register_script(contract.WEBHOOK_DONE_SCRIPT)
+        self._write = redis.register_script(scripts.WRITE.lua)
+        self._create = Batched(redis, scripts.CREATE, REDIS_DEADLINE)
+        self._reopen = redis.register_script(scripts.REOPEN.lua)
+        self._webhook_done = redis.register_script(scripts.WEBHOOK_DONE.lua)
         self.replicas = settings.redis_wait_replicas
         if self.replicas < 0:  # auto: one with Sentinel (which has replicas to fail over to)
             self.replicas = 1 if connections.sentinel_target(settings.redis_url) else 0
@@ -202,7 +182,8 @@ class Store:
 
     async def webhook_done(self, job_id: str, seq: int) -> None:
         """The delivery of final state ``seq`` has ended: its payload is no longer needed."""
-        await self._webhook_done(keys=[contract.webhook_key(job_id)], args=[seq])
+        keys, args = scripts.WEBHOOK_DONE.fields(webhook=contract.webhook_key(job_id), seq=seq)
+        await self._webhook_done(keys=keys, args=args)
 
     async def is_gone(self, job_id: str, tenant: str) -> bool:
         """True when ``tenant``'s job existed but its document has expired (410, not 404)."""
@@ -223,7 +204,7 @@ class Store:
         params_json: bytes | None = None,
         message: str | None = None,
     ) -> tuple[dict[str, Any], bytes, bool]:
-        """Store a queued job of ``tenant`` and enqueue it for arq, atomically (``CREATE_SCRIPT``).
+        """Store a queued job of ``tenant`` and enqueue it for arq, atomically (``scripts.CREATE``).
 
         Returns ``(document, its JSON, created)``: with an ``idempotency_key`` the tenant used
         before for the same request, the existing job's document and False. A key used with another
@@ -241,37 +222,33 @@ class Store:
         idem_key = contract.idempotency_key(tenant, idempotency_key or "")
         index = contract.jobs_index(tenant)
         answer = await self._create(
-            keys=[
-                contract.job_key(job_id),
-                index,
-                job_key_prefix + job_id,
-                default_queue_name,
-                idem_key,
-                contract.queued_set(tenant),
-                rate[0] or contract.rate_key("submit", "-", 0),
-            ],
-            args=[
-                job_id,
-                job_type,
-                event,
-                self.settings.job_ttl,
-                now_us,
-                now_us - self.settings.tombstone_ttl * 1_000_000,
-                serialize_job(job_type, (params,), {}, None, enqueued_ms, serializer=job_dumps),
-                expires_extra_ms,
-                enqueued_ms,
-                contract.channel(job_id),
-                contract.WAKE_CHANNEL,
-                params_json if params_json is not None else contract.dumps(params),
-                webhook or "",
-                f"{job_id} {fingerprint}" if idempotency_key else "",
-                self.settings.idempotency_ttl,
-                self.settings.queue_cap,
-                now_us - self.settings.job_ttl * 1_000_000,
-                request_id,
-                rate[1] if rate[0] else 1 << 62,
-                rate[2] or 1,
-            ],
+            job=contract.job_key(job_id),
+            index=index,
+            record=queue.record_key(job_id),
+            queue=queue.QUEUE,
+            idempotency=idem_key,
+            queued=contract.queued_set(tenant),
+            rate=rate[0] or contract.rate_key("submit", "-", 0),
+            job_id=job_id,
+            job_type=job_type,
+            event=event,
+            ttl=self.settings.job_ttl,
+            now_us=now_us,
+            index_trim_below=now_us - self.settings.tombstone_ttl * 1_000_000,
+            payload=queue.payload(job_type, (params,), enqueued_ms),
+            record_ttl_ms=queue.RECORD_TTL_MS,
+            now_ms=enqueued_ms,
+            channel=contract.channel(job_id),
+            wake_channel=contract.WAKE_CHANNEL,
+            params_json=params_json if params_json is not None else contract.dumps(params),
+            webhook_url=webhook or "",
+            idempotency_value=f"{job_id} {fingerprint}" if idempotency_key else "",
+            idempotency_ttl=self.settings.idempotency_ttl,
+            queue_cap=self.settings.queue_cap,
+            queued_trim_below=now_us - self.settings.job_ttl * 1_000_000,
+            request_id=request_id,
+            rate_limit=rate[1] if rate[0] else 1 << 62,
+            rate_window=rate[2] or 1,
         )
         if answer == -2:
             raise RateLimited()
@@ -304,38 +281,33 @@ class Store:
         s = self.settings
         delivery = contract.webhook_delivery_id(job_id, new["seq"])
         enqueued_ms = now_ms()
-        ok, *stored = await self._write(
-            keys=[
-                contract.job_key(job_id),
-                contract.tombstone_key(job_id),
-                contract.result_key(job_id),
-                default_queue_name,
-                job_key_prefix + delivery,
-                contract.queued_set(tenant),
-                contract.webhook_key(job_id),
-            ],
-            args=[
-                doc["seq"],
-                new["seq"],
-                new["status"],
-                contract.pack(new, tenant),
-                contract.channel(job_id),
-                (result_ttl or s.result_ttl) if terminal else s.job_ttl,
-                1 if terminal else 0,
-                s.tombstone_ttl,
-                contract.dumps(result) if terminal and result is not None else b"",
-                serialize_job(contract.WEBHOOK_FUNCTION, (job_id, new["seq"]), {}, None, enqueued_ms, serializer=job_dumps)
-                if terminal
-                else b"",
-                expires_extra_ms,
-                enqueued_ms,
-                delivery,
-                contract.WAKE_CHANNEL,
-                job_id,
-                time.time_ns() // 1000,
-                tenant,
-            ],
+        keys, args = scripts.WRITE.fields(
+            job=contract.job_key(job_id),
+            tombstone=contract.tombstone_key(job_id),
+            result=contract.result_key(job_id),
+            queue=queue.QUEUE,
+            delivery_record=queue.record_key(delivery),
+            queued=contract.queued_set(tenant),
+            webhook=contract.webhook_key(job_id),
+            expected=doc["seq"],
+            seq=new["seq"],
+            state=new["status"],
+            event=contract.pack(new, tenant),
+            channel=contract.channel(job_id),
+            ttl=(result_ttl or s.result_ttl) if terminal else s.job_ttl,
+            terminal=1 if terminal else 0,
+            tombstone_ttl=s.tombstone_ttl,
+            result_json=contract.dumps(result) if terminal and result is not None else b"",
+            delivery_payload=queue.webhook_payload(job_id, new["seq"], enqueued_ms) if terminal else b"",
+            delivery_ttl_ms=queue.RECORD_TTL_MS,
+            now_ms=enqueued_ms,
+            delivery_id=delivery,
+            wake_channel=contract.WAKE_CHANNEL,
+            job_id=job_id,
+            now_us=time.time_ns() // 1000,
+            tenant=tenant,
         )
+        ok, *stored = await self._write(keys=keys, args=args)
         if not ok:
             seq, state = stored
             raise WriteRefused(int(seq), _decode(state))
@@ -360,31 +332,27 @@ class Store:
         }
         params = json.loads(await self.field(job_id, "params") or "{}")
         enqueued_ms = now_ms()
-        payload = serialize_job(doc["type"], (params,), {}, doc["attempt"] + 1, enqueued_ms, serializer=job_dumps)
-        ok, *stored = await self._reopen(
-            keys=[
-                contract.job_key(job_id),
-                contract.tombstone_key(job_id),
-                contract.result_key(job_id),
-                job_key_prefix + job_id,
-                default_queue_name,
-                contract.queued_set(tenant),
-                in_progress_key_prefix + job_id,
-            ],
-            args=[
-                doc["seq"],
-                new["seq"],
-                contract.pack(new, tenant),
-                contract.channel(job_id),
-                self.settings.job_ttl,
-                payload,
-                expires_extra_ms,
-                enqueued_ms,
-                contract.WAKE_CHANNEL,
-                job_id,
-                time.time_ns() // 1000,
-            ],
+        keys, args = scripts.REOPEN.fields(
+            job=contract.job_key(job_id),
+            tombstone=contract.tombstone_key(job_id),
+            result=contract.result_key(job_id),
+            record=queue.record_key(job_id),
+            queue=queue.QUEUE,
+            queued=contract.queued_set(tenant),
+            lease=queue.lease_key(job_id),
+            expected=doc["seq"],
+            seq=new["seq"],
+            event=contract.pack(new, tenant),
+            channel=contract.channel(job_id),
+            ttl=self.settings.job_ttl,
+            payload=queue.payload(doc["type"], (params,), enqueued_ms, job_try=doc["attempt"] + 1),
+            record_ttl_ms=queue.RECORD_TTL_MS,
+            now_ms=enqueued_ms,
+            wake_channel=contract.WAKE_CHANNEL,
+            job_id=job_id,
+            now_us=time.time_ns() // 1000,
         )
+        ok, *stored = await self._reopen(keys=keys, args=args)
         if not ok:
             seq, state = stored
             raise WriteRefused(int(seq), _decode(state))

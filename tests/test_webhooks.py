@@ -18,9 +18,8 @@ from typing import Any
 import httpx
 import pytest
 import redis.asyncio as aioredis
-from arq.constants import job_key_prefix
 
-from server import contract, webhooks
+from server import contract, queue, webhooks
 from server.devredis import RedisProcess
 from server.settings import Settings
 from server.store import Store
@@ -170,7 +169,7 @@ async def delivery_done(redis_url: str, delivery_id: str, timeout: float = 15) -
     try:
 
         async def gone() -> bool:
-            return not await client.exists(job_key_prefix + delivery_id)
+            return not await client.exists(queue.record_key(delivery_id))
 
         await async_wait_until(gone, timeout, what=f"delivery {delivery_id} to end")
     finally:

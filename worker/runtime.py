@@ -35,16 +35,15 @@ from typing import Any
 from arq import Retry as ArqRetry
 from arq import Worker
 from arq.connections import create_pool
-from arq.constants import in_progress_key_prefix, retry_key_prefix
 from arq.worker import func
 from prometheus_client import Counter, Histogram
 from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from server import connections, contract, redischeck, workers
+from server import connections, contract, queue, redischeck, workers
 from server.settings import Settings
-from server.store import Store, WriteRefused, job_dumps, job_loads
+from server.store import Store, WriteRefused
 from worker import webhooks
 from worker.progress import REDIS_OUTAGE, JobContext, JobEnded, ThreadJobContext
 from worker.registry import JobType, Retry
@@ -109,8 +108,8 @@ class ProgressWorker(Worker):
             redis_settings=connections.arq_settings(settings.redis_url),
             max_jobs=settings.worker_concurrency,
             keep_result=0,  # results live in our own keys, as JSON
-            job_serializer=job_dumps,
-            job_deserializer=job_loads,
+            job_serializer=queue.dumps,
+            job_deserializer=queue.loads,
             **kwargs,
         )
         unknown = func(self._unknown_type, name="(unknown type)", timeout=WEBHOOK_TIMEOUT, max_tries=1_000_000)
@@ -121,7 +120,7 @@ class ProgressWorker(Worker):
         (arq's try counter given back, so it is not an attempt), or, after
         ``UNKNOWN_TYPE_GRACE`` without a taker, ``failed``. The document says it waits."""
         job_id = arq_ctx["job_id"]
-        await self.pool.decr(retry_key_prefix + job_id)
+        await self.pool.decr(queue.tries_key(job_id))
         loaded = await self.store.load(job_id)
         if loaded is None or loaded[0]["status"] in contract.TERMINAL:
             return
@@ -228,7 +227,7 @@ class ProgressWorker(Worker):
         await super().finish_failed_job(job_id, result_data)
         loaded = await self.store.load(job_id)
         if loaded is not None and loaded[0]["status"] not in contract.TERMINAL:
-            reason = job_loads(result_data).get("r") if result_data else None  # {"type", "message"}
+            reason = queue.loads(result_data).get("r") if result_data else None  # {"type", "message"}
             why = reason.get("message") if isinstance(reason, dict) else None
             log.warning("job %s: rejected by arq before it ran: %s", job_id, why)
             failure = error("JobRejected", "the worker could not run this job" + (f": {why}" if why else ""))
@@ -288,7 +287,7 @@ class ProgressWorker(Worker):
                     async with self.pool.pipeline(transaction=False) as pipe:
                         for ctx in running:
                             # SET, not PEXPIRE: a lease that lapsed in a Redis outage is taken back
-                            pipe.set(in_progress_key_prefix + ctx.id, b"1", px=lease_ms)
+                            pipe.set(queue.lease_key(ctx.id), b"1", px=lease_ms)
                         await pipe.execute()
                 now = time.monotonic()
                 for ctx in running:
@@ -344,7 +343,7 @@ class ProgressWorker(Worker):
             log.info("job %s: %s before it started; not running it", job_id, loaded[0]["status"] if loaded else "expired")
             return
         doc, tenant = loaded
-        await self.pool.pexpire(in_progress_key_prefix + job_id, int(self.settings.lease * 1000))
+        await self.pool.pexpire(queue.lease_key(job_id), int(self.settings.lease * 1000))
         ctx = JobContext(self.store, doc, self.settings.progress_interval, tenant)
         # every line about this job carries its id, attempt and the request id that submitted it
         ctx.log = logging.LoggerAdapter(

@@ -33,13 +33,11 @@ from dataclasses import dataclass
 
 import httpx
 from arq import Retry
-from arq.constants import job_key_prefix
-from arq.jobs import deserialize_job_raw
 
-from server import contract
+from server import contract, queue
 from server import webhooks as guard
 from server.settings import Settings
-from server.store import Store, job_loads
+from server.store import Store
 
 log = logging.getLogger("worker.webhooks")
 
@@ -92,8 +90,7 @@ async def deliver(store: Store, settings: Settings, job_id: str, seq: int, attem
 async def _enqueued_at(store: Store, delivery_id: str) -> float | None:
     """When the delivery was first enqueued (unix seconds), from arq's job record."""
     try:
-        raw = await store.redis.get(job_key_prefix + delivery_id)
-        return None if raw is None else deserialize_job_raw(raw, deserializer=job_loads)[4] / 1000
+        return await queue.enqueued_at(store.redis, delivery_id)
     except Exception:
         return None
 

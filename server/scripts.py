@@ -1,0 +1,178 @@
+"""The Lua scripts, each defined once with named fields.
+
+A ``Script`` names its keys and arguments; its Lua source starts with a prelude that binds each
+name (``local job = KEYS[1]``, ``local seq = ARGV[2]``, ...), and a call passes them by name
+(``WRITE.fields(job=..., seq=...)``), so a field cannot be misplaced between the two. Every
+document change goes through ``WRITE``: a compare-and-set on ``seq`` that stores the packed event
+and publishes the same bytes in one atomic step. ``tests/test_scripts.py`` runs each against a
+real server, twice where a retry may send it twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from server.queue import ENQUEUE_LUA
+
+
+@dataclass(frozen=True)
+class Script:
+    keys: tuple[str, ...]
+    args: tuple[str, ...]
+    body: str
+    prefix: str = ""  # Lua shared with other scripts (e.g. ``queue.ENQUEUE_LUA``)
+
+    @property
+    def lua(self) -> str:
+        bind = [f"local {name} = KEYS[{i}]" for i, name in enumerate(self.keys, 1)]
+        bind += [f"local {name} = ARGV[{i}]" for i, name in enumerate(self.args, 1)]
+        return "\n".join(bind) + "\n" + self.prefix + self.body
+
+    def fields(self, **values: Any) -> tuple[list[Any], list[Any]]:
+        """``(keys, args)`` in the script's order; every field given, and no other."""
+        if len(values) == len(self.keys) + len(self.args):
+            try:
+                return [values[name] for name in self.keys], [values[name] for name in self.args]
+            except KeyError:
+                pass
+        names = set(self.keys + self.args)
+        raise TypeError(f"script fields: missing {sorted(names - set(values))}, unknown {sorted(set(values) - names)}")
+
+
+# A document change. Returns {1, seq} when written; {0, stored seq, stored state} when refused
+# because the stored seq is not ``expected`` or the job already ended (no change after the end).
+# A final state of a job that has a webhook enqueues its delivery in the same step and captures
+# what it will send (URL and event) for as long as the delivery may run (``contract.webhook_key``).
+# ``queued``: the tenant's set of queued jobs (the queue cap counts it).
+WRITE = Script(
+    keys=("job", "tombstone", "result", "queue", "delivery_record", "queued", "webhook"),
+    args=(
+        "expected", "seq", "state", "event", "channel", "ttl", "terminal", "tombstone_ttl", "result_json",
+        "delivery_payload", "delivery_ttl_ms", "now_ms", "delivery_id", "wake_channel", "job_id", "now_us", "tenant",
+    ),  # fmt: skip
+    prefix=ENQUEUE_LUA,
+    body="""
+local cur = redis.call('HMGET', job, 'seq', 'state', 'webhook')
+local stored = tonumber(cur[1]) or 0
+local was = cur[2] or ''
+if stored ~= tonumber(expected) or was == 'succeeded' or was == 'failed' or was == 'cancelled' then
+  return {0, stored, was}
+end
+redis.call('HSET', job, 'seq', seq, 'state', state, 'ev', event)
+redis.call('EXPIRE', job, ttl)
+if state == 'queued' then
+  redis.call('ZADD', queued, now_us, job_id)
+else
+  redis.call('ZREM', queued, job_id)
+end
+if terminal == '1' then
+  redis.call('SET', tombstone, tenant, 'EX', tombstone_ttl)
+  if result_json ~= '' then redis.call('SET', result, result_json, 'EX', ttl) end
+  if cur[3] then
+    redis.call('HSET', webhook, 'seq', seq, 'url', cur[3], 'ev', event)
+    redis.call('PEXPIRE', webhook, delivery_ttl_ms)
+    enqueue(delivery_record, delivery_payload, delivery_ttl_ms, queue, now_ms, delivery_id)
+    redis.call('PUBLISH', wake_channel, delivery_id)
+  end
+end
+redis.call('PUBLISH', channel, event)
+return {1, tonumber(seq)}
+""",
+)
+
+
+# A webhook delivery that has ended (delivered, or given up) drops the payload it sent, unless a
+# newer final state has replaced it meanwhile.
+WEBHOOK_DONE = Script(
+    keys=("webhook",),
+    args=("seq",),
+    body="""
+if redis.call('HGET', webhook, 'seq') == seq then return redis.call('DEL', webhook) end
+return 0
+""",
+)
+
+
+# Running a failed or cancelled job again (POST /jobs/{id}/retry): back to queued, re-enqueued.
+# Returns {1, seq} or {0, stored seq, stored state}; refused too while arq is still finishing
+# the last attempt (``lease`` exists: its cleanup would delete the job we enqueue).
+REOPEN = Script(
+    keys=("job", "tombstone", "result", "record", "queue", "queued", "lease"),
+    args=("expected", "seq", "event", "channel", "ttl", "payload", "record_ttl_ms", "now_ms", "wake_channel", "job_id", "now_us"),
+    prefix=ENQUEUE_LUA,
+    body="""
+local cur = redis.call('HMGET', job, 'seq', 'state')
+local stored = tonumber(cur[1]) or 0
+if stored ~= tonumber(expected) or (cur[2] ~= 'failed' and cur[2] ~= 'cancelled') then
+  return {0, stored, cur[2] or ''}
+end
+if redis.call('EXISTS', lease) == 1 then return {0, stored, 'busy'} end
+redis.call('HSET', job, 'seq', seq, 'state', 'queued', 'ev', event)
+redis.call('EXPIRE', job, ttl)
+redis.call('DEL', tombstone, result)
+enqueue(record, payload, record_ttl_ms, queue, now_ms, job_id)
+redis.call('ZADD', queued, now_us, job_id)
+redis.call('PUBLISH', channel, event)
+redis.call('PUBLISH', wake_channel, job_id)
+return {1, tonumber(seq)}
+""",
+)
+
+
+# Creating a job: the document, the index entry and arq's job + queue entry, all or nothing.
+# Safe to run twice (a retry after a lost reply changes nothing: the job is there, and that is
+# checked first, before the rate counter). With an idempotency key (``idempotency_value`` not
+# ''), a key seen before returns what it remembers ("<job id> <request hash>") instead of creating
+# anything, so concurrent identical requests make exactly one job. Returns 1 (created), 0 (already
+# there), -1 (the tenant has ``queue_cap`` jobs queued; 0: no cap), -2 (over the submit rate
+# ``rate_limit`` per ``rate_window`` s, counted in ``rate``), or the remembered value.
+# ``index_trim_below`` drops index entries older than the tombstones; ``queued_trim_below`` the
+# queued-set entries of jobs that expired while queued.
+CREATE = Script(
+    keys=("job", "index", "record", "queue", "idempotency", "queued", "rate"),
+    args=(
+        "job_id", "job_type", "event", "ttl", "now_us", "index_trim_below", "payload", "record_ttl_ms", "now_ms",
+        "channel", "wake_channel", "params_json", "webhook_url", "idempotency_value", "idempotency_ttl",
+        "queue_cap", "queued_trim_below", "request_id", "rate_limit", "rate_window",
+    ),  # fmt: skip
+    prefix=ENQUEUE_LUA,
+    body="""
+if redis.call('EXISTS', job) == 1 then return 0 end
+local submits = redis.call('INCR', rate)
+if submits == 1 then redis.call('EXPIRE', rate, rate_window) end
+if submits > tonumber(rate_limit) then return -2 end
+if idempotency_value ~= '' then
+  local prior = redis.call('GET', idempotency)
+  if prior then return prior end
+end
+redis.call('ZREMRANGEBYSCORE', queued, '-inf', queued_trim_below)
+if tonumber(queue_cap) > 0 and redis.call('ZCARD', queued) >= tonumber(queue_cap) then return -1 end
+if idempotency_value ~= '' then redis.call('SET', idempotency, idempotency_value, 'EX', idempotency_ttl) end
+redis.call('HSET', job, 'seq', 1, 'state', 'queued', 'type', job_type, 'ev', event, 'params', params_json, 'rid', request_id)
+if webhook_url ~= '' then redis.call('HSET', job, 'webhook', webhook_url) end
+redis.call('EXPIRE', job, ttl)
+redis.call('ZADD', index, now_us, job_id)
+redis.call('ZREMRANGEBYSCORE', index, '-inf', index_trim_below)
+redis.call('ZADD', queued, now_us, job_id)
+enqueue(record, payload, record_ttl_ms, queue, now_ms, job_id)
+redis.call('PUBLISH', channel, event)
+redis.call('PUBLISH', wake_channel, job_id)
+return 1
+""",
+)
+
+
+# A rate-limit count, optionally with a job's stored event: a poll's count and read in one round
+# trip. Returns {count after this request, the event (absent if ``job`` is '' or has none)}.
+# Run twice after a lost reply, it counts the request twice, which a rate limit can afford.
+COUNT = Script(
+    keys=("counter", "job"),
+    args=("window",),
+    body="""
+local n = redis.call('INCR', counter)
+if n == 1 then redis.call('EXPIRE', counter, window) end
+if job ~= '' then return {n, redis.call('HGET', job, 'ev')} end
+return {n}
+""",
+)
