@@ -60,7 +60,8 @@ class RedisProcess:
         auth = f":{self.password}@" if self.password else ""
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
-    def start(self, timeout: float = 10.0) -> RedisProcess:
+    def start(self, timeout: float = 10.0, **popen) -> RedisProcess:
+        """``popen``: more ``subprocess.Popen`` arguments (``make run`` passes ``pass_fds``, ``preexec_fn``)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [
             find_binary(),
@@ -74,7 +75,7 @@ class RedisProcess:
             "--logfile", str(self.data_dir / "redis.log"),
         ] + (["--requirepass", self.password] if self.password else []) + list(self.args)  # fmt: skip
         with open(self.data_dir / "redis.stderr", "ab") as stderr:
-            self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=stderr)
+            self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=stderr, **popen)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

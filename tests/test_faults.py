@@ -18,7 +18,7 @@ import redis
 from websockets.asyncio.client import connect
 
 from server.devredis import RedisProcess
-from support import SSE, Proc, assert_stream_ok, sse_frames, start_server, start_worker, submit
+from support import SSE, Proc, assert_stream_ok, sse_frames, start_server, start_worker, submit, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -139,3 +139,19 @@ async def test_pubsub_output_buffer_overflow(stack):
         stack.server.send(signal.SIGCONT)
         check(await asyncio.wait_for(watching.all, 45))
     assert "pub/sub connection lost" in stack.server.log()
+
+
+def test_sigterm_stops_a_worker_whose_redis_is_gone(tmp_path):
+    """A worker told to stop while Redis is down stops, rather than taking the failed close for
+    an outage and starting again (``python -m worker``'s restart loop)."""
+    redis = RedisProcess(tmp_path / "redis").start()
+    worker = start_worker(redis.url, tmp_path)
+    try:
+        redis.kill()
+        wait_until(lambda: "polling the queue failed" in worker.log(), timeout=10, what="the worker to miss Redis")
+        worker.send(signal.SIGTERM)
+        wait_until(lambda: not worker.alive(), timeout=15, what="the worker to exit")
+    finally:
+        worker.stop(signal.SIGKILL)
+        redis.stop()
+    assert "restarting in" not in worker.log()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -10,7 +11,8 @@ import time
 import httpx
 import pytest
 
-from support import assert_stream_ok, start_server, wait_until, watch_sse
+from server.devredis import RedisProcess
+from support import assert_stream_ok, start_server, start_worker, wait_until, watch_sse
 
 pytestmark = pytest.mark.anyio
 
@@ -43,13 +45,36 @@ def ws_subscribe_frame(job_id: str) -> bytes:
     return bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
-async def test_stalled_sse_and_ws_readers(redis_server, worker, tmp_path):
-    server = start_server(redis_server.url, tmp_path, send_timeout=1)
+def send_buffer_max() -> int:
+    """The largest a TCP socket's kernel send buffer grows to (Linux autotuning: tcp_wmem's max)."""
+    with open("/proc/sys/net/ipv4/tcp_wmem") as f:
+        return int(f.read().split()[2])
+
+
+def peek(sock: socket.socket) -> bytes:
+    """What has arrived on ``sock`` and not been read, left unread."""
+    try:
+        return sock.recv(1 << 16, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return b""
+
+
+async def test_stalled_sse_and_ws_readers(tmp_path):
+    """Every stalled reader is subscribed before the flood starts (its job is queued until a
+    worker starts), so each is offered the whole flood, several times what the kernel and
+    uvicorn buffer for it: each falls behind, however slow the machine, and is dropped."""
+    redis = RedisProcess(tmp_path / "redis", appendonly=False).start()
+    server = start_server(redis.url, tmp_path, send_timeout=1)
+    worker = None
     stalled: list[socket.socket] = []
     try:
         async with httpx.AsyncClient(timeout=60) as client:
-            r = await client.post(server.url + "/jobs", json={"type": "flood", "params": {"count": 3000, "size": 4000}})
-            job = r.json()  # 12 MB of events: more than socket buffers hide
+            # a stalled reader takes the kernel's largest send buffer and uvicorn's 64 KiB before a
+            # write waits on it: the flood is three times that (13 MB here, 4000-byte events)
+            flood = {"count": 3 * (send_buffer_max() + 65536) // 4000, "size": 4000}
+            r = await client.post(server.url + "/jobs", json={"type": "flood", "params": flood})
+            assert r.status_code == 202, r.text
+            job = r.json()  # queued: no worker runs yet
             path = job["links"]["events"]
             baseline = rss_kib(server.pid)
             for _ in range(10):
@@ -58,8 +83,16 @@ async def test_stalled_sse_and_ws_readers(redis_server, worker, tmp_path):
                 assert ws.recv(4096).startswith(b"HTTP/1.1 101")  # then subscribe, and never read again
                 ws.sendall(ws_subscribe_frame(job["id"]))
                 stalled.append(ws)
+            for sock in stalled:  # the queued snapshot arrived: subscribed before the first event
+                wait_until(lambda s=sock: job["id"].encode() in peek(s), timeout=15, what="a stalled reader subscribed")
             started = time.monotonic()
-            docs = [e.doc for e in await watch_sse(client, server.url + path)]
+            reading = asyncio.create_task(watch_sse(client, server.url + path))
+            try:
+                worker = await asyncio.to_thread(start_worker, redis.url, tmp_path, progress_interval=0)
+            finally:
+                if worker is None:
+                    reading.cancel()
+            docs = [e.doc for e in await reading]
             took = time.monotonic() - started
         assert_stream_ok(docs, "succeeded")
         assert took < 30, f"a reading client took {took:.1f} s beside stalled ones"
@@ -71,4 +104,7 @@ async def test_stalled_sse_and_ws_readers(redis_server, worker, tmp_path):
     finally:
         for sock in stalled:
             sock.close()
-        server.stop()
+        for proc in (worker, server):
+            if proc:
+                proc.stop()
+        redis.stop()

@@ -38,6 +38,9 @@ def main() -> None:
             worker.run()
             return  # stopped by a signal
         except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+            if worker.stopping:  # a signal stopped it, and Redis was away as it closed: stop all the same
+                log.warning("worker stopped; Redis was unreachable as it closed (%s)", e)
+                return
             if time.monotonic() - started > 30:
                 delay = 0.5
             log.warning("worker lost Redis (%s); restarting in %.1f s", e, delay)

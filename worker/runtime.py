@@ -115,6 +115,12 @@ class ProgressWorker(Worker):
         unknown = func(self._unknown_type, name="(unknown type)", timeout=WEBHOOK_TIMEOUT, max_tries=1_000_000)
         self.functions = KnownTypes(self.functions, unknown)
 
+    stopping = False  # set by SIGTERM/SIGINT: ``python -m worker`` then never starts it again
+
+    def handle_sig(self, signum: int) -> None:
+        self.stopping = True
+        super().handle_sig(signum)
+
     async def _unknown_type(self, arq_ctx: dict[str, Any], *args: Any, **kwargs: Any) -> None:
         """A job whose type this worker does not run: back to the queue for another worker
         (arq's try counter given back, so it is not an attempt), or, after
