@@ -1,4 +1,5 @@
-"""``python -m bench [--quick] [--only fanout-ws,hot-ws] [--profile]``: see ``bench.run``."""
+"""``python -m bench [--quick] [--only fanout-ws,hot-ws] [--profile]``: see ``bench.run``;
+``python -m bench --only soak --minutes N``: see ``bench.soak``."""
 
 import sys
 

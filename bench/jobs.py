@@ -4,11 +4,16 @@
 ``bench_feed`` is the type of the documents the bench drives itself (it publishes their updates
 with the same Lua store+publish script as ``ctx.progress()``); no worker ever runs one, since
 the bench runs no worker while it drives documents.
+``bench_soak`` is the job of the soak (``bench.soak``): ``demo`` with the worker's
+``time.monotonic_ns()`` in each progress message (``"soak <step> <t_ns>"``), taken just before
+``ctx.progress()`` stores and publishes it, so a client on the same machine measures
+publish-to-receive.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 from pydantic import BaseModel, Field
 
@@ -35,3 +40,25 @@ class FeedParams(BaseModel):
 @job("bench_feed", params=FeedParams)
 async def bench_feed(ctx, params: FeedParams) -> dict:
     return {}
+
+
+class SoakParams(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    steps: int = Field(5, ge=1, le=1000)
+    interval: float = Field(0.1, ge=0, le=10)
+    fail_at_step: int | None = Field(None, ge=1)
+
+
+class SoakFailure(Exception):
+    pass
+
+
+@job("bench_soak", params=SoakParams)
+async def bench_soak(ctx, params: SoakParams) -> dict:
+    for i in range(1, params.steps + 1):
+        await asyncio.sleep(params.interval)
+        if i == params.fail_at_step:
+            raise SoakFailure(f"failed at step {i}")
+        await ctx.progress(100 * i / params.steps, message=f"soak {i} {time.monotonic_ns()}")
+    return {"steps": params.steps}

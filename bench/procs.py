@@ -62,6 +62,15 @@ def rss_kib(pid: int) -> int:
         return 0
 
 
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def machine_ticks() -> tuple[int, int]:
     """(busy, total) jiffies of the whole machine since boot."""
     with open("/proc/stat") as f:

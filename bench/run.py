@@ -42,6 +42,7 @@ from server.devredis import RedisProcess, free_port
 RESULTS = ROOT / "bench" / "results"
 WS_IMPLS = ("websockets-sansio", "websockets", "wsproto")
 SCENARIOS = ("fanout-ws", "fanout-sse", "hot-ws", "floor", "hot-sse", "idle", "submit", "start", "poll", "ws-impls", "deflate")
+EXTRA = ("soak",)  # run only when named: `--only soak --minutes N` (bench/soak.py)
 
 
 @dataclass
@@ -70,6 +71,11 @@ class Config:
     log_level: str = "info"
     quiet_wait: float = 60.0  # before each scenario, wait up to this long for other load to go
     budget: float = 900.0  # hard cap on the whole run, seconds
+    minutes: float = 10.0  # soak: minutes of load
+    kill_every: float = 180.0  # soak: a worker SIGKILLed (and restarted) this often, seconds
+    soak_rate: float = 20.0  # soak: submits per second
+    soak_watchers: int = 30  # soak: watch sessions open at once (plus one dashboard)
+    drain: float = 60.0  # soak: after the load, wait up to this long for every final state
     results: Path = RESULTS / "results.jsonl"
 
     @classmethod
@@ -718,9 +724,9 @@ def summary_line(s: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    p = argparse.ArgumentParser(prog="python -m bench", description="Benchmark of the progress server (issue 7).")
+    p = argparse.ArgumentParser(prog="python -m bench", description="Benchmark of the progress server (issue 7); `--only soak --minutes N`: the soak (issue 18).")
     p.add_argument("--quick", action="store_true", help="each scenario briefly (about 2 minutes in all)")
-    p.add_argument("--only", help=f"comma-separated scenarios, in order; of: {', '.join(SCENARIOS)}")
+    p.add_argument("--only", help=f"comma-separated scenarios, in order; of: {', '.join(SCENARIOS)}; or soak (alone, see --minutes)")
     p.add_argument("--skip", help="comma-separated scenarios to leave out")
     p.add_argument("--measure", type=float, help="seconds measured per step")
     p.add_argument("--warm", type=float, help="seconds of warm-up per step")
@@ -735,9 +741,14 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--log-level", help="server LOG_LEVEL (default info, as shipped)")
     p.add_argument("--quiet-wait", type=float, help="seconds to wait for a quiet machine before each scenario (default 60)")
     p.add_argument("--results", help="JSON-lines file to append to")
+    p.add_argument("--minutes", type=float, help="soak: minutes of load (default 10)")
+    p.add_argument("--kill-every", type=float, help="soak: SIGKILL a worker every this many seconds (default 180)")
+    p.add_argument("--soak-rate", type=float, help="soak: submits per second (default 20)")
+    p.add_argument("--soak-watchers", type=int, help="soak: watch sessions at once (default 30)")
+    p.add_argument("--drain", type=float, help="soak: seconds to wait for final states after the load (default 60)")
     a = p.parse_args(argv)
     kw: dict[str, Any] = {}
-    for name in ("measure", "warm", "agents", "servers", "idle", "quiet_wait"):
+    for name in ("measure", "warm", "agents", "servers", "idle", "quiet_wait", "minutes", "kill_every", "soak_rate", "soak_watchers", "drain"):
         if getattr(a, name) is not None:
             kw[name] = getattr(a, name)
     if a.log_level:
@@ -757,9 +768,11 @@ def parse_args(argv: list[str] | None = None) -> Config:
         cfg.only = [s.strip() for s in a.only.split(",") if s.strip()]
     if a.skip:
         cfg.only = [s for s in cfg.only if s not in a.skip.split(",")]
-    unknown = [s for s in cfg.only if s not in SCENARIOS]
+    unknown = [s for s in cfg.only if s not in SCENARIOS + EXTRA]
     if unknown:
-        p.error(f"unknown scenario(s) {unknown}; choose from {', '.join(SCENARIOS)}")
+        p.error(f"unknown scenario(s) {unknown}; choose from {', '.join(SCENARIOS + EXTRA)}")
+    if "soak" in cfg.only and cfg.only != ["soak"]:
+        p.error("the soak runs alone: --only soak")
     return cfg
 
 
@@ -774,7 +787,12 @@ def main(argv: list[str] | None = None) -> int:
         import uvloop
     except ImportError:
         uvloop = None
-    bench = Bench(cfg)
+    if cfg.only == ["soak"]:
+        from bench.soak import Soak
+
+        bench = Soak(cfg)
+    else:
+        bench = Bench(cfg)
 
     async def guarded() -> None:
         loop = asyncio.get_running_loop()
