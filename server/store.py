@@ -296,7 +296,7 @@ class Store:
             channel=contract.channel(job_id),
             ttl=(result_ttl or s.result_ttl) if terminal else s.job_ttl,
             terminal=1 if terminal else 0,
-            tombstone_ttl=s.tombstone_ttl,
+            tombstone_ttl=(result_ttl or s.result_ttl) + s.tombstone_ttl,  # 410 for TOMBSTONE_TTL past the result
             result_json=contract.dumps(result) if terminal and result is not None else b"",
             delivery_payload=queue.webhook_payload(job_id, new["seq"], enqueued_ms) if terminal else b"",
             delivery_ttl_ms=queue.RECORD_TTL_MS,

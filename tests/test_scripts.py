@@ -88,6 +88,8 @@ async def test_write_is_a_compare_and_set_and_a_final_state_enqueues_its_webhook
     assert await client.zscore(queue.QUEUE, delivery) is not None
     assert await store.webhook_payload(doc["id"]) == (3, "https://example.com/hook", await store.read(doc["id"]))
     assert await store.result(doc["id"]) == b'{"ok":1}'
+    settings = store.settings  # 410 for TOMBSTONE_TTL once the result has expired
+    assert await client.ttl(contract.tombstone_key(doc["id"])) > settings.result_ttl + settings.tombstone_ttl - 5
     with pytest.raises(WriteRefused):  # nothing changes after the end
         await store.write(final, "t-scripts", status=contract.FAILED)
     await store.webhook_done(doc["id"], 2)  # an older delivery: the payload stays

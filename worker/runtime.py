@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import logging
 import os
@@ -40,6 +41,7 @@ from prometheus_client import Counter, Histogram
 from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import WatchError
 
 from server import connections, contract, queue, redischeck, workers
 from server.settings import Settings
@@ -65,6 +67,12 @@ CRASH_ALLOWANCE = 2  # runs beyond max_tries allowed for crashed or stopped work
 ARQ_TIMEOUT_MARGIN = 2 * REDIS_OUTAGE + 10
 WEBHOOK_TIMEOUT = 60.0  # arq's backstop for one delivery attempt
 UNKNOWN_TYPE_RETRY = 5.0  # a job of a type this worker does not run goes back for this long, seconds
+# Redis went away (WatchError: redis-py's word for a connection lost inside a WATCH)
+REDIS_LOST = (RedisConnectionError, RedisTimeoutError, WatchError, OSError)
+# arq's lease of a job it has just claimed, until ``run_job_type`` shortens it to LEASE and renews
+# it: long enough for a webhook attempt (not renewed), short enough that a job whose worker died
+# right after claiming it runs again within about a minute (arq's own: the longest job timeout)
+CLAIM_LEASE = WEBHOOK_TIMEOUT + 10
 
 
 class KnownTypes(dict):
@@ -112,8 +120,26 @@ class ProgressWorker(Worker):
             job_deserializer=queue.loads,
             **kwargs,
         )
-        unknown = func(self._unknown_type, name="(unknown type)", timeout=WEBHOOK_TIMEOUT, max_tries=1_000_000)
+        unknown = func(self._requeue_on_redis_loss(self._unknown_type), name="(unknown type)", timeout=WEBHOOK_TIMEOUT, max_tries=1_000_000)
         self.functions = KnownTypes(self.functions, unknown)
+        self.in_progress_timeout_s = CLAIM_LEASE
+
+    @staticmethod
+    def _requeue_on_redis_loss(function):
+        """``function``, except that losing Redis in our own bookkeeping around a job (reading
+        its document, marking it running or finished) puts the job back in the queue: arq would
+        take the error for the job's failure and drop it from the queue, while its document says
+        ``queued``. (Errors of the job's own code never get here: they are its result.)"""
+
+        @functools.wraps(function)
+        async def guarded(arq_ctx: dict[str, Any], *args: Any) -> Any:
+            try:
+                return await function(arq_ctx, *args)
+            except REDIS_LOST as e:
+                log.warning("job %s: lost Redis around the job (%s); back to the queue", arq_ctx["job_id"], e)
+                raise ArqRetry(defer=1.0) from e
+
+        return guarded
 
     stopping = False  # set by SIGTERM/SIGINT: ``python -m worker`` then never starts it again
 
@@ -165,7 +191,7 @@ class ProgressWorker(Worker):
             await self.run_job_type(job_type, arq_ctx["job_id"], arq_ctx["job_try"], params)
 
         job_function.__qualname__ = job_type.name
-        return job_function
+        return self._requeue_on_redis_loss(job_function)
 
     async def main(self) -> None:
         """arq's main loop, except that an enqueue or a finished job wakes it at once."""
@@ -183,7 +209,7 @@ class ProgressWorker(Worker):
             try:
                 await self._poll_iteration()
                 backoff = 0.1
-            except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+            except REDIS_LOST as e:
                 # arq would end the worker here, which then waits for its running jobs before
                 # the supervisor restarts it: no new job would start for that long. Keep polling
                 # (with a back-off) while Redis restarts or fails over; the running jobs go on.
@@ -208,7 +234,7 @@ class ProgressWorker(Worker):
         job_ids = [j for j in job_ids if j.decode() not in mine]  # our lease lapsed in an outage
         try:
             await super().start_jobs(job_ids)
-        except (RedisConnectionError, RedisTimeoutError, OSError):
+        except REDIS_LOST:
             self.job_counter -= 1
             self.sem.release()
             raise

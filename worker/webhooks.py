@@ -84,7 +84,10 @@ async def deliver(store: Store, settings: Settings, job_id: str, seq: int, attem
             log.info("%s: %s in %.2f s; retrying in %.2f s", what, outcome.detail, took, delay)
             raise Retry(defer=delay)
         log.warning("%s: %s in %.2f s; giving up after %d attempts", what, outcome.detail, took, attempt)
-    await store.webhook_done(job_id, seq)
+    try:
+        await store.webhook_done(job_id, seq)
+    except Exception as e:  # Redis blip: the payload expires by itself
+        log.warning("%s: could not drop the delivered payload: %s", what, e)
 
 
 async def _enqueued_at(store: Store, delivery_id: str) -> float | None:
