@@ -33,8 +33,13 @@ upgrade:
 run: install
 	$(PY) -m server.dev
 
+# The whole suite, then the transport, lifecycle, fault and browser tests again with FAST_PATH=off:
+# what a user gets on library versions whose private names the fast path does not find.
+STOCK_PATH_TESTS = tests/test_fastpath.py tests/test_progress.py tests/test_request_reply.py tests/test_lifecycle.py \
+	tests/test_faults.py tests/test_slow_clients.py tests/test_drain.py tests/test_topology.py tests/test_browser.py
 test: install browser tls-redis
 	$(PY) -m pytest $(PYTEST_ARGS)
+	FAST_PATH=off $(PY) -m pytest $(PYTEST_ARGS) $(STOCK_PATH_TESTS)
 
 # Headless Chromium for tests/test_browser.py, from Debian (Playwright's own downloads do not run here).
 # Where apt cannot install it (not root, not Debian), the browser tests are skipped with that reason.

@@ -24,7 +24,7 @@ import uvicorn
 import uvloop
 
 from bench.procs import raise_fd_limit
-from server.__main__ import CONNECTIONS
+from server.__main__ import connections
 from server.devredis import RedisProcess, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,7 +91,7 @@ async def measure(kind: str, n: int, top: int) -> None:
         port = free_port()
         os.environ.update(REDIS_URL=redis.url, LOG_LEVEL="warning", MAX_STREAMS_PER_CLIENT=str(n + 10), MAX_CONNECTIONS=str(n + 100))
         config = uvicorn.Config(
-            "server.app:create_app", factory=True, host="127.0.0.1", port=port, loop="none", **CONNECTIONS,
+            "server.app:create_app", factory=True, host="127.0.0.1", port=port, loop="none", **connections(),
             limit_concurrency=n + 100, log_config=None, log_level="warning", access_log=False,
         )  # fmt: skip
         server = uvicorn.Server(config)

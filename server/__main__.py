@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import uvicorn
 
+from server import fastpath
 from server.logs import setup_logging
 from server.settings import Settings
 
 WS_MAX_MESSAGE = 64 * 1024  # a bigger client frame closes the socket with 1009
-CONNECTIONS = {  # how uvicorn serves each connection (bench.memory measures with the same)
-    "http": "server.protocols:HttpProtocol",  # uvicorn's httptools and websockets-sansio ones,
-    "ws": "server.protocols:WebSocketProtocol",  # holding less per idle connection
-    "ws_max_size": WS_MAX_MESSAGE,
-    "ws_per_message_deflate": False,  # no compression: no decompression bombs, less CPU per frame
-    "server_header": False,  # no "server: uvicorn" banner on every response
-}
+
+
+def connections() -> dict:
+    """How uvicorn serves each connection (bench.memory measures with the same): its httptools
+    and websockets-sansio protocols, ours (``server.fastpath.protocols``, holding less per idle
+    connection) where the fence allows."""
+    lean = fastpath.on("protocols")
+    return {
+        "http": "server.fastpath.protocols:HttpProtocol" if lean else "httptools",
+        "ws": "server.fastpath.protocols:WebSocketProtocol" if lean else "websockets-sansio",
+        "ws_max_size": WS_MAX_MESSAGE,
+        "ws_per_message_deflate": False,  # no compression: no decompression bombs, less CPU per frame
+        "server_header": False,  # no "server: uvicorn" banner on every response
+    }
 
 
 def main() -> None:
@@ -26,7 +34,7 @@ def main() -> None:
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        **CONNECTIONS,
+        **connections(),
         limit_concurrency=settings.max_connections,
         timeout_graceful_shutdown=5,
         log_config=None,

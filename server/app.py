@@ -21,7 +21,8 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp
 
-from server import connections, direct, jobs, jobtypes, problems, redischeck, streams, workers
+from server import connections, jobs, jobtypes, problems, redischeck, streams, workers
+from server.fastpath import direct
 from server.auth import Auth, parse_keys, shared_secret
 from server.hub import Hub, SubscribeTimeout
 from server.metrics import metrics

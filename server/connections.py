@@ -19,9 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit
 
-import hiredis
 from arq.connections import RedisSettings
-from redis._parsers.hiredis import NOT_ENOUGH_DATA, _AsyncHiredisParser
 from redis.asyncio import Redis
 from redis.asyncio.connection import RedisSSLContext
 from redis.asyncio.retry import Retry
@@ -30,55 +28,10 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from server.fastpath import redispy
+
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 CONNECT_TIMEOUT = 2.0
-
-
-class ReadyCheckParser(_AsyncHiredisParser):
-    """redis-py's hiredis parser with a cheaper check that a pooled connection holds no stale
-    reply. redis-py 5 runs that check before every command as a read under ``timeout(0)``, which
-    costs an event-loop turn and a cancelled read each time (70-100 µs per command on our 2-core
-    VM). Looking at the bytes asyncio already holds answers the same question. redis-py 8 made
-    the same change (redis/redis-py#4063); arq pins redis < 6."""
-
-    async def can_read_destructive(self) -> bool:
-        if not self._connected:
-            raise RedisConnectionError("Connection closed by server.")
-        if self._reader.gets() is not NOT_ENOUGH_DATA:
-            return True
-        stream = self._stream
-        return bool(stream._buffer) or stream.at_eof() or stream.exception() is not None
-
-
-class HiredisPacking:
-    """Mixed into redis-py's asyncio connection classes: commands packed by hiredis (C), as
-    redis-py's sync client already does. The asyncio client packs in Python, argument by
-    argument: 200,000 instructions of a submit's 30-argument EVALSHA (13% of the request)."""
-
-    def pack_command(self, *args: Any) -> list[bytes]:
-        command = args
-        if isinstance(command[0], str):
-            command = (*command[0].encode().split(), *command[1:])
-        elif b" " in command[0]:
-            command = (*command[0].split(), *command[1:])
-        try:
-            return [hiredis.pack_command(command)]
-        except TypeError:  # a type hiredis refuses (an int subclass, say): redis-py's own packing
-            return super().pack_command(*args)  # type: ignore[misc]
-
-
-def lean(redis: Redis) -> Redis:
-    """``redis`` with both of the above for every connection its pool makes from now on."""
-    pool = redis.connection_pool
-    base = pool.connection_class
-    pool.connection_class = type(base.__name__, (HiredisPacking, base), {})
-    pool.connection_kwargs["parser_class"] = ReadyCheckParser
-    # redis-py 5.3 wraps get_connection in a warning about deprecated arguments, which inspects
-    # the call on every command; it is never given any
-    plain = getattr(type(pool).get_connection, "__wrapped__", None)
-    if plain is not None:
-        pool.get_connection = plain.__get__(pool)
-    return redis
 
 
 def _flag(value: str) -> bool:
@@ -255,10 +208,10 @@ def client(url: str, retries: int = 0, **kwargs: Any) -> Redis:
         kwargs["retry"] = Retry(ExponentialBackoff(cap=0.5, base=0.05), retries)
         kwargs["retry_on_error"] = [RedisConnectionError, RedisTimeoutError]
     if target.sentinel is None:
-        return lean(Redis(**kwargs))
+        return redispy.lean(Redis(**kwargs))
     # the sentinels are asked without TLS or password, as arq asks them
     sentinels = Sentinel(target.sentinel.sentinels, sentinel_kwargs={"socket_connect_timeout": CONNECT_TIMEOUT})
-    return lean(sentinels.master_for(target.sentinel.service, **kwargs))
+    return redispy.lean(sentinels.master_for(target.sentinel.service, **kwargs))
 
 
 def arq_settings(url: str) -> RedisSettings:

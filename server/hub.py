@@ -78,7 +78,7 @@ class Event:
 
     @property
     def sse_chunk(self) -> bytes:
-        """The SSE frame as one HTTP/1.1 chunk, for ``server.direct``."""
+        """The SSE frame as one HTTP/1.1 chunk, for ``server.fastpath.direct``."""
         if self._sse_chunk is None:
             frame = self.sse
             self._sse_chunk = b"%x\r\n%s\r\n" % (len(frame), frame)
@@ -86,7 +86,7 @@ class Event:
 
     @property
     def ws_frame(self) -> bytes:
-        """``ws`` as a whole WebSocket text frame (unmasked, as a server sends), for ``server.direct``."""
+        """``ws`` as a whole WebSocket text frame (unmasked, as a server sends), for ``server.fastpath.direct``."""
         if self._ws_frame is None:
             payload = self.ws.encode()
             n = len(payload)
@@ -125,7 +125,7 @@ class Mailbox:
         self.conflated = 0
         self.closed = False
         # set by the stream once its client is connected: writes an event at once if it can
-        # (``server.direct``); used only while the consumer waits with nothing queued
+        # (``server.fastpath.direct``); used only while the consumer waits with nothing queued
         self.direct: Callable[[Event], bool] | None = None
 
     def close(self) -> None:

@@ -15,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.requests import Request
 from starlette.responses import Response
 
-from server import queue
+from server import fastpath, queue
 
 TRANSPORTS = ("sse", "ws", "text")
 
@@ -23,7 +23,8 @@ TRANSPORTS = ("sse", "ws", "text")
 class Stats:
     def __init__(self) -> None:
         self.connections: Counter[str] = Counter()  # open, by transport
-        self.delivered: Counter[str] = Counter()  # events written to clients, by transport
+        self.delivered: Counter[str] = Counter()  # events written to clients through ASGI, by transport
+        self.direct: Counter[str] = Counter()  # ... and straight to their sockets (server.fastpath.direct)
         self.received = 0  # events heard from Redis
         self.conflated = 0  # intermediate updates a slow client skipped
         self.reconnects = 0  # pub/sub reconnections (set by the hub)
@@ -46,11 +47,20 @@ class StatsCollector:
     def collect(self):
         connections = GaugeMetricFamily("progress_connections", "Open streaming connections.", labels=["transport"])
         delivered = CounterMetricFamily("progress_events_delivered", "Events written to clients.", labels=["transport"])
+        direct = CounterMetricFamily(
+            "progress_events_delivered_direct", "Of those, written straight to an idle client's socket (fast path).", labels=["transport"]
+        )
         for transport in TRANSPORTS:
             connections.add_metric([transport], STATS.connections[transport])
-            delivered.add_metric([transport], STATS.delivered[transport])
+            delivered.add_metric([transport], STATS.delivered[transport] + STATS.direct[transport])
+            direct.add_metric([transport], STATS.direct[transport])
         yield connections
         yield delivered
+        yield direct
+        pieces = GaugeMetricFamily("progress_fast_path", "Fast path pieces in use (1) or off (0).", labels=["piece"])
+        for piece, on in fastpath.status().items():
+            pieces.add_metric([piece], int(on))
+        yield pieces
         yield CounterMetricFamily("progress_events_received", "Events heard from Redis pub/sub.", value=STATS.received)
         yield CounterMetricFamily("progress_events_conflated", "Intermediate updates skipped for slow clients.", value=STATS.conflated)
         yield CounterMetricFamily("progress_redis_reconnects", "Pub/sub reconnections.", value=STATS.reconnects)

@@ -22,7 +22,8 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from server import contract, direct, render
+from server import contract, render
+from server.fastpath import direct, sse
 from server.hub import Event, Mailbox, MailboxClosed, Notice, SubscribeTimeout, sse_frame
 from server.auth import Caller
 from server.jobs import deadline, int_param, load, reader, redis_deadline
@@ -52,7 +53,7 @@ class Stream(EventSourceResponse):
 
     def __init__(self, request: Request, frames: AsyncIterator[bytes], on_close: Callable[[], None]) -> None:
         super().__init__(frames, ping=0, sep="\n")
-        del self._send_lock  # sse-starlette's, used only by its own __call__ (760 bytes)
+        sse.drop_send_lock(self)
         self.on_close = on_close
         self.reaper: SlowClientReaper = request.app.state.reaper
         self.gone = False  # the client disconnected

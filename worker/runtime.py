@@ -44,6 +44,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
 
 from server import connections, contract, queue, redischeck, workers
+from server.fastpath import redispy
 from server.settings import Settings
 from server.store import Store, WriteRefused
 from worker import webhooks
@@ -246,9 +247,9 @@ class ProgressWorker(Worker):
             job_deserializer=self.job_deserializer,
             default_queue_name=self.queue_name,
         )
-        # the server's per-command savings (server.connections) for every progress write too;
+        # the server's per-command savings (server.fastpath.redispy) for every progress write too;
         # arq's pool has made a connection already (its ping): close and forget it
-        connections.lean(pool)
+        redispy.lean(pool)
         await pool.connection_pool.disconnect()
         pool.connection_pool.reset()
         return pool

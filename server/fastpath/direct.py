@@ -11,11 +11,15 @@ client reaper apply), a notice, a job's final event (which also ends or unwatche
 server or protocol other than uvicorn's httptools and websockets-sansio ones.
 
 Uvicorn hands the app a bound ``send`` of its WebSocket protocol or HTTP request cycle;
-``remember``, called before any middleware wraps ``send``, keeps that object in the scope.
+``remember``, called before any middleware wraps ``send``, keeps that object in the scope. With
+the piece off (``server.fastpath``), it keeps nothing and every event takes the ordinary path.
+Direct deliveries are counted apart (``progress_events_delivered_direct``), so a test can prove
+the path is taken.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -23,21 +27,39 @@ from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.protocol import State
 
+from server import fastpath
 from server.metrics import STATS
+
+log = logging.getLogger("server.fastpath")
 
 if TYPE_CHECKING:
     from server.hub import Event
 
 SCOPE_KEY = "progress.uvicorn"
 Writer = Callable[["Event"], bool]
-delivered = STATS.delivered
+delivered = STATS.direct
+
+NEEDS = [  # (library, class, the names of it used below)
+    ("uvicorn", RequestResponseCycle, ("send", "transport", "chunked_encoding", "response_complete", "disconnected")),
+    ("uvicorn", WebSocketsSansIOProtocol, ("send", "transport", "conn", "close_sent")),
+    ("websockets", State, ("OPEN",)),
+]
+
+
+def failed(error: Exception) -> bool:
+    """A writer raised: say so once, and take the ordinary path for this event and (the piece
+    now off) for connections made from now on. Never an error in the hub's loop."""
+    if fastpath.on("direct"):
+        log.warning("fast path 'direct' is off after an error: %r", error)
+        fastpath.turn_off("direct")
+    return False
 
 
 def remember(scope: dict[str, Any], send: Any) -> None:
     """Called first for each connection (``server.app.App``): keep uvicorn's protocol or request
     cycle whose bound method ``send`` is."""
     owner = getattr(send, "__self__", None)
-    if isinstance(owner, (RequestResponseCycle, WebSocketsSansIOProtocol)):
+    if isinstance(owner, (RequestResponseCycle, WebSocketsSansIOProtocol)) and fastpath.on("direct"):
         scope[SCOPE_KEY] = owner
 
 
@@ -49,9 +71,12 @@ def ws_writer(scope: dict[str, Any]) -> Writer | None:
     transport, conn = proto.transport, proto.conn
 
     def write(event: Event) -> bool:
-        if conn.state is not State.OPEN or proto.close_sent or transport.is_closing() or transport.get_write_buffer_size():
-            return False
-        transport.write(event.ws_frame)
+        try:
+            if conn.state is not State.OPEN or proto.close_sent or transport.is_closing() or transport.get_write_buffer_size():
+                return False
+            transport.write(event.ws_frame)
+        except Exception as e:  # noqa: BLE001 - a library change the start-up check missed
+            return failed(e)
         delivered["ws"] += 1
         return True
 
@@ -67,15 +92,18 @@ def sse_writer(scope: dict[str, Any]) -> Writer | None:
     transport = cycle.transport
 
     def write(event: Event) -> bool:
-        if (
-            cycle.chunked_encoding is not True
-            or cycle.response_complete
-            or cycle.disconnected
-            or transport.is_closing()
-            or transport.get_write_buffer_size()
-        ):
-            return False
-        transport.write(event.sse_chunk)
+        try:
+            if (
+                cycle.chunked_encoding is not True
+                or cycle.response_complete
+                or cycle.disconnected
+                or transport.is_closing()
+                or transport.get_write_buffer_size()
+            ):
+                return False
+            transport.write(event.sse_chunk)
+        except Exception as e:  # noqa: BLE001 - a library change the start-up check missed
+            return failed(e)
         delivered["sse"] += 1
         return True
 

@@ -9,8 +9,8 @@ put ``Flag`` and ``Inbox`` (the same behaviour, in lists) in their place and dro
 once it is answered.
 
 ``server.__main__`` selects them by import string (uvicorn's ``http=`` and ``ws=``), the way uvicorn
-lets a deployment choose its protocol implementations. ``tests/test_protocols.py`` checks the
-uvicorn attributes they replace, so an upgrade that renames one fails there, not in production.
+lets a deployment choose its protocol implementations, when the fence (``server.fastpath``) finds
+every name below in the installed uvicorn; else uvicorn's own classes.
 """
 
 from __future__ import annotations
@@ -18,7 +18,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from collections import deque
+
+from uvicorn.protocols.http.flow_control import FlowControl
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 
@@ -134,3 +137,18 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
     def start_keepalive(self) -> None:
         self.response = None  # uvicorn calls this once it has written the accepting response
         super().start_keepalive()
+
+
+NEEDS = [  # (library, class, the names of it that the classes above replace or call)
+    ("uvicorn", HttpToolsProtocol, ("pipeline", "flow", "connection_made", "_start_asgi_task")),
+    ("uvicorn", FlowControl, ("_is_writable_event",)),
+    ("uvicorn", RequestResponseCycle, ("message_event",)),
+    ("uvicorn", WebSocketsSansIOProtocol, ("queue", "writable", "request", "response", "handle_connect", "start_keepalive")),
+]
+STAND_INS = [  # (library, its class, the type it uses, our stand-in)
+    ("uvicorn", HttpToolsProtocol, deque, Pipeline),
+    ("uvicorn", FlowControl, asyncio.Event, Flag),
+    ("uvicorn", RequestResponseCycle, asyncio.Event, Flag),
+    ("uvicorn", WebSocketsSansIOProtocol, asyncio.Queue, Inbox),
+    ("uvicorn", WebSocketsSansIOProtocol, asyncio.Event, Flag),
+]
