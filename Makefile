@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install run test bench clean browser tls-redis lock upgrade
+.PHONY: install run test test-fast bench clean browser tls-redis lock upgrade
 
 install: $(VENV)/.installed
 
@@ -39,13 +39,19 @@ STOCK_PATH_TESTS = tests/test_fastpath.py tests/test_progress.py tests/test_requ
 	tests/test_faults.py tests/test_slow_clients.py tests/test_drain.py tests/test_topology.py tests/test_browser.py
 test: install browser tls-redis
 	$(PY) -m pytest $(PYTEST_ARGS)
-	FAST_PATH=off $(PY) -m pytest $(PYTEST_ARGS) $(STOCK_PATH_TESTS)
+	$(if $(PYTEST_ARGS),,FAST_PATH=off $(PY) -m pytest $(STOCK_PATH_TESTS))
+
+# The inner loop: unit and contract tests and one of each transport, about ten seconds.
+FAST_TESTS = tests/test_contract.py tests/test_output.py tests/test_scripts.py tests/test_queue.py \
+	tests/test_connections.py tests/test_protocols.py tests/test_fastpath.py
+test-fast: install
+	$(PY) -m pytest $(PYTEST_ARGS) $(FAST_TESTS)
 
 # Headless Chromium for tests/test_browser.py, from Debian (Playwright's own downloads do not run here).
-# Where apt cannot install it (not root, not Debian), the browser tests are skipped with that reason.
+# Where apt cannot install it (not root, not Debian), make test stops here: install chromium by hand.
 browser:
 	@command -v chromium >/dev/null || (apt-get update && apt-get install -y --no-install-recommends chromium) \
-	  || echo "warning: could not install chromium; tests/test_browser.py will be skipped"
+	  || (echo "error: could not install chromium (Debian's package) for tests/test_browser.py"; exit 1)
 
 # Debian's redis-server (built with TLS, which the embedded Valkey is not) for tests/test_tls.py,
 # which fails without it. Only the binary is used: no service is started.

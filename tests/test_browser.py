@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import playwright.sync_api as playwright
 import pytest
 
-from support import ROOT, Proc, start_server
+from support import ROOT, TERMINAL, Proc, start_server
 
-playwright = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[dev]'")
 expect = playwright.expect
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -29,15 +29,12 @@ ARGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
 ARTIFACTS = ROOT / "test-artifacts" / "browser"
-FINAL = ("succeeded", "failed", "cancelled")
 SSE_URL = re.compile(r"/events(\?|$)")  # /events and /jobs/ID/events, not /jobs/ID?wait=
-
-
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="no chromium: run `make browser`")
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
+    assert Path(CHROMIUM).exists(), "no chromium: `make test` installs Debian's (make browser)"
     with playwright.sync_playwright() as p:
         chromium = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         yield chromium
@@ -99,7 +96,7 @@ def assert_rendered_ok(docs: list[dict[str, Any]], final: str) -> None:
     assert seqs == sorted(set(seqs)), f"seq repeated or went back: {seqs}"
     values = [d["progress"] for d in docs if d["progress"] is not None]
     assert values == sorted(values), f"the bar went back: {values}"
-    assert [d["status"] for d in docs if d["status"] in FINAL] == [final], [d["status"] for d in docs]
+    assert [d["status"] for d in docs if d["status"] in TERMINAL] == [final], [d["status"] for d in docs]
     assert docs[-1]["status"] == final
 
 

@@ -1,4 +1,4 @@
-"""``server.connections``: redis-py's asyncio client with hiredis packing and a cheap stale-reply
+"""``server.fastpath.redispy`` (through ``server.connections``): redis-py's asyncio client with hiredis packing and a cheap stale-reply
 check must behave exactly as the unpatched client does."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from redis.asyncio.connection import Connection
 from redis.exceptions import DataError
 
 from server import connections
+from server.fastpath import redispy
 from support import async_wait_until
 
 pytestmark = pytest.mark.anyio
@@ -30,13 +31,13 @@ class Level(enum.IntEnum):
     ],
 )
 def test_packing_is_byte_for_byte_redis_pys(args):
-    lean = type("Lean", (connections.HiredisPacking, Connection), {})()
+    lean = type("Lean", (redispy.HiredisPacking, Connection), {})()
     assert b"".join(lean.pack_command(*args)) == b"".join(Connection().pack_command(*args))
 
 
 @pytest.mark.parametrize("value", [True, None, object()])
 def test_packing_refuses_what_redis_py_refuses(value):
-    lean = type("Lean", (connections.HiredisPacking, Connection), {})()
+    lean = type("Lean", (redispy.HiredisPacking, Connection), {})()
     with pytest.raises(DataError):
         lean.pack_command("SET", "key", value)
 
@@ -48,7 +49,7 @@ async def test_a_connection_with_a_stale_reply_is_replaced(redis_server):
     try:
         assert not hasattr(redis.connection_pool.get_connection, "__wrapped__")  # no deprecation check
         conn = await redis.connection_pool.get_connection()
-        assert isinstance(conn._parser, connections.ReadyCheckParser)
+        assert isinstance(conn._parser, redispy.ReadyCheckParser)
         await conn.send_command("ECHO", "stale")  # its reply is never read
 
         async def reply_arrived() -> bool:

@@ -18,7 +18,7 @@ import redis
 from websockets.asyncio.client import connect
 
 from server.devredis import RedisProcess
-from support import SSE, Proc, assert_stream_ok, sse_frames, start_server, start_worker, submit, wait_until
+from support import SSE, TERMINAL, Proc, assert_stream_ok, sse_frames, start_server, start_worker, submit, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -45,9 +45,6 @@ def stack(tmp_path):
     if r.proc and r.proc.poll() is None:
         r.proc.send_signal(signal.SIGCONT)
     r.stop()
-
-
-TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 async def ws_watch(base: str, job_id: str, started: list) -> list[dict]:
