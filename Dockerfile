@@ -7,8 +7,10 @@ WORKDIR /app
 COPY requirements.lock ./
 RUN pip install --require-hashes -r requirements.lock
 COPY pyproject.toml README.md ./
+COPY core ./core
 COPY server ./server
 COPY worker ./worker
+COPY client ./client
 COPY static ./static
 RUN pip install --no-deps . && useradd --system --uid 10001 app
 USER app

@@ -555,8 +555,8 @@ class Agent:
         if self.redis is None:
             from redis.asyncio import Redis
 
-            from server.settings import Settings
-            from server.store import Store
+            from core.settings import Settings
+            from core.store import Store
 
             self.redis = Redis.from_url(url)
             self.settings = Settings.from_env({"REDIS_URL": url})
@@ -786,7 +786,7 @@ _CONTRACT = None
 def _contract():
     global _CONTRACT
     if _CONTRACT is None:
-        from server import contract
+        from core import contract
 
         _CONTRACT = contract
     return _CONTRACT

@@ -22,7 +22,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from server.devredis import RedisProcess, free_port
+from core.devredis import RedisProcess, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BODY = json.dumps({"type": "demo", "params": {"steps": 1, "interval": 0}}).encode()

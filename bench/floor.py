@@ -23,10 +23,10 @@ import uvloop
 from websockets.asyncio.server import ServerConnection, broadcast, serve
 from websockets.http11 import Request, Response
 
-from server import connections, contract
+from core import connections, contract
 from server.hub import Event
-from server.settings import Settings
-from server.store import Store
+from core.settings import Settings
+from core.store import Store
 
 
 async def main(port: int, redis_url: str) -> None:

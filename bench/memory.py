@@ -25,7 +25,7 @@ import uvloop
 
 from bench.procs import raise_fd_limit
 from server.__main__ import connections
-from server.devredis import RedisProcess, free_port
+from core.devredis import RedisProcess, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -37,7 +37,7 @@ from bench.procs import (
     ROOT, Agent, Child, Children, Snapshot, cores, cpu_seconds, loadavg, machine_cores, machine_facts,
     raise_fd_limit, rss_kib,
 )  # fmt: skip
-from server.devredis import RedisProcess, free_port
+from core.devredis import RedisProcess, free_port
 
 RESULTS = ROOT / "bench" / "results"
 WS_IMPLS = ("websockets-sansio", "websockets", "wsproto")
@@ -180,7 +180,7 @@ class Bench:
     def start_worker(self) -> Child:
         import redis as redis_sync
 
-        from server import contract
+        from core import contract
 
         client = redis_sync.Redis.from_url(self.redis.url)
         try:

@@ -35,7 +35,7 @@ from websockets.exceptions import WebSocketException
 from bench import stats
 from bench.procs import Child, alive, loadavg, rss_kib
 from bench.run import Bench, Config, fmt
-from server.devredis import RedisProcess
+from core.devredis import RedisProcess
 
 TTLS = {"result_ttl": 60, "tombstone_ttl": 120, "idempotency_ttl": 120, "job_ttl": 300, "lease": 3}
 SHOWN = ("progress:job:", "progress:gone:", "progress:result:", "progress:idem:", "progress:jobs:", "arq:")

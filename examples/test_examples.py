@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from examples.convert import STAGES
-from server.client import InvalidRequest
+from client import InvalidRequest
 from worker.testing import JobRun
 
 

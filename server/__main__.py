@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import uvicorn
 
-from server import fastpath
-from server.logs import setup_logging
-from server.settings import Settings
+from core import fastpath
+from core.logs import setup_logging
+from core.settings import Settings
 
 WS_MAX_MESSAGE = 64 * 1024  # a bigger client frame closes the socket with 1009
 
 
 def connections() -> dict:
     """How uvicorn serves each connection (bench.memory measures with the same): its httptools
-    and websockets-sansio protocols, ours (``server.fastpath.protocols``, holding less per idle
+    and websockets-sansio protocols, ours (``core.fastpath.protocols``, holding less per idle
     connection) where the fence allows."""
     lean = fastpath.on("protocols")
     return {
-        "http": "server.fastpath.protocols:HttpProtocol" if lean else "httptools",
-        "ws": "server.fastpath.protocols:WebSocketProtocol" if lean else "websockets-sansio",
+        "http": "core.fastpath.protocols:HttpProtocol" if lean else "httptools",
+        "ws": "core.fastpath.protocols:WebSocketProtocol" if lean else "websockets-sansio",
         "ws_max_size": WS_MAX_MESSAGE,
         "ws_per_message_deflate": False,  # no compression: no decompression bombs, less CPU per frame
         "server_header": False,  # no "server: uvicorn" banner on every response

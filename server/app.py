@@ -21,8 +21,9 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp
 
-from server import connections, jobs, jobtypes, problems, redischeck, streams, workers
-from server.fastpath import direct
+from core import connections, redischeck, workers
+from server import jobs, jobtypes, problems, streams
+from core.fastpath import direct
 from server.auth import Auth, parse_keys, shared_secret
 from server.hub import Hub, SubscribeTimeout
 from server.metrics import metrics
@@ -30,8 +31,8 @@ from server.middleware import RequestContext
 from server.openapi import openapi
 from server.problems import Problem
 from server.ratelimit import RateLimiter
-from server.settings import Settings
-from server.store import Store
+from core.settings import Settings
+from core.store import Store
 from worker.registry import load
 
 log = logging.getLogger("server")
@@ -67,7 +68,7 @@ async def readyz(request: Request) -> Response:
 
 
 async def list_workers(request: Request) -> Response:
-    """``GET /workers``: the live workers (``server.workers``) with their types and load."""
+    """``GET /workers``: the live workers (``core.workers``) with their types and load."""
     await jobs.key_holder(request)
     async with jobs.redis_deadline():
         items = await workers.live(request.app.state.store.redis)

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 from starlette.requests import HTTPConnection
 
-from server import contract
+from core import contract
 from server.problems import Problem
-from server.settings import Settings
+from core.settings import Settings
 
 TICKET_TTL = 60
 TENANT_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")

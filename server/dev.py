@@ -27,8 +27,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from server.devredis import RedisProcess
-from server.settings import Settings
+from core.devredis import RedisProcess
+from core.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCK_FILE = "make-run.lock"

@@ -27,9 +27,9 @@ from collections.abc import Callable, Iterable
 
 from redis.asyncio import Redis
 
-from server import contract
+from core import contract
 from server.metrics import FANOUT_DELAY, STATS
-from server.store import Store
+from core.store import Store
 
 log = logging.getLogger("server.hub")
 
@@ -78,7 +78,7 @@ class Event:
 
     @property
     def sse_chunk(self) -> bytes:
-        """The SSE frame as one HTTP/1.1 chunk, for ``server.fastpath.direct``."""
+        """The SSE frame as one HTTP/1.1 chunk, for ``core.fastpath.direct``."""
         if self._sse_chunk is None:
             frame = self.sse
             self._sse_chunk = b"%x\r\n%s\r\n" % (len(frame), frame)
@@ -86,7 +86,7 @@ class Event:
 
     @property
     def ws_frame(self) -> bytes:
-        """``ws`` as a whole WebSocket text frame (unmasked, as a server sends), for ``server.fastpath.direct``."""
+        """``ws`` as a whole WebSocket text frame (unmasked, as a server sends), for ``core.fastpath.direct``."""
         if self._ws_frame is None:
             payload = self.ws.encode()
             n = len(payload)
@@ -125,7 +125,7 @@ class Mailbox:
         self.conflated = 0
         self.closed = False
         # set by the stream once its client is connected: writes an event at once if it can
-        # (``server.fastpath.direct``); used only while the consumer waits with nothing queued
+        # (``core.fastpath.direct``); used only while the consumer waits with nothing queued
         self.direct: Callable[[Event], bool] | None = None
 
     def close(self) -> None:

@@ -16,12 +16,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from server import contract, queue, ratelimit, render, webhooks, workers
+from core import contract, queue, webhooks, workers
+from server import ratelimit, render
 from server.auth import TICKET_TTL, Caller
 from server.hub import Event, Mailbox, MailboxClosed
-from server.logs import request_id
+from core.logs import request_id
 from server.problems import Problem, gone, invalid, not_found
-from server.store import REDIS_DEADLINE, IdempotencyConflict, QueueFull, RateLimited, WriteRefused
+from core.store import REDIS_DEADLINE, IdempotencyConflict, QueueFull, RateLimited, WriteRefused
 
 JSON = "application/json"
 MAX_PAGE = 100

@@ -24,7 +24,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from server import contract
+from core import contract
 from server.jobs import JSON, key_holder
 from worker.registry import JobType
 

@@ -15,7 +15,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.requests import Request
 from starlette.responses import Response
 
-from server import fastpath, queue
+from core import fastpath, queue
+from core.fastpath import direct
 
 TRANSPORTS = ("sse", "ws", "text")
 
@@ -24,7 +25,7 @@ class Stats:
     def __init__(self) -> None:
         self.connections: Counter[str] = Counter()  # open, by transport
         self.delivered: Counter[str] = Counter()  # events written to clients through ASGI, by transport
-        self.direct: Counter[str] = Counter()  # ... and straight to their sockets (server.fastpath.direct)
+        self.direct = direct.delivered  # ... and straight to their sockets (the fast path)
         self.received = 0  # events heard from Redis
         self.conflated = 0  # intermediate updates a slow client skipped
         self.reconnects = 0  # pub/sub reconnections (set by the hub)

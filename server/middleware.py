@@ -15,7 +15,7 @@ from urllib.parse import parse_qsl, urlencode
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.logs import request_id
+from core.logs import request_id
 
 log = logging.getLogger("server.access")
 

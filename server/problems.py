@@ -6,7 +6,7 @@ from typing import Any
 
 from starlette.responses import Response
 
-from server.contract import dumps
+from core.contract import dumps
 
 
 class Problem(Exception):

@@ -6,9 +6,9 @@ import time
 
 from redis.asyncio import Redis
 
-from server import contract, scripts
+from core import contract, scripts
 from server.problems import Problem
-from server.store import REDIS_DEADLINE, Batched
+from core.store import REDIS_DEADLINE, Batched
 
 WINDOW = 60  # seconds
 

@@ -22,8 +22,9 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from server import contract, render
-from server.fastpath import direct, sse
+from core import contract
+from server import render
+from core.fastpath import direct, sse
 from server.hub import Event, Mailbox, MailboxClosed, Notice, SubscribeTimeout, sse_frame
 from server.auth import Caller
 from server.jobs import deadline, int_param, load, reader, redis_deadline

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from server.devredis import RedisProcess
+from core.devredis import RedisProcess
 from support import Proc, start_server, start_worker
 
 # A worker that publishes every update (no throttle), so the tests see every seq.

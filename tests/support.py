@@ -19,8 +19,8 @@ from typing import Any
 import httpx
 import redis
 
-from server import contract
-from server.devredis import free_port
+from core import contract
+from core.devredis import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TERMINAL = contract.TERMINAL
@@ -58,11 +58,12 @@ class Proc:
     log_path: Path
     proc: subprocess.Popen | None = None
     port: int = 0
+    cwd: Path = ROOT
     _log: Any = field(default=None, repr=False)
 
     def start(self) -> Proc:
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", self.module], env=self.env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([sys.executable, "-m", self.module], env=self.env, cwd=self.cwd, stdout=self._log, stderr=subprocess.STDOUT)
         return self
 
     @property

@@ -10,8 +10,8 @@ import threading
 import httpx
 import pytest
 
-from server import contract
-from server.client import (
+from core import contract
+from client import (
     AsyncClient,
     Client,
     Conflict,
@@ -21,7 +21,7 @@ from server.client import (
     ProblemError,
     Unauthorized,
 )
-from server.client import BACKOFF_FIRST, BACKOFF_MAX, _SSEParser, _Watch
+from client import BACKOFF_FIRST, BACKOFF_MAX, _SSEParser, _Watch
 from worker.stages import Stages
 from worker.testing import Stack
 

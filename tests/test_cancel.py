@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from server.devredis import RedisProcess
+from core.devredis import RedisProcess
 from support import SSE, assert_stream_ok, sse_frames, start_server, start_worker, submit, watch_sse
 
 pytestmark = pytest.mark.anyio

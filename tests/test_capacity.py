@@ -18,7 +18,7 @@ import time
 import httpx
 import pytest
 
-from server.devredis import RedisProcess
+from core.devredis import RedisProcess
 from support import start_server
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import redis
 
-from server.devredis import RedisProcess
+from core.devredis import RedisProcess
 from support import start_server, start_worker, tally, watch_with_retries
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]

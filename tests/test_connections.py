@@ -1,4 +1,4 @@
-"""``server.fastpath.redispy`` (through ``server.connections``): redis-py's asyncio client with hiredis packing and a cheap stale-reply
+"""``core.fastpath.redispy`` (through ``core.connections``): redis-py's asyncio client with hiredis packing and a cheap stale-reply
 check must behave exactly as the unpatched client does."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import pytest
 from redis.asyncio.connection import Connection
 from redis.exceptions import DataError
 
-from server import connections
-from server.fastpath import redispy
+from core import connections
+from core.fastpath import redispy
 from support import async_wait_until
 
 pytestmark = pytest.mark.anyio

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from server import contract
+from core import contract
 from server.hub import Event, Mailbox
 
 PUBLIC_FIELDS = [
@@ -107,7 +107,7 @@ async def test_mailbox_expect_skips_what_the_client_has():
 
 
 def test_event_ws_frame_and_sse_chunk_are_whole_frames():
-    """The pre-framed bytes written by server.fastpath.direct: an unmasked final text frame with the
+    """The pre-framed bytes written by core.fastpath.direct: an unmasked final text frame with the
     right length form, and one HTTP/1.1 chunk holding the SSE frame."""
     for size in (10, 200, 70_000):  # 7-bit, 16-bit and 64-bit payload lengths
         doc = contract.new_document("j_a", "demo", "t") | {"seq": 3, "message": "x" * size}

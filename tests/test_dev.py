@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from server.devredis import free_port
+from core.devredis import free_port
 from support import Proc, wait_until
 
 

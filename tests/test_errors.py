@@ -9,7 +9,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from server import contract
+from core import contract
 
 pytestmark = pytest.mark.anyio
 

@@ -1,4 +1,4 @@
-"""The fenced fast path (``server.fastpath``): every private name it needs is in the locked
+"""The fenced fast path (``core.fastpath``): every private name it needs is in the locked
 libraries, a missing one is named, and with the pieces on, deliveries really take the direct path
 (with FAST_PATH=off, none does, and everything else still works: CI runs the transport, lifecycle,
 fault and browser tests that way too)."""
@@ -15,8 +15,8 @@ import pytest
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from websockets.asyncio.client import connect
 
-from server import fastpath
-from server.fastpath.protocols import Flag
+from core import fastpath
+from core.fastpath.protocols import Flag
 from support import submit, watch_sse
 
 pytestmark = pytest.mark.anyio

@@ -17,7 +17,7 @@ import pytest
 import redis
 from websockets.asyncio.client import connect
 
-from server.devredis import RedisProcess
+from core.devredis import RedisProcess
 from support import SSE, TERMINAL, Proc, assert_stream_ok, sse_frames, start_server, start_worker, submit, wait_until
 
 pytestmark = pytest.mark.anyio

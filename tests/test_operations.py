@@ -8,7 +8,7 @@ import httpx
 import pytest
 from websockets.asyncio.client import connect
 
-from server.devredis import RedisProcess, free_port
+from core.devredis import RedisProcess, free_port
 from support import async_wait_until, start_server, start_worker, submit, watch_sse
 
 pytestmark = pytest.mark.anyio

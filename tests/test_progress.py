@@ -9,9 +9,9 @@ import time
 import pytest
 from redis.asyncio import Redis
 
-from server import contract
-from server.settings import Settings
-from server.store import Store, WriteRefused
+from core import contract
+from core.settings import Settings
+from core.store import Store, WriteRefused
 from worker.progress import JobContext, JobEnded, ThreadJobContext
 
 pytestmark = pytest.mark.anyio

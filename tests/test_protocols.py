@@ -1,4 +1,4 @@
-"""``server.fastpath.protocols``: uvicorn's protocols with lighter per-connection objects must behave as
+"""``core.fastpath.protocols``: uvicorn's protocols with lighter per-connection objects must behave as
 uvicorn's own, and must really replace them (an attribute uvicorn renames would silently bring
 the asyncio objects back: these tests fail then)."""
 
@@ -12,8 +12,8 @@ import pytest
 import uvicorn
 from websockets.asyncio.client import connect
 
-from server.devredis import free_port
-from server.fastpath.protocols import Flag, HttpProtocol, Inbox, WebSocketProtocol
+from core.devredis import free_port
+from core.fastpath.protocols import Flag, HttpProtocol, Inbox, WebSocketProtocol
 from support import async_wait_until
 
 pytestmark = pytest.mark.anyio
@@ -84,7 +84,7 @@ async def test_idle_connections_hold_none_of_uvicorns_asyncio_objects():
     port = free_port()
     config = uvicorn.Config(
         app, host="127.0.0.1", port=port, loop="none", lifespan="off", log_config=None,
-        http="server.fastpath.protocols:HttpProtocol", ws="server.fastpath.protocols:WebSocketProtocol",
+        http="core.fastpath.protocols:HttpProtocol", ws="core.fastpath.protocols:WebSocketProtocol",
     )  # fmt: skip
     server = uvicorn.Server(config)
     serving = asyncio.create_task(server.serve())

@@ -1,4 +1,4 @@
-"""The queue adapter (``server.queue``) speaks arq's format: what it enqueues, a stock
+"""The queue adapter (``core.queue``) speaks arq's format: what it enqueues, a stock
 ``arq.Worker`` runs (burst mode, stock settings but our JSON serializer)."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from arq import Worker
 from arq.connections import RedisSettings
 from arq.worker import func
 
-from server import contract, queue
-from server.devredis import RedisProcess
-from server.settings import Settings
-from server.store import Store
+from core import contract, queue
+from core.devredis import RedisProcess
+from core.settings import Settings
+from core.store import Store
 
 pytestmark = pytest.mark.anyio
 

@@ -9,8 +9,8 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from server import redischeck
-from server.devredis import RedisProcess
+from core import redischeck
+from core.devredis import RedisProcess
 from support import start_server, start_worker
 
 pytestmark = pytest.mark.anyio

@@ -10,10 +10,11 @@ import httpx
 import pytest
 import redis
 
-from server import connections, contract, ratelimit
-from server.devredis import RedisProcess
-from server.settings import Settings
-from server.store import Store
+from core import connections, contract
+from server import ratelimit
+from core.devredis import RedisProcess
+from core.settings import Settings
+from core.store import Store
 from support import SSE, assert_stream_ok, sse_frames, start_server, start_worker, watch_sse
 
 pytestmark = pytest.mark.anyio

@@ -9,7 +9,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from server.devredis import RedisProcess
+from core.devredis import RedisProcess
 from support import start_server, start_worker, wait_until
 
 OLD = {"jobs_module": "worker.demo", "progress_interval": 0}

@@ -1,4 +1,4 @@
-"""Each Lua script (``server.scripts``) run directly against the embedded server, by its named
+"""Each Lua script (``core.scripts``) run directly against the embedded server, by its named
 fields, including what a retry after a lost reply does: the same call sent twice."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import time
 import pytest
 import redis.asyncio as aioredis
 
-from server import contract, queue, scripts
-from server.settings import Settings
-from server.store import Store, WriteRefused
+from core import contract, queue, scripts
+from core.settings import Settings
+from core.store import Store, WriteRefused
 
 pytestmark = pytest.mark.anyio
 

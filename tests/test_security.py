@@ -13,8 +13,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from server.auth import Auth
-from server.devredis import RedisProcess
-from server.settings import Settings
+from core.devredis import RedisProcess
+from core.settings import Settings
 from support import SSE, assert_stream_ok, sse_frames, start_server, start_worker, watch_sse
 
 pytestmark = pytest.mark.anyio
@@ -271,7 +271,7 @@ async def test_hostile_json_is_refused(secured, body, status, field):
         "/static/..%5c..%5cetc%5cpasswd",
         "/static//etc/passwd",
         "/static/index.html%00.js",
-        "/static/../server/settings.py",
+        "/static/../core/settings.py",
     ],
 )
 def test_static_path_traversal(secured, path):

@@ -20,8 +20,8 @@ import httpx
 import pytest
 import redis
 
-from server import connections
-from server.devredis import RedisProcess, find_binary, free_port
+from core import connections
+from core.devredis import RedisProcess, find_binary, free_port
 from support import start_server, start_worker, tally, wait_until, watch_with_retries
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from server.devredis import RedisProcess
+from core.devredis import RedisProcess
 from support import assert_stream_ok, start_server, start_worker, wait_until, watch_sse
 
 pytestmark = pytest.mark.anyio

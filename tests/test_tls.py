@@ -15,8 +15,8 @@ import pytest
 import redis
 import trustme
 
-from server import connections
-from server.devredis import free_port
+from core import connections
+from core.devredis import free_port
 from support import Proc, process_env, start_server, start_worker, submit, wait_until, watch_sse
 
 pytestmark = pytest.mark.anyio

@@ -12,8 +12,8 @@ import redis as redis_sync
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from server import contract
-from server.devredis import RedisProcess
+from core import contract
+from core.devredis import RedisProcess
 from support import assert_stream_ok, start_server, start_worker, submit, wait_until, watch_sse
 
 pytestmark = pytest.mark.anyio

@@ -19,10 +19,10 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from server import contract, queue, webhooks
-from server.devredis import RedisProcess
-from server.settings import Settings
-from server.store import Store
+from core import contract, queue, webhooks
+from core.devredis import RedisProcess
+from core.settings import Settings
+from core.store import Store
 from support import Proc, assert_stream_ok, async_wait_until, start_server, start_worker, watch_sse
 from worker import webhooks as sender
 
@@ -451,7 +451,7 @@ def test_backoff_grows_with_jitter_and_fits_the_deadline():
 
 
 def test_readme_verify_is_the_shipped_one():
-    """The verify() shown in the README runs as printed and accepts/refuses like server.webhooks.verify."""
+    """The verify() shown in the README runs as printed and accepts/refuses like core.webhooks.verify."""
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     section = readme.split("\n## Webhooks\n", 1)[1].split("\n## ", 1)[0]
     code = section.split("```python\n", 1)[1].split("```", 1)[0]

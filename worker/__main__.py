@@ -15,8 +15,8 @@ from prometheus_client import start_http_server
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from server.logs import setup_logging
-from server.settings import Settings
+from core.logs import setup_logging
+from core.settings import Settings
 from worker.registry import load
 from worker.runtime import ProgressWorker
 

@@ -16,8 +16,8 @@ from typing import Any
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from server import contract
-from server.store import Store, WriteRefused
+from core import contract
+from core.store import Store, WriteRefused
 
 ETA_SMOOTHING = 0.3  # weight of the newest rate sample in the moving average
 log = logging.getLogger("worker")

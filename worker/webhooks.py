@@ -6,7 +6,7 @@ job's final state by ``Store.write``; ``attempt`` is arq's ``job_try`` (1, 2, ..
 1. reads what to send, captured when the final state was written (``Store.webhook_payload``:
    the URL and the final document, kept until the delivery ends, whatever ``RESULT_TTL`` says);
 2. resolves the URL's host once and checks every address with the SSRF guard
-   (``server.webhooks.resolve``), then connects to a checked address itself (the URL's host is
+   (``core.webhooks.resolve``), then connects to a checked address itself (the URL's host is
    replaced by the IP; ``Host`` and, for https, SNI and certificate checks keep the name), so
    DNS cannot answer differently between the check and the connection;
 3. POSTs the document signed as in Standard Webhooks, with a total deadline, no redirects,
@@ -34,10 +34,10 @@ from dataclasses import dataclass
 import httpx
 from arq import Retry
 
-from server import contract, queue
-from server import webhooks as guard
-from server.settings import Settings
-from server.store import Store
+from core import contract, queue
+from core import webhooks as guard
+from core.settings import Settings
+from core.store import Store
 
 log = logging.getLogger("worker.webhooks")
 

@@ -31,9 +31,9 @@ import importlib.metadata
 import logging
 from typing import Any
 
-from server.settings import Settings
+from core.settings import Settings
 
-log = logging.getLogger("server.fastpath")
+log = logging.getLogger("core.fastpath")
 
 PIECES = ("protocols", "direct", "redispy", "sse")
 _state: dict[str, bool] = {}

@@ -24,7 +24,7 @@ from arq.constants import default_queue_name, expires_extra_ms, in_progress_key_
 from arq.jobs import deserialize_job_raw, serialize_job
 from redis.asyncio import Redis
 
-from server import contract
+from core import contract
 
 QUEUE = default_queue_name
 RECORD_TTL_MS = expires_extra_ms  # arq drops a job's record (so the job) this long after its enqueueing

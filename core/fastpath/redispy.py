@@ -1,7 +1,7 @@
 """redis-py's asyncio client with two per-command costs trimmed (``lean``), for the server's
 clients and the worker's arq pool alike. redis-py 8 made both changes itself; arq pins redis < 6.
 
-Fenced (``server.fastpath``): ``lean`` returns the client untouched unless every name in
+Fenced (``core.fastpath``): ``lean`` returns the client untouched unless every name in
 ``NEEDS`` is in the installed redis-py and asyncio.
 """
 
@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from server import fastpath
+from core import fastpath
 
 
 class ReadyCheckParser(_AsyncHiredisParser):

@@ -28,7 +28,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from server.fastpath import redispy
+from core.fastpath import redispy
 
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 CONNECT_TIMEOUT = 2.0

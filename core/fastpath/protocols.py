@@ -9,7 +9,7 @@ put ``Flag`` and ``Inbox`` (the same behaviour, in lists) in their place and dro
 once it is answered.
 
 ``server.__main__`` selects them by import string (uvicorn's ``http=`` and ``ws=``), the way uvicorn
-lets a deployment choose its protocol implementations, when the fence (``server.fastpath``) finds
+lets a deployment choose its protocol implementations, when the fence (``core.fastpath``) finds
 every name below in the installed uvicorn; else uvicorn's own classes.
 """
 

@@ -18,8 +18,8 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
-from server import connections, contract, queue, scripts
-from server.settings import Settings
+from core import connections, contract, queue, scripts
+from core.settings import Settings
 
 log = logging.getLogger("server")
 REDIS_DEADLINE = 5.0  # seconds for all the Redis calls of one request (``jobs.redis_deadline``)

@@ -12,7 +12,7 @@ server or protocol other than uvicorn's httptools and websockets-sansio ones.
 
 Uvicorn hands the app a bound ``send`` of its WebSocket protocol or HTTP request cycle;
 ``remember``, called before any middleware wraps ``send``, keeps that object in the scope. With
-the piece off (``server.fastpath``), it keeps nothing and every event takes the ordinary path.
+the piece off (``core.fastpath``), it keeps nothing and every event takes the ordinary path.
 Direct deliveries are counted apart (``progress_events_delivered_direct``), so a test can prove
 the path is taken.
 """
@@ -20,24 +20,29 @@ the path is taken.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.protocol import State
 
-from server import fastpath
-from server.metrics import STATS
+from core import fastpath
 
-log = logging.getLogger("server.fastpath")
+log = logging.getLogger("core.fastpath")
 
-if TYPE_CHECKING:
-    from server.hub import Event
+
+class Event(Protocol):
+    """What a writer needs of the hub's event (``server.hub.Event``): its bytes, framed once."""
+
+    ws_frame: bytes
+    sse_chunk: bytes
+
 
 SCOPE_KEY = "progress.uvicorn"
-Writer = Callable[["Event"], bool]
-delivered = STATS.direct
+Writer = Callable[[Event], bool]
+delivered: Counter[str] = Counter()  # by transport: ``progress_events_delivered_direct`` (server.metrics)
 
 NEEDS = [  # (library, class, the names of it used below)
     ("uvicorn", RequestResponseCycle, ("send", "transport", "chunked_encoding", "response_complete", "disconnected")),

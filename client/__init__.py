@@ -2,7 +2,7 @@
 
 ::
 
-    from server.client import Client
+    from client import Client
 
     with Client("http://127.0.0.1:8000", api_key="...") as client:   # api_key=None in keyless dev mode
         job = client.submit("demo", {"steps": 5, "interval": 0.2})      # the document + "token"
@@ -45,7 +45,7 @@ from urllib.parse import quote
 
 import httpx
 
-from server import contract
+from core import contract
 
 __all__ = [
     "AsyncClient",

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from server.queue import ENQUEUE_LUA
+from core.queue import ENQUEUE_LUA
 
 
 @dataclass(frozen=True)

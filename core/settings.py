@@ -46,7 +46,7 @@ class Settings:
     sse_retry_ms: int = 2000  # the SSE `retry:` hint
     send_timeout: float = 10.0  # a client that does not take a write for this long is dropped
     long_poll_max: float = 30.0  # cap of ?wait= on GET /jobs/{id}
-    fast_path: bool = True  # FAST_PATH=off: none of server.fastpath's uses of other libraries' internals
+    fast_path: bool = True  # FAST_PATH=off: none of core.fastpath's uses of other libraries' internals
     log_level: str = "info"
     debug: bool = False  # tracebacks in failed jobs' errors
 

@@ -8,7 +8,7 @@ Everything here is pure (no I/O) and is the single definition of each fact:
   short header lets a server route, order and authorise an event without parsing the JSON,
   and the document bytes are relayed to every client untouched;
 * the Redis keys and channels, all under the ``progress:`` prefix (arq keeps ``arq:*``, see
-  ``server.queue``); the Lua scripts that write them are in ``server.scripts``.
+  ``core.queue``); the Lua scripts that write them are in ``core.scripts``.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ WORKERS = PREFIX + "workers"  # sorted set: live worker ids by the time of their
 
 
 def worker_key(worker_id: str) -> str:
-    """A worker's heartbeat record (``server.workers``), JSON, expiring unless renewed."""
+    """A worker's heartbeat record (``core.workers``), JSON, expiring unless renewed."""
     return f"{PREFIX}worker:{worker_id}"
 
 

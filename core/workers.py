@@ -19,7 +19,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from server import contract
+from core import contract
 
 BEAT = 3.0  # seconds between a worker's beats
 BEAT_TTL = 10.0  # a worker whose last beat is older than this is not live
