@@ -293,6 +293,8 @@ class Soak(Bench):
                         done = await getattr(self, f"watch_{kind}")(jid, since, seen)
                 except TimeoutError:
                     self.count["left_early" if early else "watch_30s_timeout"] += 1
+                    if not early and len(self.problems) < 100:  # what to look for in the logs
+                        self.problems.append(f"{self.now():7.1f} s  watch: {kind} watcher of {jid} from seq {since}: no final state in 30 s")
                 except ERRORS as e:
                     self.count[f"watch_{kind}_{type(e).__name__}"] += 1
                 self.count[f"session_ms_{kind}"] += int((time.monotonic() - t) * 1000)
@@ -411,7 +413,8 @@ class Soak(Bench):
         finals = collections.Counter(s for s, _, _ in self.final.values())
         rate, ok = len(self.accepted) / self.duration, finals["succeeded"] / max(1, len(self.final))
         expected = {"progress:job:": rate * TTLS["result_ttl"], "progress:result:": rate * ok * TTLS["result_ttl"],
-                    "progress:gone:": rate * TTLS["tombstone_ttl"], "progress:idem:": self.count["idem_keyed"] / self.duration * TTLS["idempotency_ttl"],
+                    "progress:gone:": rate * (TTLS["result_ttl"] + TTLS["tombstone_ttl"]),
+                    "progress:idem:": self.count["idem_keyed"] / self.duration * TTLS["idempotency_ttl"],
                     "progress:jobs: members": rate * TTLS["tombstone_ttl"]}  # fmt: skip
         rec = {"scenario": "soak", "summary": True, "minutes": cfg.minutes, "rate": cfg.soak_rate, "watchers": cfg.soak_watchers,
                "kill_every_s": cfg.kill_every, "redis_restart_at_s": self.redis_at, "drain_s": cfg.drain, "ttls": TTLS, "latency": LATENCY,
