@@ -1,18 +1,18 @@
-"""Test harness: real processes (Redis-compatible server, uvicorn server, arq worker) and real clients."""
+"""Test harness: real processes (Redis-compatible server, uvicorn server, arq worker) and real clients.
+
+The processes are started by ``worker.testing``, the same helpers users test their jobs with;
+here with the tests' own job types as well (``tests/testjobs.py``).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import collections
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,22 +20,11 @@ import httpx
 import redis
 
 from core import contract
-from core.devredis import free_port
+from worker import testing
+from worker.testing import Proc, wait_until  # noqa: F401 (for the tests)
 
 ROOT = Path(__file__).resolve().parent.parent
 TERMINAL = contract.TERMINAL
-
-
-def wait_until(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> Any:
-    """Poll ``condition`` until it returns something truthy; fail the test at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
-        time.sleep(interval)
 
 
 async def async_wait_until(condition: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
@@ -49,102 +38,21 @@ async def async_wait_until(condition: Callable[[], Any], timeout: float = 10.0, 
         await asyncio.sleep(0.02)
 
 
-@dataclass
-class Proc:
-    """A child process (``python -m server`` or ``python -m worker``) with its log in a file."""
-
-    module: str
-    env: dict[str, str]
-    log_path: Path
-    proc: subprocess.Popen | None = None
-    port: int = 0
-    cwd: Path = ROOT
-    _log: Any = field(default=None, repr=False)
-
-    def start(self) -> Proc:
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", self.module], env=self.env, cwd=self.cwd, stdout=self._log, stderr=subprocess.STDOUT)
-        return self
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def send(self, sig: int) -> None:
-        if self.alive():
-            self.proc.send_signal(sig)
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
-        if self.alive():
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        if self._log:
-            self._log.close()
-            self._log = None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+TEST_JOBS = "worker.demo,testjobs"  # the tests' own job types (tests/testjobs.py) beside the shipped demo
 
 
-def process_env(redis_url: str, **settings: Any) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "REDIS_URL"))}
-    env.update({"REDIS_URL": redis_url, "LOG_LEVEL": "info", "PYTHONUNBUFFERED": "1"})
-    # the tests' own job types (tests/testjobs.py) beside the shipped demo
-    env.update({"PYTHONPATH": str(ROOT / "tests"), "JOBS_MODULE": "worker.demo,testjobs"})
-    env.update({k.upper(): str(v) for k, v in settings.items()})
-    return env
+def process_env(redis_url: str, jobs_module: str = TEST_JOBS, **settings: Any) -> dict[str, str]:
+    return testing.process_env(redis_url, jobs_module, path=[ROOT / "tests"], **settings)
 
 
 def start_server(redis_url: str, tmp: Path, port: int | None = None, **settings: Any) -> Proc:
-    """Start a server (on ``port``, e.g. a stopped server's, or a free one) and wait until it answers."""
-    port = port or free_port()
-    env = process_env(redis_url, port=port, host="127.0.0.1", **settings)
-    server = Proc("server", env, tmp / f"server-{port}.log", port=port).start()
-    try:
-        wait_until(lambda: _healthy(server), timeout=20, what=f"server on port {port}")
-    except AssertionError:
-        server.stop()
-        raise AssertionError(f"server did not start:\n{server.log()[-3000:]}") from None
-    return server
-
-
-def _healthy(server: Proc) -> bool:
-    if not server.alive():
-        raise AssertionError(f"server exited:\n{server.log()[-3000:]}")
-    try:
-        return httpx.get(server.url + "/healthz", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
+    """A server with the tests' job types (on ``port``, e.g. a stopped server's, or a free one)."""
+    return testing.start_server(process_env(redis_url, **settings), tmp, port)
 
 
 def start_worker(redis_url: str, tmp: Path, name: str = "worker", probe_url: str = "", **settings: Any) -> Proc:
-    """Start a worker and return once it listens for wake-ups (it then starts jobs at once).
-    ``probe_url`` is a plain URL of the same Redis, to look for that (for a Sentinel ``redis_url``)."""
-    client = redis.Redis.from_url(probe_url or redis_url)
-    before = client.pubsub_numsub(contract.WAKE_CHANNEL)[0][1]
-    worker = Proc("worker", process_env(redis_url, **settings), tmp / f"{name}-{time.monotonic_ns()}.log").start()
-
-    def ready() -> bool:
-        if not worker.alive():
-            raise AssertionError(f"worker exited:\n{worker.log()[-3000:]}")
-        return client.pubsub_numsub(contract.WAKE_CHANNEL)[0][1] > before
-
-    try:
-        wait_until(ready, timeout=20, what="worker to listen")
-    finally:
-        client.close()
-    return worker
+    """A worker with the tests' job types, returned once it listens for wake-ups."""
+    return testing.start_worker(process_env(redis_url, **settings), tmp, name, probe_url)
 
 
 # -- clients ------------------------------------------------------------------------------

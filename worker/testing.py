@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,132 @@ from core.devredis import RedisProcess, free_port
 
 START_TIMEOUT = 30.0  # seconds for each process to come up
 
-__all__ = ["JobRun", "Stack", "jobs_module", "progress_stack"]
+__all__ = [
+    "JobRun", "Proc", "Stack", "jobs_module", "process_env", "progress_stack", "start_server", "start_worker", "wait_until",
+]  # fmt: skip
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> Any:
+    """Poll ``condition`` until it returns something truthy, and return that; AssertionError at
+    the deadline (a test fails, it does not hang)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
+        time.sleep(interval)
+
+
+@dataclass
+class Proc:
+    """A child process (``python -m server``, ``python -m worker``, ...) with its log in a file;
+    stopped by its PID."""
+
+    module: str
+    env: dict[str, str]
+    log_path: Path
+    proc: subprocess.Popen | None = None
+    port: int = 0
+    cwd: Path | None = None  # None: the current folder
+    _log: Any = field(default=None, repr=False)
+
+    def start(self) -> Proc:
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", self.module], env=self.env, cwd=self.cwd, stdout=self._log, stderr=subprocess.STDOUT)
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def send(self, sig: int) -> None:
+        if self.alive():
+            self.proc.send_signal(sig)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+        """``sig`` (SIGTERM: a clean stop), then SIGKILL after ``timeout`` seconds."""
+        if self.alive():
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self._log:
+            self._log.close()
+            self._log = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def process_env(redis_url: str, jobs_module: str, path: list[str | Path] = (), **settings: Any) -> dict[str, str]:
+    """The environment of a server or worker: this one's, with ``REDIS_URL``, ``JOBS_MODULE``,
+    ``path`` in front of ``PYTHONPATH``, and ``settings`` (the README's names, in lower case)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "REDIS_URL"))}
+    env["PYTHONPATH"] = os.pathsep.join([*map(str, path), *filter(None, [env.get("PYTHONPATH")])])
+    env.update({"REDIS_URL": redis_url, "JOBS_MODULE": jobs_module, "LOG_LEVEL": "info", "PYTHONUNBUFFERED": "1"})
+    env.update({k.upper(): str(v) for k, v in settings.items()})
+    return env
+
+
+def start_server(env: dict[str, str], folder: Path, port: int | None = None) -> Proc:
+    """``python -m server`` on 127.0.0.1 and ``port`` (e.g. a stopped server's, or a free one),
+    returned once ``/healthz`` answers; its log is ``folder/server-<port>.log``."""
+    port = port or free_port()
+    server = Proc("server", {**env, "HOST": "127.0.0.1", "PORT": str(port)}, folder / f"server-{port}.log", port=port).start()
+
+    def healthy() -> bool:
+        if not server.alive():
+            raise RuntimeError(f"server exited:\n{server.log()[-3000:]}")
+        try:
+            return httpx.get(server.url + "/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(healthy, timeout=START_TIMEOUT, what=f"server on port {port}")
+    except AssertionError:
+        server.stop()
+        raise RuntimeError(f"server did not start within {START_TIMEOUT} s:\n{server.log()[-3000:]}") from None
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def start_worker(env: dict[str, str], folder: Path, name: str = "worker", probe_url: str = "") -> Proc:
+    """``python -m worker``, returned once it listens for wake-ups (it then starts jobs at once).
+    ``probe_url``: a plain URL of the same Redis to look for that (for a Sentinel ``REDIS_URL``)."""
+    client = redis.Redis.from_url(probe_url or env["REDIS_URL"])
+    before = client.pubsub_numsub(contract.WAKE_CHANNEL)[0][1]
+    worker = Proc("worker", env, folder / f"{name}-{time.monotonic_ns()}.log").start()
+
+    def ready() -> bool:
+        if not worker.alive():
+            raise RuntimeError(f"worker exited:\n{worker.log()[-3000:]}")
+        return client.pubsub_numsub(contract.WAKE_CHANNEL)[0][1] > before
+
+    try:
+        wait_until(ready, timeout=START_TIMEOUT, what="worker to listen")
+    except AssertionError:
+        worker.stop()
+        raise RuntimeError(f"worker did not start within {START_TIMEOUT} s:\n{worker.log()[-3000:]}") from None
+    except BaseException:
+        worker.stop()
+        raise
+    finally:
+        client.close()
+    return worker
 
 
 class JobRun(list):
@@ -82,7 +208,7 @@ class Stack:
         self._own_folder = folder is None
         self.folder = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="progress-stack-"))
         self.redis: RedisProcess | None = None
-        self.procs: list[tuple[subprocess.Popen, Path]] = []
+        self.procs: list[Proc] = []
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.client: Client | None = None
@@ -99,44 +225,14 @@ class Stack:
 
     # -- processes -------------------------------------------------------------------------
 
-    def _env(self, **extra: Any) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
-        cwd = os.getcwd()
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [cwd, env.get("PYTHONPATH")]))
-        env.update({"REDIS_URL": self.redis_url, "JOBS_MODULE": self.jobs_module, "PYTHONUNBUFFERED": "1"})
-        env.update({k.upper(): str(v) for k, v in {**self.settings, **extra}.items()})
-        return env
-
-    def _spawn(self, module: str, env: dict[str, str]) -> subprocess.Popen:
-        log_path = self.folder / f"{module}.log"
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen([sys.executable, "-m", module], env=env, stdout=log, stderr=subprocess.STDOUT)
-        self.procs.append((proc, log_path))
-        return proc
-
-    def _wait(self, proc: subprocess.Popen, ready: Callable[[], bool], what: str) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
-        while not ready():
-            if proc.poll() is not None:
-                raise RuntimeError(f"{what} exited with {proc.returncode}:\n{self.logs()[-4000:]}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{what} did not start within {START_TIMEOUT} s:\n{self.logs()[-4000:]}")
-            time.sleep(0.05)
-
     def start(self) -> Stack:
         """Start Redis, the worker (ready once it listens for new jobs) and the server (ready once
         ``/healthz`` answers). On failure everything started is stopped and the logs are in the error."""
         try:
             self.redis = RedisProcess(self.folder / "redis").start()
-            probe = redis.Redis.from_url(self.redis_url)
-            try:
-                worker = self._spawn("worker", self._env())
-                self._wait(worker, lambda: probe.pubsub_numsub(contract.WAKE_CHANNEL)[0][1] > 0, "worker")
-            finally:
-                probe.close()
-            env = self._env(host="127.0.0.1", port=self.port)
-            server = self._spawn("server", env)
-            self._wait(server, self._healthy, "server")
+            env = process_env(self.redis_url, self.jobs_module, path=[os.getcwd()], **self.settings)
+            self.procs.append(start_worker(env, self.folder))
+            self.procs.append(start_server(env, self.folder, self.port))
             key = env.get("API_KEYS", "").split(",")[0].partition(":")[2].strip() or None
             self.client = Client(self.url, api_key=key, timeout=30)
         except BaseException:
@@ -144,25 +240,13 @@ class Stack:
             raise
         return self
 
-    def _healthy(self) -> bool:
-        try:
-            return httpx.get(self.url + "/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
     def stop(self) -> None:
         """Stop the server, the worker and Redis (SIGTERM, then SIGKILL after 15 s), by PID."""
         if self.client is not None:
             self.client.close()
             self.client = None
-        for proc, _ in reversed(self.procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(5)
+        for proc in reversed(self.procs):
+            proc.stop()
         if self.redis is not None:
             self.redis.stop()
         if self._own_folder:
@@ -170,11 +254,7 @@ class Stack:
 
     def logs(self) -> str:
         """Every process's log so far (worker, then server)."""
-        parts = []
-        for _, path in self.procs:
-            if path.exists():
-                parts.append(f"--- {path.name}\n{path.read_text(errors='replace')}")
-        return "\n".join(parts)
+        return "\n".join(f"--- {proc.log_path.name}\n{proc.log()}" for proc in self.procs)
 
     # -- jobs ------------------------------------------------------------------------------
 
