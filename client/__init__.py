@@ -45,8 +45,6 @@ from urllib.parse import quote
 
 import httpx
 
-from core import contract
-
 __all__ = [
     "AsyncClient",
     "BadRequest",
@@ -64,7 +62,7 @@ __all__ = [
 ]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-TERMINAL = contract.TERMINAL
+TERMINAL = frozenset(("succeeded", "failed", "cancelled"))  # core.contract's, repeated: this file stands alone
 LONG_POLL_WAIT = 25.0  # seconds a long poll is held (the server caps it with LONG_POLL_MAX)
 STREAM_IDLE = 60.0  # an SSE stream silent this long (no event, no ping) is taken for dead
 RETRY_FOR = 60.0  # watch: give up after failing this long without a single good answer

@@ -153,3 +153,10 @@ async def test_mailbox_writes_directly_only_to_an_idle_consumer():
     accept = True
     box.put(event("j_a", 4, "succeeded"))  # final: the consumer must see it
     assert (await consumer).seq == 4 and written == [2]
+
+
+def test_the_standalone_client_knows_the_same_final_states():
+    """client/ needs only httpx (a receiver may copy the file), so it repeats this one fact."""
+    import client
+
+    assert client.TERMINAL == contract.TERMINAL
