@@ -299,6 +299,9 @@ class Soak(Bench):
                     self.count[f"watch_{kind}_{type(e).__name__}"] += 1
                 self.count[f"session_ms_{kind}"] += int((time.monotonic() - t) * 1000)
                 since = seen.get(jid, since)
+                # the final state seen just before a timeout (say, in the WebSocket's closing
+                # handshake) ends the watch too: coming back from it, the stream has nothing newer
+                done = done or (jid in self.final and since >= self.final[jid][1])
                 if done or not self.loading:
                     break
                 await asyncio.sleep(rng.uniform(0.2, 2.0))
