@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable
 from redis.asyncio import Redis
 
 from core import contract
+from server import wire
 from server.metrics import FANOUT_DELAY, STATS
 from core.store import Store
 
@@ -42,13 +43,8 @@ NOTICE_CAP = 16  # undelivered non-event messages (errors) per mailbox
 HUB_CHANNEL = contract.PREFIX + "hub"  # always subscribed, so the connection is never idle-empty
 
 
-def sse_frame(event_id: bytes, name: str, data: bytes) -> bytes:
-    """One SSE frame; ``data`` must be one line (JSON, or HTML from ``render.html_bar``)."""
-    return b"id: %s\nevent: %s\ndata: %s\n\n" % (event_id, name.encode(), data)
-
-
 class Event:
-    """One change of one job, framed once per transport and shared by every client."""
+    """One change of one job, framed once per transport (``server.wire``) and shared by every client."""
 
     __slots__ = ("job_id", "seq", "name", "tenant", "doc", "_sse", "_ws", "_sse_chunk", "_ws_frame")
 
@@ -67,36 +63,27 @@ class Event:
     @property
     def sse(self) -> bytes:
         if self._sse is None:
-            self._sse = sse_frame(b"%d" % self.seq, self.name, self.doc)
+            self._sse = wire.sse_frame(b"%d" % self.seq, self.name, self.doc)
         return self._sse
 
     @property
     def ws(self) -> str:
         if self._ws is None:
-            self._ws = '{"event":"%s","job":%s}' % (self.name, self.doc.decode())
+            self._ws = wire.ws_message(self.name, self.doc)
         return self._ws
 
     @property
     def sse_chunk(self) -> bytes:
         """The SSE frame as one HTTP/1.1 chunk, for ``core.fastpath.direct``."""
         if self._sse_chunk is None:
-            frame = self.sse
-            self._sse_chunk = b"%x\r\n%s\r\n" % (len(frame), frame)
+            self._sse_chunk = wire.chunk(self.sse)
         return self._sse_chunk
 
     @property
     def ws_frame(self) -> bytes:
-        """``ws`` as a whole WebSocket text frame (unmasked, as a server sends), for ``core.fastpath.direct``."""
+        """``ws`` as a whole WebSocket frame, for ``core.fastpath.direct``."""
         if self._ws_frame is None:
-            payload = self.ws.encode()
-            n = len(payload)
-            if n < 126:
-                head = bytes((0x81, n))
-            elif n < 1 << 16:
-                head = bytes((0x81, 126)) + n.to_bytes(2, "big")
-            else:
-                head = bytes((0x81, 127)) + n.to_bytes(8, "big")
-            self._ws_frame = head + payload
+            self._ws_frame = wire.ws_frame(self.ws)
         return self._ws_frame
 
 

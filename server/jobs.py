@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from core import contract, queue, webhooks, workers
-from server import ratelimit, render
+from server import ratelimit, wire
 from server.auth import TICKET_TTL, Caller
 from server.hub import Event, Mailbox, MailboxClosed
 from core.logs import request_id
@@ -258,7 +258,7 @@ async def status(request: Request) -> Response:
         return Response(status_code=304, headers=headers)
     accept = request.headers.get("accept", "")
     if "text/plain" in accept and "json" not in accept:
-        return Response(render.text_bar(json.loads(event.doc)) + "\n", 200, headers, media_type="text/plain")
+        return Response(wire.text_bar(json.loads(event.doc)) + "\n", 200, headers, media_type="text/plain")
     if event.name == contract.SUCCEEDED and wait is None and request.query_params.get("redirect") != "0":
         headers["Location"] = f"/jobs/{job_id}/result"
         return Response(event.doc, 303, headers, media_type=JSON)

@@ -23,9 +23,9 @@ from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from core import contract
-from server import render
+from server import wire
 from core.fastpath import direct, sse
-from server.hub import Event, Mailbox, MailboxClosed, Notice, SubscribeTimeout, sse_frame
+from server.hub import Event, Mailbox, MailboxClosed, Notice, SubscribeTimeout
 from server.auth import Caller
 from server.jobs import deadline, int_param, load, reader, redis_deadline
 from server.metrics import STATS
@@ -35,8 +35,6 @@ log = logging.getLogger("server.streams")
 
 delivered = STATS.delivered
 MAX_JOBS_PER_STREAM = 100
-DRAIN_FRAME = b"retry: 250\n\n"  # sent as a stream ends for a server drain: come back soon
-PING_FRAME = b": ping\n\n"
 
 
 class Stream(EventSourceResponse):
@@ -161,10 +159,6 @@ class Endpoint:
         await response(scope, receive, send)
 
 
-def retry_frame(request: Request) -> bytes:
-    return b"retry: %d\n\n" % request.app.state.settings.sse_retry_ms
-
-
 def since_param(request: Request) -> int:
     last_event_id = request.headers.get("last-event-id")
     if last_event_id is not None:
@@ -203,14 +197,9 @@ async def job_events(request: Request) -> Response:
     if wants_text(request):
         return TextStream(mailbox, close)
     if request.query_params.get("format") == "html":
-        return Stream(request, sse_frames(request, mailbox, html_frame, until_terminal=True), close)
+        return Stream(request, sse_frames(request, mailbox, wire.html_frame, until_terminal=True), close)
     mailbox.direct = direct.sse_writer(request.scope)
     return Stream(request, sse_frames(request, mailbox, attrgetter("sse"), until_terminal=True), close)
-
-
-def html_frame(event: Event) -> bytes:
-    """For htmx's SSE extension, which swaps the fragment in: the bar as HTML instead of JSON."""
-    return sse_frame(b"%d" % event.seq, event.name, render.html_bar(json.loads(event.doc)).encode())
 
 
 async def sse_frames(
@@ -220,17 +209,17 @@ async def sse_frames(
     final event (per-job streams) or a drain, which ends it with a short ``retry:`` hint.
     A ``: ping`` comment after ``SSE_PING`` seconds without a wake-up keeps proxies from
     closing an idle stream."""
-    yield retry_frame(request)
+    yield wire.retry_frame(request.app.state.settings.sse_retry_ms)
     ping = request.app.state.settings.sse_ping or None
     while True:
         try:
             async with asyncio.timeout(ping):
                 event = await mailbox.get()
         except TimeoutError:
-            yield PING_FRAME
+            yield wire.PING_FRAME
             continue
         except MailboxClosed:
-            yield DRAIN_FRAME
+            yield wire.DRAIN_FRAME
             return
         delivered["sse"] += 1
         yield frame(event)
@@ -256,7 +245,7 @@ class TextStream(StreamingResponse):
                 except MailboxClosed:
                     return
                 delivered["text"] += 1
-                line = render.text_bar(json.loads(event.doc))
+                line = wire.text_bar(json.loads(event.doc))
                 yield ("\r" + line.ljust(width) + ("\n" if event.terminal else "")).encode()
                 width = len(line)
                 if event.terminal:
@@ -326,7 +315,7 @@ async def events(request: Request) -> Response:
         seen[event.job_id] = event.seq
         if len(seen) > MAX_JOBS_PER_STREAM:
             del seen[next(iter(seen))]
-        return sse_frame(contract.encode_cursor(seen).encode(), event.name, event.doc)
+        return wire.sse_frame(contract.encode_cursor(seen).encode(), event.name, event.doc)
 
     return Stream(request, sse_frames(request, mailbox, frame, until_terminal=False), close)
 

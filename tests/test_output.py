@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from server.render import html_bar, text_bar
+from server.wire import html_bar, text_bar
 from support import SSE, sse_frames, submit, watch_sse
 
 pytestmark = pytest.mark.anyio
