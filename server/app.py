@@ -22,7 +22,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp
 
 from core import connections, redischeck, workers
-from server import jobs, jobtypes, problems, streams
+from server import jobs, jobtypes, problems, sse, streams, ws
 from core.fastpath import direct
 from server.auth import Auth, parse_keys, shared_secret
 from server.hub import Hub, SubscribeTimeout
@@ -113,7 +113,7 @@ def drain_on_signals(hub: Hub) -> None:
 
 
 class App(Starlette):
-    """Starlette, except that WebSocket handshakes go straight to ``streams.websocket_app``
+    """Starlette, except that WebSocket handshakes go straight to ``ws.websocket_app``
     (with ``RequestContext``). Starlette's middleware and router do nothing for a WebSocket but
     find its one route, and their frames stay on the stack for as long as it is open: 4.5 KB
     of an idle connection's 21."""
@@ -184,8 +184,8 @@ def create_app(settings: Settings | None = None) -> App:
         Route("/tickets", jobs.ticket, methods=["POST"]),
         Route("/job-types", jobtypes.list_types),
         Route("/workers", list_workers),
-        Route("/jobs/{job_id}/events", streams.Endpoint(streams.job_events), methods=["GET"], name="job_events"),
-        Route("/events", streams.Endpoint(streams.events), methods=["GET"], name="events"),
+        Route("/jobs/{job_id}/events", streams.Endpoint(sse.job_events), methods=["GET"], name="job_events"),
+        Route("/events", streams.Endpoint(sse.events), methods=["GET"], name="events"),
         # WebSocket /ws: ``App.websocket_app``, past the router
         Route("/", page("index.html")),
         Route("/dashboard", page("dashboard.html")),
@@ -216,5 +216,5 @@ def create_app(settings: Settings | None = None) -> App:
             )
         )
     app = App(routes=routes, lifespan=lifespan, exception_handlers=handlers, middleware=middleware)
-    app.websocket_app = RequestContext(streams.websocket_app)
+    app.websocket_app = RequestContext(ws.websocket_app)
     return app

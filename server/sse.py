@@ -1,0 +1,248 @@
+"""Server-Sent Events: ``GET /jobs/{id}/events`` (one job, ends after its final event, also as a
+text bar or htmx fragments) and ``GET /events`` (many jobs, or every job, with a resume cursor).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from operator import attrgetter
+
+from sse_starlette import EventSourceResponse
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from core import contract
+from core.fastpath import direct
+from core.fastpath.sse import drop_send_lock
+from server import wire
+from server.hub import Event, Mailbox, MailboxClosed
+from server.jobs import deadline, int_param, load, reader
+from server.metrics import STATS
+from server.problems import Problem, invalid
+from server.streams import MAX_JOBS_PER_STREAM, SlowClientReaper, admit
+
+log = logging.getLogger("server.streams")
+
+delivered = STATS.delivered
+
+
+class Stream(EventSourceResponse):
+    """An SSE response that always runs ``on_close`` (unwatching its mailbox), however it ends.
+
+    sse-starlette's response gives the headers and the answer to HEAD. Its ``__call__`` runs an
+    anyio task group of four tasks per stream (body, ping, shutdown signal, disconnect), which
+    held about half of an idle SSE connection's memory. Here the request's own task writes the
+    body, and one small task waits for the client to go away and then cancels it. Pings come
+    from the body (``sse_frames``), a server drain from the hub (``MailboxClosed``).
+
+    Writes are timed by the process's ``SlowClientReaper`` (two dict operations per write, no
+    timer): a client that does not take a write for ``SEND_TIMEOUT`` seconds is dropped.
+    """
+
+    def __init__(self, request: Request, frames: AsyncIterator[bytes], on_close: Callable[[], None]) -> None:
+        super().__init__(frames, ping=0, sep="\n")
+        drop_send_lock(self)
+        self.on_close = on_close
+        self.reaper: SlowClientReaper = request.app.state.reaper
+        self.gone = False  # the client disconnected
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["method"] == "HEAD":  # headers only; sse-starlette answers it without a stream
+            try:
+                return await super().__call__(scope, receive, send)
+            finally:
+                self.on_close()
+        task = asyncio.current_task()
+
+        async def until_disconnect() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            self.gone = True
+            task.cancel()
+
+        listener = asyncio.create_task(until_disconnect())
+        sending, now = self.reaper.sending, asyncio.get_running_loop().time
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            async for chunk in self.body_iterator:
+                sending[task] = now()
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                del sending[task], chunk  # an idle stream holds no frame
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not (self.gone or self.reaper.reaped(task)):
+                raise
+            task.uncancel()
+            if not self.gone:
+                log.info("SSE client too slow; dropped")
+        finally:
+            listener.cancel()
+            self.reaper.forget(task)
+            with contextlib.suppress(Exception):
+                await self.body_iterator.aclose()  # cancelled in a send: run the body's clean-up
+            self.on_close()
+
+
+def since_param(request: Request) -> int:
+    last_event_id = request.headers.get("last-event-id")
+    if last_event_id is not None:
+        try:
+            return max(0, int(last_event_id))
+        except ValueError:
+            raise Problem(400, "Bad Last-Event-ID", "Last-Event-ID must be a seq (an integer).") from None
+    return int_param(request, "since", 0)
+
+
+@deadline
+async def job_events(request: Request) -> Response:
+    """``GET /jobs/{id}/events``: the current document if newer than the client's, then changes."""
+    job_id = request.path_params["job_id"]
+    since = since_param(request)
+    caller = await reader(request)
+    hub = request.app.state.hub
+    mailbox = Mailbox()
+    mailbox.expect(job_id, since)
+    try:
+        await hub.watch(mailbox, [job_id])
+        snapshot = await load(request, job_id, caller)
+        if snapshot.terminal and snapshot.seq <= since:
+            hub.unwatch(mailbox, [job_id])
+            return Response(status_code=204)  # the client has the end already: EventSource stops
+        release = admit(request, caller, "text" if wants_text(request) else "sse")
+    except BaseException:
+        hub.unwatch(mailbox, [job_id])
+        raise
+    mailbox.put(snapshot)
+
+    def close() -> None:
+        hub.unwatch(mailbox, [job_id])
+        release()
+
+    if wants_text(request):
+        return TextStream(mailbox, close)
+    if request.query_params.get("format") == "html":
+        return Stream(request, sse_frames(request, mailbox, wire.html_frame, until_terminal=True), close)
+    mailbox.direct = direct.sse_writer(request.scope)
+    return Stream(request, sse_frames(request, mailbox, attrgetter("sse"), until_terminal=True), close)
+
+
+async def sse_frames(
+    request: Request, mailbox: Mailbox, frame: Callable[[Event], bytes], until_terminal: bool
+) -> AsyncIterator[bytes]:
+    """The body of an SSE stream: ``retry:``, then ``frame(event)`` for each event, until the
+    final event (per-job streams) or a drain, which ends it with a short ``retry:`` hint.
+    A ``: ping`` comment after ``SSE_PING`` seconds without a wake-up keeps proxies from
+    closing an idle stream."""
+    yield wire.retry_frame(request.app.state.settings.sse_retry_ms)
+    ping = request.app.state.settings.sse_ping or None
+    while True:
+        try:
+            async with asyncio.timeout(ping):
+                event = await mailbox.get()
+        except TimeoutError:
+            yield wire.PING_FRAME
+            continue
+        except MailboxClosed:
+            yield wire.DRAIN_FRAME
+            return
+        delivered["sse"] += 1
+        yield frame(event)
+        if until_terminal and event.terminal:
+            return
+        del event  # an idle stream holds no event
+
+
+def wants_text(request: Request) -> bool:
+    accept = request.headers.get("accept", "")
+    return "text/plain" in accept and "json" not in accept and "event-stream" not in accept
+
+
+class TextStream(StreamingResponse):
+    """``curl -N -H 'Accept: text/plain' .../events``: one bar redrawn in place until the end."""
+
+    def __init__(self, mailbox: Mailbox, on_close: Callable[[], None]) -> None:
+        async def lines() -> AsyncIterator[bytes]:
+            width = 0
+            while True:
+                try:
+                    event = await mailbox.get()
+                except MailboxClosed:
+                    return
+                delivered["text"] += 1
+                line = wire.text_bar(json.loads(event.doc))
+                yield ("\r" + line.ljust(width) + ("\n" if event.terminal else "")).encode()
+                width = len(line)
+                if event.terminal:
+                    return
+
+        super().__init__(lines(), media_type="text/plain; charset=utf-8", headers={"X-Accel-Buffering": "no"})
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            if scope["method"] == "HEAD":  # headers only (StreamingResponse would stream the bar)
+                await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+                return await send({"type": "http.response.body", "body": b""})
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+@deadline
+async def events(request: Request) -> Response:
+    """``GET /events?job=A&job=B`` (or no ``job``: every job) with a resume cursor as ``id:``."""
+    job_ids = list(dict.fromkeys(request.query_params.getlist("job")))
+    if len(job_ids) > MAX_JOBS_PER_STREAM:
+        raise invalid("job", f"at most {MAX_JOBS_PER_STREAM} jobs per stream")
+    cursor = request.headers.get("last-event-id") or request.query_params.get("cursor")
+    try:
+        seen = contract.decode_cursor(cursor) if cursor else {}
+    except ValueError:
+        raise Problem(400, "Bad cursor", "Last-Event-ID or cursor is not one this server gave.") from None
+    caller = await reader(request)
+    hub, store = request.app.state.hub, request.app.state.store
+    for job_id in job_ids:
+        await load(request, job_id, caller)  # 404/410 before the stream starts
+    if not job_ids and not (caller.by_key or caller.all_jobs):
+        raise Problem(403, "Forbidden", "Watching every job needs an API key or a ticket for the whole feed.")
+    release = admit(request, caller, "sse")
+    mailbox = Mailbox()
+    for job_id, seq in seen.items():
+        mailbox.expect(job_id, seq)
+    if job_ids:
+        unwatch = lambda: hub.unwatch(mailbox, job_ids)  # noqa: E731
+        watching = hub.watch(mailbox, job_ids)
+    else:
+        unwatch = lambda: hub.unwatch_all(mailbox)  # noqa: E731
+        watching = hub.watch_all(mailbox, caller.tenant)
+
+    def close() -> None:
+        unwatch()
+        release()
+
+    try:
+        await watching
+        if job_ids:
+            for job_id, raw in zip(job_ids, await store.read_many(job_ids)):
+                if raw is not None:
+                    mailbox.put(Event(job_id, raw))
+        else:
+            for event in await hub.snapshot_all(caller.tenant):
+                mailbox.put(event)
+    except BaseException:
+        close()
+        raise
+
+    def frame(event: Event) -> bytes:
+        """The frame's id is the resume cursor: the last seq of each job, newest last."""
+        seen.pop(event.job_id, None)
+        seen[event.job_id] = event.seq
+        if len(seen) > MAX_JOBS_PER_STREAM:
+            del seen[next(iter(seen))]
+        return wire.sse_frame(contract.encode_cursor(seen).encode(), event.name, event.doc)
+
+    return Stream(request, sse_frames(request, mailbox, frame, until_terminal=False), close)

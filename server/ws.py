@@ -1,0 +1,253 @@
+"""The WebSocket, ``/ws``: many jobs on one connection, subscribed and unsubscribed by messages,
+with one task that writes and one that reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.types import Receive, Scope, Send
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from core.fastpath import direct
+from server.auth import Caller
+from server.hub import Event, Mailbox, MailboxClosed, Notice, SubscribeTimeout
+from server.jobs import redis_deadline
+from server.metrics import STATS
+from server.problems import Problem, unavailable
+from server.streams import MAX_JOBS_PER_STREAM, admit
+
+log = logging.getLogger("server.streams")
+
+delivered = STATS.delivered
+
+
+class Connection:
+    """One ``/ws`` client: many jobs on one socket, one writer task, one mailbox."""
+
+    def __init__(self, ws: WebSocket, caller: Caller) -> None:
+        self.ws = ws
+        self.app = ws.app
+        self.hub = ws.app.state.hub
+        self.caller = caller
+        self.granted: dict[str, str] = {}  # job -> tenant, opened by tokens sent with a subscribe
+        self.mailbox = Mailbox()
+        self.mailbox.direct = direct.ws_writer(ws.scope)
+        self.jobs: set[str] = set()
+        self.all = False
+
+    async def error(self, message: str, **extra) -> None:
+        """Answer the client; the writer sends it (one task writes, so sends never interleave)."""
+        self.mailbox.notify(Notice(json.dumps({"event": "error", "message": message, **extra})))
+
+    async def write_loop(self) -> None:
+        """The only task that writes to this socket. A write stuck longer than SEND_TIMEOUT is
+        cancelled by the process's ``SlowClientReaper`` (no timer per write)."""
+        sending = self.app.state.reaper.sending
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                event = await self.mailbox.get()
+            except MailboxClosed:
+                await self.ws.close(1012)  # service restart: reconnect (elsewhere) and resume
+                return
+            sending[task] = loop.time()
+            await self.ws.send_text(event.ws)
+            del sending[task]
+            delivered["ws"] += 1
+            if event.terminal and event.job_id in self.jobs and not self.all:
+                self.jobs.discard(event.job_id)
+                self.hub.unwatch(self.mailbox, [event.job_id])
+            del event  # an idle connection holds no event
+
+    async def handle(self, text: str) -> None:
+        try:
+            msg = json.loads(text)
+        except ValueError:
+            return await self.error("message is not JSON")
+        if not isinstance(msg, dict):
+            return await self.error("message must be a JSON object")
+        op = msg.get("op")
+        if op == "subscribe" and msg.get("all") is True:
+            await self.subscribe_all()
+        elif op in ("subscribe", "unsubscribe"):
+            jobs = msg.get("jobs")
+            if not isinstance(jobs, list) or not all(isinstance(j, str) and j for j in jobs):
+                return await self.error("jobs must be a list of job ids", op=op)
+            if op == "unsubscribe":
+                self.hub.unwatch(self.mailbox, jobs)
+                self.jobs.difference_update(jobs)
+                return
+            since = msg.get("since") or {}
+            if not isinstance(since, dict) or not all(isinstance(v, int) for v in since.values()):
+                return await self.error("since must map job ids to seqs", op=op)
+            tokens = msg.get("tokens") or {}
+            if not isinstance(tokens, dict) or not all(isinstance(v, str) for v in tokens.values()):
+                return await self.error("tokens must map job ids to watch tokens", op=op)
+            self.grant(tokens)
+            await self.subscribe(list(dict.fromkeys(jobs)), since)
+        else:
+            await self.error(f"unknown op {op!r}; use subscribe or unsubscribe")
+
+    def grant(self, tokens: dict[str, str]) -> None:
+        """Watch tokens sent with a subscribe open their jobs (a browser watching several)."""
+        for job_id, token in tokens.items():
+            try:
+                scope = self.app.state.auth.from_token(token)
+            except Problem:
+                continue  # the job then answers 404 like any job the caller may not read
+            for job_id in scope.jobs or ():
+                self.granted[job_id] = scope.tenant
+
+    def may_read(self, event: Event) -> bool:
+        return self.caller.may_read(event.job_id, event.tenant) or self.granted.get(event.job_id) == event.tenant
+
+    async def subscribe(self, jobs: list[str], since: dict[str, int]) -> None:
+        """Check every job first (its tenant never changes), so nothing of a job this caller may
+        not read is ever routed here; then subscribe, then send the snapshots."""
+        new = [j for j in jobs if j not in self.jobs]
+        if len(self.jobs) + len(new) > MAX_JOBS_PER_STREAM:
+            return await self.error(f"at most {MAX_JOBS_PER_STREAM} jobs per connection", op="subscribe")
+        store = self.app.state.store
+        allowed = []
+        for job_id, raw in zip(new, await store.read_many(new)):
+            if raw is not None and self.may_read(Event(job_id, raw)):
+                allowed.append(job_id)
+            else:
+                gone = raw is None and await store.is_gone(job_id, self.caller.tenant)
+                await self.error("job expired" if gone else "job not found", job=job_id, status=410 if gone else 404)
+        for job_id in allowed:
+            self.mailbox.expect(job_id, since.get(job_id, 0))
+        self.jobs.update(allowed)
+        try:
+            await self.hub.watch(self.mailbox, allowed)
+        except BaseException:
+            self.jobs.difference_update(allowed)
+            self.hub.unwatch(self.mailbox, allowed)
+            raise
+        for job_id, raw in zip(allowed, await store.read_many(allowed)):
+            if raw is not None and job_id in self.jobs:  # not already ended and dropped meanwhile
+                self.mailbox.put(Event(job_id, raw))
+
+    async def subscribe_all(self) -> None:
+        if not (self.caller.by_key or self.caller.all_jobs):
+            return await self.error("watching every job needs an API key or a ticket for the whole feed", status=403)
+        if self.all:
+            return
+        self.all = True
+        await self.hub.watch_all(self.mailbox, self.caller.tenant)
+        for event in await self.hub.snapshot_all(self.caller.tenant):
+            self.mailbox.put(event)
+
+    async def read_loop(self) -> None:
+        while True:
+            message = await self.ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            text = message.get("text")
+            if text is None:
+                await self.error("send JSON text frames")
+                continue
+            try:
+                async with redis_deadline():
+                    await self.handle(text)
+            except (SubscribeTimeout, RedisTimeoutError, RedisConnectionError):
+                await self.error("service unavailable: try again", status=503)
+
+    def close(self) -> None:
+        self.hub.unwatch(self.mailbox, list(self.jobs))
+        if self.all:
+            self.hub.unwatch_all(self.mailbox)
+
+
+def origin_allowed(ws: WebSocket) -> bool:
+    """Browsers always send Origin: it must be listed in ALLOWED_ORIGINS, or (when that is empty)
+    be this server's own origin. Clients that send none (curl, scripts) are not browsers, so
+    they cannot be hijacked cross-site; they still need credentials like anyone else."""
+    origin = ws.headers.get("origin")
+    if origin is None:
+        return True
+    allowed = ws.app.state.allowed_origins
+    if allowed:
+        return origin in allowed
+    host = ws.headers.get("host", "")
+    return origin in (f"http://{host}", f"https://{host}")
+
+
+async def websocket_app(scope: Scope, receive: Receive, send: Send) -> None:
+    """Every WebSocket handshake, whatever its path (``server.app.App``): ``/ws`` is the only one.
+    Any other path is closed before accept (uvicorn answers 403), as Starlette's router does."""
+    ws = WebSocket(scope, receive, send)
+    if scope["path"].removeprefix(scope.get("root_path", "")) != "/ws":
+        return await ws.close()
+    await websocket(ws)
+
+
+async def websocket(ws: WebSocket) -> None:
+    # uvicorn answers HTTP requests past MAX_CONNECTIONS with 503 but lets WebSocket upgrades
+    # through: refuse those here, before the handshake, in the same way
+    if sum(STATS.connections.values()) >= ws.app.state.settings.max_connections:
+        log.warning("websocket refused: MAX_CONNECTIONS streams open")
+        full = Problem(503, "Server full", "This server holds MAX_CONNECTIONS connections; try again.", headers={"Retry-After": "5"})
+        return await ws.send_denial_response(full.response())
+    if not origin_allowed(ws):
+        log.info("websocket refused: origin %r not allowed", ws.headers.get("origin"))
+        return await ws.close(1008)  # before accept: the handshake is answered 403
+    try:
+        async with redis_deadline():  # a ticket is checked in Redis
+            caller = await ws.app.state.auth.caller(ws)
+        release = admit(ws, caller, "ws")
+    except Problem as problem:  # accept, then close with the reason, so a browser can see why
+        log.info("websocket refused: %s", problem.detail)
+        await ws.accept()
+        return await ws.close(1008, (problem.detail or problem.title)[:120])
+    except (RedisTimeoutError, RedisConnectionError) as e:
+        log.warning("websocket refused: Redis unavailable: %s", e)
+        return await ws.send_denial_response(unavailable().response())
+    await ws.accept()
+    conn = Connection(ws, caller)
+    reaper = ws.app.state.reaper
+    # This task writes; one more task reads, and when it ends (the client left) it stops the
+    # writing. Two tasks per connection, not three: an idle WebSocket is mostly its tasks.
+    writer = asyncio.current_task()
+    writing = True
+
+    def reader_ended(_: asyncio.Task) -> None:
+        if writing:  # it runs on a later loop turn: by then this task may be elsewhere
+            writer.cancel()
+
+    reader = asyncio.create_task(conn.read_loop())
+    reader.add_done_callback(reader_ended)
+    failure: BaseException | None = None
+    try:
+        await conn.write_loop()  # returns after a server drain
+    except asyncio.CancelledError:
+        if not (reader.done() or reaper.reaped(writer)):
+            raise
+        writer.uncancel()
+    except Exception as e:
+        failure = e
+    finally:
+        writing = False
+        reader.cancel()
+        conn.close()
+        release()
+        too_slow = reaper.reaped(writer)
+        reaper.forget(writer)
+    if reader.done() and not reader.cancelled():
+        failure = failure or reader.exception()  # read either way: asyncio warns if it is not
+    if too_slow:  # the client stopped taking our writes
+        log.info("websocket client too slow; closing")
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(1.0):
+                await ws.close(1013)
+    elif failure is not None and not isinstance(failure, WebSocketDisconnect):
+        log.warning("websocket connection failed: %r", failure)
+        with contextlib.suppress(Exception):
+            await ws.close(1011)
