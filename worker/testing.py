@@ -134,47 +134,44 @@ def start_server(env: dict[str, str], folder: Path, port: int | None = None) -> 
     server = Proc("server", {**env, "HOST": "127.0.0.1", "PORT": str(port)}, folder / f"server-{port}.log", port=port).start()
 
     def healthy() -> bool:
-        if not server.alive():
-            raise RuntimeError(f"server exited:\n{server.log()[-3000:]}")
         try:
             return httpx.get(server.url + "/healthz", timeout=1).status_code == 200
         except httpx.HTTPError:
             return False
 
-    try:
-        wait_until(healthy, timeout=START_TIMEOUT, what=f"server on port {port}")
-    except AssertionError:
-        server.stop()
-        raise RuntimeError(f"server did not start within {START_TIMEOUT} s:\n{server.log()[-3000:]}") from None
-    except BaseException:
-        server.stop()
-        raise
-    return server
+    return _started(server, healthy, f"server on port {port}")
 
 
 def start_worker(env: dict[str, str], folder: Path, name: str = "worker", probe_url: str = "") -> Proc:
     """``python -m worker``, returned once it listens for wake-ups (it then starts jobs at once).
     ``probe_url``: a plain URL of the same Redis to look for that (for a Sentinel ``REDIS_URL``)."""
     client = redis.Redis.from_url(probe_url or env["REDIS_URL"])
-    before = client.pubsub_numsub(contract.WAKE_CHANNEL)[0][1]
-    worker = Proc("worker", env, folder / f"{name}-{time.monotonic_ns()}.log").start()
-
-    def ready() -> bool:
-        if not worker.alive():
-            raise RuntimeError(f"worker exited:\n{worker.log()[-3000:]}")
-        return client.pubsub_numsub(contract.WAKE_CHANNEL)[0][1] > before
-
     try:
-        wait_until(ready, timeout=START_TIMEOUT, what="worker to listen")
-    except AssertionError:
-        worker.stop()
-        raise RuntimeError(f"worker did not start within {START_TIMEOUT} s:\n{worker.log()[-3000:]}") from None
-    except BaseException:
-        worker.stop()
-        raise
+        before = client.pubsub_numsub(contract.WAKE_CHANNEL)[0][1]
+        worker = Proc("worker", env, folder / f"{name}-{time.monotonic_ns()}.log").start()
+        return _started(worker, lambda: client.pubsub_numsub(contract.WAKE_CHANNEL)[0][1] > before, "worker")
     finally:
         client.close()
-    return worker
+
+
+def _started(proc: Proc, ready: Callable[[], bool], what: str) -> Proc:
+    """``proc`` once ``ready()``; if it exits or is not ready within ``START_TIMEOUT``, it is
+    stopped and the error carries the end of its log."""
+
+    def check() -> bool:
+        if not proc.alive():
+            raise RuntimeError(f"{what} exited:\n{proc.log()[-3000:]}")
+        return ready()
+
+    try:
+        wait_until(check, timeout=START_TIMEOUT, what=what)
+    except AssertionError:
+        proc.stop()
+        raise RuntimeError(f"{what} did not start within {START_TIMEOUT} s:\n{proc.log()[-3000:]}") from None
+    except BaseException:
+        proc.stop()
+        raise
+    return proc
 
 
 class JobRun(list):

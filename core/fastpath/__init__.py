@@ -43,7 +43,7 @@ def on(piece: str) -> bool:
     """Whether ``piece`` is in use in this process (checked at the first call)."""
     state = _state.get(piece)
     if state is None:
-        state = _state[piece] = Settings.from_env().fast_path and not _problems(piece, warn=True)
+        state = _state[piece] = Settings.from_env().fast_path and not _warned(problems(piece), piece)
     return state
 
 
@@ -60,9 +60,8 @@ def problems(piece: str) -> list[str]:
     return check(importlib.import_module(f"{__name__}.{piece}"))
 
 
-def _problems(piece: str, warn: bool) -> list[str]:
-    found = problems(piece)
-    if found and warn:
+def _warned(found: list[str], piece: str) -> list[str]:
+    if found:
         log.warning("fast path %r is off, the stock path is used: %s", piece, "; ".join(found))
     return found
 
