@@ -17,6 +17,7 @@ import time
 
 from pydantic import BaseModel, Field
 
+from worker.demo import DemoFailure, DemoParams
 from worker.registry import job
 
 
@@ -42,23 +43,12 @@ async def bench_feed(ctx, params: FeedParams) -> dict:
     return {}
 
 
-class SoakParams(BaseModel):
-    model_config = {"extra": "forbid"}
-
-    steps: int = Field(5, ge=1, le=1000)
-    interval: float = Field(0.1, ge=0, le=10)
-    fail_at_step: int | None = Field(None, ge=1)
-
-
-class SoakFailure(Exception):
-    pass
-
-
-@job("bench_soak", params=SoakParams)
-async def bench_soak(ctx, params: SoakParams) -> dict:
+@job("bench_soak", params=DemoParams)
+async def bench_soak(ctx, params: DemoParams) -> dict:
+    """The demo job (``worker.demo``), with the worker's clock in each message (publish-to-receive)."""
     for i in range(1, params.steps + 1):
         await asyncio.sleep(params.interval)
         if i == params.fail_at_step:
-            raise SoakFailure(f"failed at step {i}")
+            raise DemoFailure(f"failed at step {i} of {params.steps}")
         await ctx.progress(100 * i / params.steps, message=f"soak {i} {time.monotonic_ns()}")
     return {"steps": params.steps}
