@@ -18,7 +18,7 @@ FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 GROUPS = {
     "hub reader: redis-py get_message/parse": ("redis/asyncio/client.py", {"get_message", "parse_response", "handle_message"}),
     "hub._read dispatch (Event + Mailbox.put)": ("server/hub.py", {"_read"}),
-    "Mailbox.put (+ waking the writer)": ("server/hub.py", {"put"}),
+    "Mailbox.put (+ waking the writer)": ("server/events.py", {"put"}),
     "WS Connection.write_loop": ("server/ws.py", {"write_loop"}),
     "WS Connection.send (lock+timeout+send_text)": ("server/ws.py", {"send"}),
     "asyncio.timeout (enter/exit)": ("asyncio/timeouts.py", None),

@@ -4,7 +4,7 @@ The issue calibrates its targets against "the leanest Python broadcast we could 
 ``websockets`` library's own server and ``broadcast()``. This is that server, speaking just
 enough of ``/ws`` for the bench's clients: a client sends ``{"op":"subscribe","jobs":[...]}``,
 gets each job's current document, then every update of those jobs, read from the same Redis
-channels and framed as the server frames them (``hub.Event.ws``). One pub/sub connection, one
+channels and framed as the server frames them (``events.Event.ws``). One pub/sub connection, one
 ``broadcast()`` per update. It has none of the product's guarantees (no resync, no conflation,
 no auth, no slow-client handling); it exists so that ``bench.run`` can report the server's CPU
 per delivery as a ratio to this figure, which survives the VM's speed drifting from hour to hour.
@@ -24,7 +24,7 @@ from websockets.asyncio.server import ServerConnection, broadcast, serve
 from websockets.http11 import Request, Response
 
 from core import connections, contract
-from server.hub import Event
+from server.events import Event
 from core.settings import Settings
 from core.store import Store
 

@@ -1,13 +1,13 @@
-"""In-process fan-out: one Redis pub/sub connection per server process, a mailbox per client.
+"""In-process fan-out: one Redis pub/sub connection per server process, routing each job's
+events to the mailboxes (``server.events``) of the clients that watch it. It knows no transport.
 
 Guarantees (SPEC "What nothing lost means"):
 
-* ``Hub.watch`` returns only once Redis has confirmed the subscription, so a snapshot read
+* ``Watch.add`` returns only once Redis has confirmed the subscription, so a snapshot read
   after it cannot miss a change: any later change is published to a channel we hear.
-* ``Mailbox`` keeps at most one pending event per job (the newest) and drops any event whose
-  seq is not above what the client has already been given: seq never repeats or goes back,
-  a slow client skips intermediate states (conflation), and memory stays bounded.
-* ``Hub.dispatch`` is synchronous and never waits on a client.
+* A ``Watch`` is a context manager: whatever ends a stream (its end, the client leaving, an
+  error, a timeout), leaving the ``with`` unwatches everything the stream watched.
+* Routing (``Hub._read``) is synchronous and never waits on a client.
 * After a lost connection the hub reconnects, re-subscribes and re-reads the snapshot of
   every watched job (pub/sub is at-most-once; the stored document is the truth).
 
@@ -23,14 +23,14 @@ import contextlib
 import logging
 import time
 from datetime import datetime
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from redis.asyncio import Redis
 
 from core import contract
-from server import wire
-from server.metrics import FANOUT_DELAY, STATS
 from core.store import Store
+from server.events import Event, Mailbox
+from server.metrics import FANOUT_DELAY, STATS
 
 log = logging.getLogger("server.hub")
 
@@ -38,149 +38,50 @@ HEARTBEAT = 1.0  # seconds between the hub's own pings through Redis pub/sub
 HEARTBEAT_MISSES = 3  # silent pub/sub for this many heartbeats: the connection is dead (half-open)
 RESYNC_DEADLINE = 10.0  # seconds for one snapshot resync before it is tried again
 SNAPSHOT_ALL = 100  # a dashboard starts with this many of its tenant's newest jobs
-SEEN_CAP = 10_000  # per mailbox: how many jobs' last seq it remembers (oldest forgotten first)
-NOTICE_CAP = 16  # undelivered non-event messages (errors) per mailbox
 HUB_CHANNEL = contract.PREFIX + "hub"  # always subscribed, so the connection is never idle-empty
-
-
-class Event:
-    """One change of one job, framed once per transport (``server.wire``) and shared by every client."""
-
-    __slots__ = ("job_id", "seq", "name", "tenant", "doc", "_sse", "_ws", "_sse_chunk", "_ws_frame")
-
-    def __init__(self, job_id: str, raw: bytes) -> None:
-        self.job_id = job_id
-        self.seq, self.name, self.tenant, self.doc = contract.unpack(raw)
-        self._sse: bytes | None = None
-        self._ws: str | None = None
-        self._sse_chunk: bytes | None = None
-        self._ws_frame: bytes | None = None
-
-    @property
-    def terminal(self) -> bool:
-        return self.name in contract.TERMINAL
-
-    @property
-    def sse(self) -> bytes:
-        if self._sse is None:
-            self._sse = wire.sse_frame(b"%d" % self.seq, self.name, self.doc)
-        return self._sse
-
-    @property
-    def ws(self) -> str:
-        if self._ws is None:
-            self._ws = wire.ws_message(self.name, self.doc)
-        return self._ws
-
-    @property
-    def sse_chunk(self) -> bytes:
-        """The SSE frame as one HTTP/1.1 chunk, for ``core.fastpath.direct``."""
-        if self._sse_chunk is None:
-            self._sse_chunk = wire.chunk(self.sse)
-        return self._sse_chunk
-
-    @property
-    def ws_frame(self) -> bytes:
-        """``ws`` as a whole WebSocket frame, for ``core.fastpath.direct``."""
-        if self._ws_frame is None:
-            self._ws_frame = wire.ws_frame(self.ws)
-        return self._ws_frame
-
-
-class Notice:
-    """A message for one client that is not a job's event (a WebSocket error answer)."""
-
-    __slots__ = ("ws", "job_id", "terminal")
-
-    def __init__(self, text: str) -> None:
-        self.ws, self.job_id, self.terminal = text, None, False
-
-
-class MailboxClosed(Exception):
-    """The server is draining: the connection should end and the client reconnect elsewhere."""
-
-
-class Mailbox:
-    """The newest undelivered event per job, for one client connection."""
-
-    __slots__ = ("_pending", "_seen", "_waiter", "conflated", "closed", "direct")
-
-    def __init__(self) -> None:
-        self._pending: dict[str, Event] = {}
-        self._seen: dict[str, int] = {}
-        self._waiter: asyncio.Future | None = None
-        self.conflated = 0
-        self.closed = False
-        # set by the stream once its client is connected: writes an event at once if it can
-        # (``core.fastpath.direct``); used only while the consumer waits with nothing queued
-        self.direct: Callable[[Event], bool] | None = None
-
-    def close(self) -> None:
-        self.closed = True
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    def expect(self, job_id: str, since: int) -> None:
-        """The client already has ``job_id`` up to seq ``since``: deliver only newer events."""
-        if since > self._seen.get(job_id, 0):
-            self._remember(job_id, since)
-
-    def put(self, event: Event) -> None:
-        if event.seq <= self._seen.get(event.job_id, 0):
-            return
-        self._remember(event.job_id, event.seq)
-        waiter = self._waiter
-        if (
-            waiter is not None
-            and not waiter.done()
-            and not self._pending
-            and self.direct is not None
-            and not event.terminal  # the consumer ends or unwatches on it: give it the usual way
-            and self.direct(event)
-        ):
-            return
-        if event.job_id in self._pending:
-            self.conflated += 1
-            STATS.conflated += 1
-        self._pending[event.job_id] = event
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    def _remember(self, job_id: str, seq: int) -> None:
-        self._seen.pop(job_id, None)
-        self._seen[job_id] = seq
-        if len(self._seen) > SEEN_CAP:
-            del self._seen[next(iter(self._seen))]
-
-    def notify(self, notice: Notice) -> None:
-        """Queue a non-event message; never conflated, but at most ``NOTICE_CAP`` wait at once
-        (a client flooding bad frames while not reading gets no more answers, not more memory)."""
-        if sum(1 for key in self._pending if not isinstance(key, str)) >= NOTICE_CAP:
-            return
-        self._pending[object()] = notice
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    def forget(self, job_id: str) -> None:
-        self._pending.pop(job_id, None)
-        self._seen.pop(job_id, None)
-
-    async def get(self) -> Event | Notice:
-        """The next event; raises ``MailboxClosed`` once closed and empty."""
-        while not self._pending:
-            if self.closed:
-                raise MailboxClosed()
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        job_id = next(iter(self._pending))
-        return self._pending.pop(job_id)
 
 
 class SubscribeTimeout(Exception):
     """Redis did not confirm a subscription in time (it is down or unreachable)."""
+
+
+class Watch:
+    """What one mailbox watches: some jobs, or every job of a tenant, for as long as the ``with``
+    lasts. ``add`` may be called again (a WebSocket subscribes to more jobs over time), and
+    ``remove`` drops jobs early; leaving the block unwatches the rest. A stream whose response
+    outlives its handler (SSE) hands the watch over with ``contextlib.ExitStack.pop_all``."""
+
+    __slots__ = ("hub", "mailbox", "jobs", "all")
+
+    def __init__(self, hub: Hub, mailbox: Mailbox) -> None:
+        self.hub, self.mailbox = hub, mailbox
+        self.jobs: set[str] = set()
+        self.all = False
+
+    async def add(self, job_ids: Iterable[str]) -> None:
+        """Route ``job_ids``' events to the mailbox; returns once Redis confirmed them."""
+        new = [j for j in job_ids if j not in self.jobs]
+        self.jobs.update(new)
+        await self.hub._watch(self.mailbox, new)
+
+    async def add_all(self, tenant: str) -> None:
+        """Route every job of ``tenant`` to the mailbox (and no other tenant's)."""
+        self.all = True
+        await self.hub._watch_all(self.mailbox, tenant)
+
+    def remove(self, job_ids: Iterable[str]) -> None:
+        gone = [j for j in job_ids if j in self.jobs]
+        self.jobs.difference_update(gone)
+        self.hub._unwatch(self.mailbox, gone)
+
+    def __enter__(self) -> Watch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove(list(self.jobs))
+        if self.all:
+            self.all = False
+            self.hub._unwatch_all(self.mailbox)
 
 
 class Hub:
@@ -198,8 +99,11 @@ class Hub:
 
     # -- what the endpoints call ------------------------------------------------------
 
-    async def watch(self, mailbox: Mailbox, job_ids: Iterable[str]) -> None:
-        """Route ``job_ids``' events to ``mailbox``; returns once Redis confirmed them."""
+    def watching(self, mailbox: Mailbox) -> Watch:
+        """``with hub.watching(mailbox) as watch: await watch.add(job_ids) ...``"""
+        return Watch(self, mailbox)
+
+    async def _watch(self, mailbox: Mailbox, job_ids: Iterable[str]) -> None:
         if self.draining:
             mailbox.close()
         waits = []
@@ -209,7 +113,7 @@ class Hub:
             waits.append(self._want(contract.channel(job_id), pattern=False))
         await self._confirmed(waits)
 
-    def unwatch(self, mailbox: Mailbox, job_ids: Iterable[str]) -> None:
+    def _unwatch(self, mailbox: Mailbox, job_ids: Iterable[str]) -> None:
         for job_id in job_ids:
             watchers = self._watchers.get(job_id)
             if watchers is None:
@@ -220,14 +124,13 @@ class Hub:
                 del self._watchers[job_id]
                 self._drop(contract.channel(job_id), pattern=False)
 
-    async def watch_all(self, mailbox: Mailbox, tenant: str) -> None:
-        """Route every job of ``tenant`` to ``mailbox`` (and no other tenant's)."""
+    async def _watch_all(self, mailbox: Mailbox, tenant: str) -> None:
         if self.draining:
             mailbox.close()
         self._all[mailbox] = tenant
         await self._confirmed([self._want(contract.EVENTS_PATTERN, pattern=True)])
 
-    def unwatch_all(self, mailbox: Mailbox) -> None:
+    def _unwatch_all(self, mailbox: Mailbox) -> None:
         self._all.pop(mailbox, None)
         if not self._all:
             self._drop(contract.EVENTS_PATTERN, pattern=True)
@@ -238,13 +141,6 @@ class Hub:
         self.draining = True
         for mailbox in {mb for watchers in self._watchers.values() for mb in watchers} | set(self._all):
             mailbox.close()
-
-    def watched(self, mailbox: Mailbox) -> list[str]:
-        return [job_id for job_id, watchers in self._watchers.items() if mailbox in watchers]
-
-    @property
-    def connections(self) -> int:
-        return len({mb for watchers in self._watchers.values() for mb in watchers} | set(self._all))
 
     # -- subscription bookkeeping -----------------------------------------------------
 

@@ -19,7 +19,7 @@ from starlette.responses import Response
 from core import contract, queue, webhooks, workers
 from server import ratelimit, wire
 from server.auth import TICKET_TTL, Caller
-from server.hub import Event, Mailbox, MailboxClosed
+from server.events import Event, Mailbox, MailboxClosed
 from core.logs import request_id
 from server.problems import Problem, gone, invalid, not_found
 from core.store import REDIS_DEADLINE, IdempotencyConflict, QueueFull, RateLimited, WriteRefused
@@ -276,19 +276,17 @@ async def long_poll(request: Request, event: Event, wait: str, caller: Caller) -
     after = int_param(request, "after", event.seq)
     if event.seq > after or event.terminal or seconds == 0:
         return event
-    hub = request.app.state.hub
     mailbox = Mailbox()
     mailbox.expect(event.job_id, after)
-    try:
-        async with redis_deadline():
-            await hub.watch(mailbox, [event.job_id])
-            mailbox.put(await load(request, event.job_id, caller))  # the change may have come before the watch
-        async with asyncio.timeout(seconds):
-            return await mailbox.get()
-    except (TimeoutError, MailboxClosed):  # nothing newer in time, or this server is draining
-        return event
-    finally:
-        hub.unwatch(mailbox, [event.job_id])
+    with request.app.state.hub.watching(mailbox) as watch:
+        try:
+            async with redis_deadline():
+                await watch.add([event.job_id])
+                mailbox.put(await load(request, event.job_id, caller))  # the change may have come before the watch
+            async with asyncio.timeout(seconds):
+                return await mailbox.get()
+        except (TimeoutError, MailboxClosed):  # nothing newer in time, or this server is draining
+            return event
 
 
 # -- GET /jobs/{id}/result ---------------------------------------------------------------

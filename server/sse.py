@@ -19,7 +19,7 @@ from core import contract
 from core.fastpath import direct
 from core.fastpath.sse import drop_send_lock
 from server import wire
-from server.hub import Event, Mailbox, MailboxClosed
+from server.events import Event, Mailbox, MailboxClosed
 from server.jobs import deadline, int_param, load, reader
 from server.metrics import STATS
 from server.problems import Problem, invalid
@@ -31,60 +31,51 @@ delivered = STATS.delivered
 
 
 class Stream(EventSourceResponse):
-    """An SSE response that always runs ``on_close`` (unwatching its mailbox), however it ends.
+    """An SSE response that leaves its watch (``on_close``: unwatch, count the stream out)
+    however it ends.
 
     sse-starlette's response gives the headers and the answer to HEAD. Its ``__call__`` runs an
     anyio task group of four tasks per stream (body, ping, shutdown signal, disconnect), which
     held about half of an idle SSE connection's memory. Here the request's own task writes the
-    body, and one small task waits for the client to go away and then cancels it. Pings come
-    from the body (``sse_frames``), a server drain from the hub (``MailboxClosed``).
-
-    Writes are timed by the process's ``SlowClientReaper`` (two dict operations per write, no
-    timer): a client that does not take a write for ``SEND_TIMEOUT`` seconds is dropped.
+    body, and one small task waits for the client to go away and then closes the mailbox, which
+    ends the body. Pings come from the body (``sse_frames``), a server drain from the hub (the
+    mailbox closed), a slow client's end from the ``SlowClientReaper``.
     """
 
-    def __init__(self, request: Request, frames: AsyncIterator[bytes], on_close: Callable[[], None]) -> None:
+    def __init__(
+        self, request: Request, mailbox: Mailbox, frames: AsyncIterator[bytes], on_close: contextlib.ExitStack
+    ) -> None:
         super().__init__(frames, ping=0, sep="\n")
         drop_send_lock(self)
+        self.mailbox = mailbox
         self.on_close = on_close
         self.reaper: SlowClientReaper = request.app.state.reaper
-        self.gone = False  # the client disconnected
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["method"] == "HEAD":  # headers only; sse-starlette answers it without a stream
-            try:
+        with self.on_close:
+            if scope["method"] == "HEAD":  # headers only; sse-starlette answers it without a stream
                 return await super().__call__(scope, receive, send)
-            finally:
-                self.on_close()
-        task = asyncio.current_task()
+            mailbox = self.mailbox
 
-        async def until_disconnect() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            self.gone = True
-            task.cancel()
+            async def until_disconnect() -> None:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                mailbox.close(gone=True)
 
-        listener = asyncio.create_task(until_disconnect())
-        sending, now = self.reaper.sending, asyncio.get_running_loop().time
-        try:
-            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-            async for chunk in self.body_iterator:
-                sending[task] = now()
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                del sending[task], chunk  # an idle stream holds no frame
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except asyncio.CancelledError:
-            if not (self.gone or self.reaper.reaped(task)):
-                raise
-            task.uncancel()
-            if not self.gone:
+            listener = asyncio.create_task(until_disconnect())
+            send = self.reaper.timed(scope, send)
+            try:
+                await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+                async for chunk in self.body_iterator:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    del chunk  # an idle stream holds no frame
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            except TimeoutError:  # a write waited SEND_TIMEOUT (without the fast path's reaper)
                 log.info("SSE client too slow; dropped")
-        finally:
-            listener.cancel()
-            self.reaper.forget(task)
-            with contextlib.suppress(Exception):
-                await self.body_iterator.aclose()  # cancelled in a send: run the body's clean-up
-            self.on_close()
+            finally:
+                listener.cancel()
+                with contextlib.suppress(Exception):
+                    await self.body_iterator.aclose()  # ended early: run the body's clean-up
 
 
 def since_param(request: Request) -> int:
@@ -103,31 +94,23 @@ async def job_events(request: Request) -> Response:
     job_id = request.path_params["job_id"]
     since = since_param(request)
     caller = await reader(request)
-    hub = request.app.state.hub
     mailbox = Mailbox()
     mailbox.expect(job_id, since)
-    try:
-        await hub.watch(mailbox, [job_id])
+    with contextlib.ExitStack() as stack:
+        watch = stack.enter_context(request.app.state.hub.watching(mailbox))
+        await watch.add([job_id])
         snapshot = await load(request, job_id, caller)
         if snapshot.terminal and snapshot.seq <= since:
-            hub.unwatch(mailbox, [job_id])
             return Response(status_code=204)  # the client has the end already: EventSource stops
-        release = admit(request, caller, "text" if wants_text(request) else "sse")
-    except BaseException:
-        hub.unwatch(mailbox, [job_id])
-        raise
-    mailbox.put(snapshot)
-
-    def close() -> None:
-        hub.unwatch(mailbox, [job_id])
-        release()
-
+        stack.callback(admit(request, caller, "text" if wants_text(request) else "sse"))
+        mailbox.put(snapshot)
+        on_close = stack.pop_all()  # the response leaves the watch when it ends
     if wants_text(request):
-        return TextStream(mailbox, close)
+        return TextStream(mailbox, on_close)
     if request.query_params.get("format") == "html":
-        return Stream(request, sse_frames(request, mailbox, wire.html_frame, until_terminal=True), close)
+        return Stream(request, mailbox, sse_frames(request, mailbox, wire.html_frame, until_terminal=True), on_close)
     mailbox.direct = direct.sse_writer(request.scope)
-    return Stream(request, sse_frames(request, mailbox, attrgetter("sse"), until_terminal=True), close)
+    return Stream(request, mailbox, sse_frames(request, mailbox, attrgetter("sse"), until_terminal=True), on_close)
 
 
 async def sse_frames(
@@ -147,7 +130,8 @@ async def sse_frames(
             yield wire.PING_FRAME
             continue
         except MailboxClosed:
-            yield wire.DRAIN_FRAME
+            if not mailbox.gone:
+                yield wire.DRAIN_FRAME
             return
         delivered["sse"] += 1
         yield frame(event)
@@ -164,7 +148,7 @@ def wants_text(request: Request) -> bool:
 class TextStream(StreamingResponse):
     """``curl -N -H 'Accept: text/plain' .../events``: one bar redrawn in place until the end."""
 
-    def __init__(self, mailbox: Mailbox, on_close: Callable[[], None]) -> None:
+    def __init__(self, mailbox: Mailbox, on_close: contextlib.ExitStack) -> None:
         async def lines() -> AsyncIterator[bytes]:
             width = 0
             while True:
@@ -183,13 +167,11 @@ class TextStream(StreamingResponse):
         self.on_close = on_close
 
     async def __call__(self, scope, receive, send) -> None:
-        try:
+        with self.on_close:
             if scope["method"] == "HEAD":  # headers only (StreamingResponse would stream the bar)
                 await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
                 return await send({"type": "http.response.body", "body": b""})
             await super().__call__(scope, receive, send)
-        finally:
-            self.on_close()
 
 
 @deadline
@@ -209,33 +191,22 @@ async def events(request: Request) -> Response:
         await load(request, job_id, caller)  # 404/410 before the stream starts
     if not job_ids and not (caller.by_key or caller.all_jobs):
         raise Problem(403, "Forbidden", "Watching every job needs an API key or a ticket for the whole feed.")
-    release = admit(request, caller, "sse")
     mailbox = Mailbox()
     for job_id, seq in seen.items():
         mailbox.expect(job_id, seq)
-    if job_ids:
-        unwatch = lambda: hub.unwatch(mailbox, job_ids)  # noqa: E731
-        watching = hub.watch(mailbox, job_ids)
-    else:
-        unwatch = lambda: hub.unwatch_all(mailbox)  # noqa: E731
-        watching = hub.watch_all(mailbox, caller.tenant)
-
-    def close() -> None:
-        unwatch()
-        release()
-
-    try:
-        await watching
+    with contextlib.ExitStack() as stack:
+        stack.callback(admit(request, caller, "sse"))
+        watch = stack.enter_context(hub.watching(mailbox))
         if job_ids:
+            await watch.add(job_ids)
             for job_id, raw in zip(job_ids, await store.read_many(job_ids)):
                 if raw is not None:
                     mailbox.put(Event(job_id, raw))
         else:
+            await watch.add_all(caller.tenant)
             for event in await hub.snapshot_all(caller.tenant):
                 mailbox.put(event)
-    except BaseException:
-        close()
-        raise
+        on_close = stack.pop_all()  # the response leaves the watch when it ends
 
     def frame(event: Event) -> bytes:
         """The frame's id is the resume cursor: the last seq of each job, newest last."""
@@ -245,4 +216,4 @@ async def events(request: Request) -> Response:
             del seen[next(iter(seen))]
         return wire.sse_frame(contract.encode_cursor(seen).encode(), event.name, event.doc)
 
-    return Stream(request, sse_frames(request, mailbox, frame, until_terminal=False), close)
+    return Stream(request, mailbox, sse_frames(request, mailbox, frame, until_terminal=False), on_close)

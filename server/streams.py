@@ -1,56 +1,79 @@
 """What the live transports share (``server.sse``: SSE per job and for many jobs, and the text
 bar; ``server.ws``: one WebSocket for many jobs). Each transport is a thin adapter over the hub:
-make a mailbox, ``watch`` (subscription confirmed), read the snapshot into the mailbox, then
-write whatever the mailbox yields, framed once per event (``server.wire``). Here: the slow-client
+make a mailbox, watch (``with hub.watching(mailbox)``, subscription confirmed), read the snapshot
+into the mailbox, then write whatever the mailbox yields, framed once per event (``server.wire``). Here: the slow-client
 reaper, the per-caller stream count, and the plain-ASGI endpoint the SSE routes use.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from core.fastpath import direct
 from server.auth import Caller
 from server.metrics import STATS
 from server.problems import Problem
 
 MAX_JOBS_PER_STREAM = 100
 
+log = logging.getLogger("server.streams")
+T = TypeVar("T")
+
 
 class SlowClientReaper:
-    """Cancels writes that have waited on a client longer than ``timeout``.
+    """Drops clients that have not taken a write for ``timeout`` seconds.
 
-    A writer records ``sending[task] = loop.time()`` before a write and deletes it after; once a
-    second this task cancels the writers whose write is older than the timeout. That costs two
-    dict operations per write instead of a timer per write.
+    ``timed(scope, send)`` wraps a stream's send. With the fast path (``core.fastpath.direct``)
+    a write records ``sending[abort] = loop.time()`` before and deletes it after, and once a
+    second this task aborts the transports whose write is older than the timeout: two dict
+    operations per write instead of a timer. The aborted connection's send returns (or raises
+    a disconnect) and the stream ends as it ends when a client leaves. Without the fast path
+    (no transport to abort) each write runs under ``asyncio.timeout`` and a stuck write raises
+    ``TimeoutError``, which ends the stream.
     """
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
-        self.sending: dict[asyncio.Task, float] = {}
-        self._reaped: set[asyncio.Task] = set()
+        self.sending: dict[Callable[[], None], float] = {}
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(min(1.0, self.timeout / 2))
             now = loop.time()
-            for task, since in list(self.sending.items()):
+            for abort, since in list(self.sending.items()):
                 if now - since > self.timeout:
-                    del self.sending[task]
-                    self._reaped.add(task)
-                    task.cancel()
+                    del self.sending[abort]
+                    log.info("client too slow; dropped")
+                    abort()
 
-    def reaped(self, task: asyncio.Task) -> bool:
-        return task in self._reaped
+    def timed(self, scope: Scope, send: Callable[[T], Awaitable[None]]) -> Callable[[T], Awaitable[None]]:
+        abort = direct.aborter(scope)
+        if abort is None:
+            timeout = self.timeout
 
-    def forget(self, task: asyncio.Task) -> None:
-        self.sending.pop(task, None)
-        self._reaped.discard(task)
+            async def send_with_timer(message: T) -> None:
+                async with asyncio.timeout(timeout):
+                    await send(message)
+
+            return send_with_timer
+        sending, now = self.sending, asyncio.get_running_loop().time
+
+        async def send_timed(message: T) -> None:
+            sending[abort] = now()
+            try:
+                await send(message)
+            finally:
+                sending.pop(abort, None)
+
+        return send_timed
 
 
 def admit(conn: HTTPConnection, caller: Caller, transport: str) -> Callable[[], None]:

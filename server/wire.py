@@ -1,6 +1,6 @@
 """Every wire encoding of a job's event, in one place: the SSE frame and its HTTP/1.1 chunk, the
 WebSocket message and its frame, and the human renderings (a one-line text bar for terminals, an
-HTML fragment for htmx). The hub frames each event once (``hub.Event``) with these; the
+HTML fragment for htmx). The hub frames each event once (``events.Event``) with these; the
 transports (``server.streams``) only write what they are given.
 """
 
@@ -81,5 +81,5 @@ def html_bar(doc: dict[str, Any]) -> str:
 
 def html_frame(event: Any) -> bytes:
     """For htmx's SSE extension, which swaps the fragment in: the bar as HTML instead of JSON
-    (``event``: a ``hub.Event``)."""
+    (``event``: a ``events.Event``)."""
     return sse_frame(b"%d" % event.seq, event.name, html_bar(json.loads(event.doc)).encode())

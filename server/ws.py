@@ -16,7 +16,8 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from core.fastpath import direct
 from server.auth import Caller
-from server.hub import Event, Mailbox, MailboxClosed, Notice, SubscribeTimeout
+from server.events import Event, Mailbox, MailboxClosed, Notice
+from server.hub import SubscribeTimeout, Watch
 from server.jobs import redis_deadline
 from server.metrics import STATS
 from server.problems import Problem, unavailable
@@ -28,42 +29,38 @@ delivered = STATS.delivered
 
 
 class Connection:
-    """One ``/ws`` client: many jobs on one socket, one writer task, one mailbox."""
+    """One ``/ws`` client: many jobs on one socket, one writer task, one mailbox, one watch."""
 
-    def __init__(self, ws: WebSocket, caller: Caller) -> None:
+    def __init__(self, ws: WebSocket, caller: Caller, mailbox: Mailbox, watch: Watch) -> None:
         self.ws = ws
         self.app = ws.app
         self.hub = ws.app.state.hub
         self.caller = caller
         self.granted: dict[str, str] = {}  # job -> tenant, opened by tokens sent with a subscribe
-        self.mailbox = Mailbox()
-        self.mailbox.direct = direct.ws_writer(ws.scope)
-        self.jobs: set[str] = set()
-        self.all = False
+        self.mailbox = mailbox
+        self.watch = watch
 
     async def error(self, message: str, **extra) -> None:
         """Answer the client; the writer sends it (one task writes, so sends never interleave)."""
         self.mailbox.notify(Notice(json.dumps({"event": "error", "message": message, **extra})))
 
     async def write_loop(self) -> None:
-        """The only task that writes to this socket. A write stuck longer than SEND_TIMEOUT is
-        cancelled by the process's ``SlowClientReaper`` (no timer per write)."""
-        sending = self.app.state.reaper.sending
-        task = asyncio.current_task()
-        loop = asyncio.get_running_loop()
+        """The only task that writes to this socket, until the client leaves (the mailbox is
+        closed as gone) or the server drains. A client that does not take a write for
+        SEND_TIMEOUT is dropped by the process's ``SlowClientReaper``."""
+        send = self.app.state.reaper.timed(self.ws.scope, self.ws.send_text)
+        watch = self.watch
         while True:
             try:
                 event = await self.mailbox.get()
             except MailboxClosed:
-                await self.ws.close(1012)  # service restart: reconnect (elsewhere) and resume
+                if not self.mailbox.gone:
+                    await self.ws.close(1012)  # service restart: reconnect (elsewhere) and resume
                 return
-            sending[task] = loop.time()
-            await self.ws.send_text(event.ws)
-            del sending[task]
+            await send(event.ws)
             delivered["ws"] += 1
-            if event.terminal and event.job_id in self.jobs and not self.all:
-                self.jobs.discard(event.job_id)
-                self.hub.unwatch(self.mailbox, [event.job_id])
+            if event.terminal and not watch.all:
+                watch.remove([event.job_id])
             del event  # an idle connection holds no event
 
     async def handle(self, text: str) -> None:
@@ -81,9 +78,7 @@ class Connection:
             if not isinstance(jobs, list) or not all(isinstance(j, str) and j for j in jobs):
                 return await self.error("jobs must be a list of job ids", op=op)
             if op == "unsubscribe":
-                self.hub.unwatch(self.mailbox, jobs)
-                self.jobs.difference_update(jobs)
-                return
+                return self.watch.remove(jobs)
             since = msg.get("since") or {}
             if not isinstance(since, dict) or not all(isinstance(v, int) for v in since.values()):
                 return await self.error("since must map job ids to seqs", op=op)
@@ -111,8 +106,8 @@ class Connection:
     async def subscribe(self, jobs: list[str], since: dict[str, int]) -> None:
         """Check every job first (its tenant never changes), so nothing of a job this caller may
         not read is ever routed here; then subscribe, then send the snapshots."""
-        new = [j for j in jobs if j not in self.jobs]
-        if len(self.jobs) + len(new) > MAX_JOBS_PER_STREAM:
+        new = [j for j in jobs if j not in self.watch.jobs]
+        if len(self.watch.jobs) + len(new) > MAX_JOBS_PER_STREAM:
             return await self.error(f"at most {MAX_JOBS_PER_STREAM} jobs per connection", op="subscribe")
         store = self.app.state.store
         allowed = []
@@ -124,24 +119,21 @@ class Connection:
                 await self.error("job expired" if gone else "job not found", job=job_id, status=410 if gone else 404)
         for job_id in allowed:
             self.mailbox.expect(job_id, since.get(job_id, 0))
-        self.jobs.update(allowed)
         try:
-            await self.hub.watch(self.mailbox, allowed)
+            await self.watch.add(allowed)
         except BaseException:
-            self.jobs.difference_update(allowed)
-            self.hub.unwatch(self.mailbox, allowed)
+            self.watch.remove(allowed)
             raise
         for job_id, raw in zip(allowed, await store.read_many(allowed)):
-            if raw is not None and job_id in self.jobs:  # not already ended and dropped meanwhile
+            if raw is not None and job_id in self.watch.jobs:  # not already ended and dropped meanwhile
                 self.mailbox.put(Event(job_id, raw))
 
     async def subscribe_all(self) -> None:
         if not (self.caller.by_key or self.caller.all_jobs):
             return await self.error("watching every job needs an API key or a ticket for the whole feed", status=403)
-        if self.all:
+        if self.watch.all:
             return
-        self.all = True
-        await self.hub.watch_all(self.mailbox, self.caller.tenant)
+        await self.watch.add_all(self.caller.tenant)
         for event in await self.hub.snapshot_all(self.caller.tenant):
             self.mailbox.put(event)
 
@@ -160,10 +152,6 @@ class Connection:
             except (SubscribeTimeout, RedisTimeoutError, RedisConnectionError):
                 await self.error("service unavailable: try again", status=503)
 
-    def close(self) -> None:
-        self.hub.unwatch(self.mailbox, list(self.jobs))
-        if self.all:
-            self.hub.unwatch_all(self.mailbox)
 
 
 def origin_allowed(ws: WebSocket) -> bool:
@@ -211,39 +199,29 @@ async def websocket(ws: WebSocket) -> None:
         log.warning("websocket refused: Redis unavailable: %s", e)
         return await ws.send_denial_response(unavailable().response())
     await ws.accept()
-    conn = Connection(ws, caller)
-    reaper = ws.app.state.reaper
-    # This task writes; one more task reads, and when it ends (the client left) it stops the
-    # writing. Two tasks per connection, not three: an idle WebSocket is mostly its tasks.
-    writer = asyncio.current_task()
-    writing = True
-
-    def reader_ended(_: asyncio.Task) -> None:
-        if writing:  # it runs on a later loop turn: by then this task may be elsewhere
-            writer.cancel()
-
-    reader = asyncio.create_task(conn.read_loop())
-    reader.add_done_callback(reader_ended)
+    mailbox = Mailbox()
+    mailbox.direct = direct.ws_writer(ws.scope)
     failure: BaseException | None = None
-    try:
-        await conn.write_loop()  # returns after a server drain
-    except asyncio.CancelledError:
-        if not (reader.done() or reaper.reaped(writer)):
-            raise
-        writer.uncancel()
-    except Exception as e:
-        failure = e
-    finally:
-        writing = False
-        reader.cancel()
-        conn.close()
-        release()
-        too_slow = reaper.reaped(writer)
-        reaper.forget(writer)
+    with ws.app.state.hub.watching(mailbox) as watch:
+        conn = Connection(ws, caller, mailbox, watch)
+        # This task writes; one more task reads, and when it ends (the client left) it closes the
+        # mailbox, which ends the writing. Two tasks per connection, not three: an idle WebSocket
+        # is mostly its tasks.
+        reader = asyncio.create_task(conn.read_loop())
+        reader.add_done_callback(lambda _: mailbox.close(gone=True))
+        try:
+            await conn.write_loop()  # returns once the client has gone, or after a server drain
+        except TimeoutError:  # a write waited SEND_TIMEOUT (without the fast path's reaper)
+            log.info("websocket client too slow; closing")
+            failure = TimeoutError()
+        except Exception as e:
+            failure = e
+        finally:
+            reader.cancel()
+            release()
     if reader.done() and not reader.cancelled():
         failure = failure or reader.exception()  # read either way: asyncio warns if it is not
-    if too_slow:  # the client stopped taking our writes
-        log.info("websocket client too slow; closing")
+    if isinstance(failure, TimeoutError):  # the client stopped taking our writes
         with contextlib.suppress(Exception):
             async with asyncio.timeout(1.0):
                 await ws.close(1013)

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from core import contract
-from server.hub import Event, Mailbox
+from server.events import Event, Mailbox
 
 PUBLIC_FIELDS = [
     "id", "type", "status", "progress", "message", "stage", "seq", "attempt", "created_at",

@@ -10,11 +10,19 @@ import time
 
 import httpx
 import pytest
+import redis as sync_redis
 
+from core import contract
 from core.devredis import RedisProcess
 from support import assert_stream_ok, start_server, start_worker, wait_until, watch_sse
 
 pytestmark = pytest.mark.anyio
+
+
+def open_streams(base: str) -> float:
+    """The sum of ``progress_connections`` over transports, from ``/metrics``."""
+    text = httpx.get(base + "/metrics").text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("progress_connections{"))
 
 
 def rss_kib(pid: int) -> int:
@@ -101,6 +109,11 @@ async def test_stalled_sse_and_ws_readers(tmp_path):
         async with httpx.AsyncClient(timeout=5) as client:
             assert (await client.get(server.url + "/healthz")).status_code == 200
         wait_until(lambda: server.log().count("too slow") >= 20, timeout=15, what="all 20 stalled readers dropped")
+        # every dropped stream ended as a departed client's does: counted out and unwatched
+        channel = contract.channel(job["id"])
+        wait_until(lambda: open_streams(server.url) == 0, timeout=5, what="the dropped streams counted out")
+        with sync_redis.Redis.from_url(redis.url) as store:
+            wait_until(lambda: store.pubsub_numsub(channel) == [(channel.encode(), 0)], timeout=5, what="the job unwatched")
     finally:
         for sock in stalled:
             sock.close()

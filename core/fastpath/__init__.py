@@ -19,7 +19,7 @@ path (``progress_events_delivered_direct``).
 | piece | library | what it saves |
 | --- | --- | --- |
 | ``protocols`` | uvicorn | leaner per-connection objects: a fifth of an idle connection's memory |
-| ``direct`` | uvicorn, websockets | an event's bytes written straight to an idle client's socket |
+| ``direct`` | uvicorn, websockets | an event's bytes written straight to an idle client's socket; a slow client cut off without a timer per write |
 | ``redispy`` | redis-py, asyncio | hiredis command packing, a cheaper ready check per command |
 | ``sse`` | sse-starlette | no unused lock per SSE stream |
 """

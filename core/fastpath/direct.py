@@ -15,6 +15,10 @@ Uvicorn hands the app a bound ``send`` of its WebSocket protocol or HTTP request
 the piece off (``core.fastpath``), it keeps nothing and every event takes the ordinary path.
 Direct deliveries are counted apart (``progress_events_delivered_direct``), so a test can prove
 the path is taken.
+
+The same handle gives the slow-client reaper (``server.streams``) the connection's transport to
+abort: a client that does not take a write for ``SEND_TIMEOUT`` is cut off, its pending send
+returns, and the stream ends the way it ends when the client leaves.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ log = logging.getLogger("core.fastpath")
 
 
 class Event(Protocol):
-    """What a writer needs of the hub's event (``server.hub.Event``): its bytes, framed once."""
+    """What a writer needs of the hub's event (``server.events.Event``): its bytes, framed once."""
 
     ws_frame: bytes
     sse_chunk: bytes
@@ -66,6 +70,12 @@ def remember(scope: dict[str, Any], send: Any) -> None:
     owner = getattr(send, "__self__", None)
     if isinstance(owner, (RequestResponseCycle, WebSocketsSansIOProtocol)) and fastpath.on("direct"):
         scope[SCOPE_KEY] = owner
+
+
+def aborter(scope: dict[str, Any]) -> Callable[[], None] | None:
+    """The function that cuts this connection off at once (unsent bytes dropped), if known."""
+    owner = scope.get(SCOPE_KEY)
+    return None if owner is None else owner.transport.abort
 
 
 def ws_writer(scope: dict[str, Any]) -> Writer | None:
