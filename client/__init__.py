@@ -30,6 +30,9 @@ never going back), and it stops right after the first final one (``succeeded``, 
 ``Last-Event-ID``; if the SSE request is refused (an answer other than a stream, e.g. a proxy
 without SSE, or too many open streams) it long-polls ``GET /jobs/ID?wait=25&after=SEQ`` instead.
 Intermediate documents may be skipped (progress is state, the newest wins); the final one never is.
+
+One module on purpose: ``Client`` and ``AsyncClient`` mirror each other method by method, and
+side by side they cannot drift apart; it imports nothing of the server, so it can be copied alone.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from core import connections, contract, queue, scripts
 from core.settings import Settings
 
 log = logging.getLogger("server")
-REDIS_DEADLINE = 5.0  # seconds for all the Redis calls of one request (``jobs.redis_deadline``)
+REDIS_DEADLINE = 5.0  # seconds for all the Redis calls of one request (``server.requests.redis_deadline``)
 
 
 class WriteRefused(Exception):

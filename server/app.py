@@ -28,6 +28,7 @@ from server.auth import Auth, parse_keys, shared_secret
 from server.hub import Hub, SubscribeTimeout
 from server.metrics import metrics
 from server.middleware import RequestContext
+from server.requests import key_holder, redis_deadline
 from server.openapi import openapi
 from server.problems import Problem
 from server.ratelimit import RateLimiter
@@ -69,8 +70,8 @@ async def readyz(request: Request) -> Response:
 
 async def list_workers(request: Request) -> Response:
     """``GET /workers``: the live workers (``core.workers``) with their types and load."""
-    await jobs.key_holder(request)
-    async with jobs.redis_deadline():
+    await key_holder(request)
+    async with redis_deadline():
         items = await workers.live(request.app.state.store.redis)
     return JSONResponse({"items": items}, headers={"Cache-Control": "no-store"})
 

@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from core import contract
-from server.jobs import JSON, key_holder
+from server.requests import JSON, key_holder
 from worker.registry import JobType
 
 

@@ -20,7 +20,7 @@ from core.fastpath import direct
 from core.fastpath.sse import drop_send_lock
 from server import wire
 from server.events import Event, Mailbox, MailboxClosed
-from server.jobs import deadline, int_param, load, reader
+from server.requests import deadline, int_param, load, reader
 from server.metrics import STATS
 from server.problems import Problem, invalid
 from server.streams import MAX_JOBS_PER_STREAM, SlowClientReaper, admit

@@ -18,7 +18,7 @@ from core.fastpath import direct
 from server.auth import Caller
 from server.events import Event, Mailbox, MailboxClosed, Notice
 from server.hub import SubscribeTimeout, Watch
-from server.jobs import redis_deadline
+from server.requests import redis_deadline
 from server.metrics import STATS
 from server.problems import Problem, unavailable
 from server.streams import MAX_JOBS_PER_STREAM, admit
