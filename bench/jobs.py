@@ -1,6 +1,7 @@
 """Job types for the benchmark, registered with ``JOBS_MODULE=worker.demo,bench.jobs``.
 
-``bench_noop`` measures the worker's start path (202 -> ``running``): it does nothing.
+``bench_noop`` measures the worker's start path (202 -> ``running``) and its jobs/s
+(``bench.queue``): it does nothing. ``bench_progress`` publishes progress as fast as it can.
 ``bench_feed`` is the type of the documents the bench drives itself (it publishes their updates
 with the same Lua store+publish script as ``ctx.progress()``); no worker ever runs one, since
 the bench runs no worker while it drives documents.
@@ -31,6 +32,20 @@ class NoopParams(BaseModel):
 async def bench_noop(ctx, params: NoopParams) -> dict:
     if params.sleep:
         await asyncio.sleep(params.sleep)
+    return {}
+
+
+class ProgressParams(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    steps: int = Field(20, ge=1, le=10_000, description="progress updates to publish")
+
+
+@job("bench_progress", params=ProgressParams)
+async def bench_progress(ctx, params: ProgressParams) -> dict:
+    """``steps`` calls of ``ctx.progress()`` in a row (``bench.queue``: the cost of one)."""
+    for i in range(1, params.steps + 1):
+        await ctx.progress(100 * i / params.steps)
     return {}
 
 
