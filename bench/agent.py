@@ -565,9 +565,6 @@ class Agent:
             # Store.write(doc, tenant, ...) in versions with tenants, Store.write(doc, ...) before
             self.tenant_arg = ("",) if "tenant" in inspect.signature(Store.write).parameters else ()
             self.store = Store(self.redis, self.settings)  # the real one: setup and final writes
-            self.batched = Store(self.redis, self.settings)  # the same code, its script calls pipelined
-            self.batched._write = PipelinedScript(self.store._write, self.redis)
-            await self.redis.script_load(self.store._write.script)
         return self.redis
 
     async def op_setup_jobs(self, redis_url: str, n: int, job_type: str = "bench_feed") -> dict[str, Any]:
@@ -602,25 +599,18 @@ class Agent:
         async def one(jid: str) -> None:
             self.docs[jid] = await store.write(self.docs[jid], *self.tenant_arg, **self._changes(jid))
 
-        tasks = [asyncio.ensure_future(one(j)) for j in job_ids]
-        if store is self.batched:
-            for _ in range(100):  # each task runs up to its script call, which queues it
-                if len(store._write.pending) >= len(tasks) or all(t.done() for t in tasks):
-                    break
-                await asyncio.sleep(0)
-            await store._write.flush()
+        tasks = [asyncio.ensure_future(one(j)) for j in job_ids]  # one loop turn: one pipeline
         results = await asyncio.gather(*tasks, return_exceptions=True)
         return sum(1 for r in results if isinstance(r, BaseException))
 
     async def op_publish(self, rate: float, duration: float, jobs: list[str] | None = None,
-                         mode: str = "pipeline", max_batch: int = 400, tick: float = 0.005) -> dict[str, Any]:  # fmt: skip
+                         max_batch: int = 400, tick: float = 0.005) -> dict[str, Any]:  # fmt: skip
         """Update ``jobs`` (default: all) round robin at ``rate`` updates/s in total for ``duration`` s.
 
         Every update is one ``Store.write`` (the code the worker's ``progress()`` runs: same
-        document, same Lua store+publish script). mode ``pipeline``: the due updates' script
-        calls go to Redis as one pipeline; mode ``store``: each is its own round trip."""
+        document, same Lua store+publish script); the due updates go to Redis as one pipeline."""
         ids = jobs or list(self.docs)
-        store = self.batched if mode == "pipeline" else self.store
+        store = self.store
         loop = asyncio.get_running_loop()
         start = loop.time()
         end = start + duration
@@ -746,38 +736,6 @@ class Agent:
         ws.close()
         lat = [(running[j] - t) // 1000 for j, t in accepted.items() if j in running]
         return {"latencies_us": lat, "missing": len(accepted) - len(lat)}
-
-
-class PipelinedScript:
-    """Stands in for ``Store._write`` (a redis-py ``Script``): queues each call's keys and args
-    as built by ``Store.write`` itself, and sends the queue as one pipeline of EVALSHA."""
-
-    def __init__(self, script, redis) -> None:
-        self.script = script
-        self.redis = redis
-        self.pending: list[tuple[list, list, asyncio.Future]] = []
-
-    def __call__(self, keys=(), args=(), client=None) -> asyncio.Future:
-        fut = asyncio.get_running_loop().create_future()
-        self.pending.append((list(keys), list(args), fut))
-        return fut
-
-    async def flush(self) -> None:
-        batch, self.pending = self.pending, []
-        if not batch:
-            return
-        pipe = self.redis.pipeline(transaction=False)
-        for keys, args, _ in batch:
-            pipe.evalsha(self.script.sha, len(keys), *keys, *args)
-        try:
-            results = await pipe.execute(raise_on_error=False)
-        except Exception as e:
-            results = [e] * len(batch)
-        for (_, _, fut), result in zip(batch, results):
-            if isinstance(result, Exception):
-                fut.set_exception(result)
-            else:
-                fut.set_result(result)
 
 
 _CONTRACT = None

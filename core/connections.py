@@ -124,8 +124,7 @@ def parse(url: str) -> Target:
     for name, value in parse_qsl(parts.query, keep_blank_values=True):
         if name not in QUERY_OPTIONS:
             raise ValueError(
-                f"REDIS_URL: option {name!r} is not supported: the worker (arq) cannot pass it to its connections; "
-                f"supported: {', '.join(QUERY_OPTIONS)}"
+                f"REDIS_URL: option {name!r} is not supported; supported: {', '.join(QUERY_OPTIONS)}"
             )
         try:
             options[name] = QUERY_OPTIONS[name](value)

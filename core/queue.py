@@ -8,9 +8,16 @@ Everything those scripts and the rest of the code need to know of arq's format i
   the queue (a sorted set of job ids by the time they are due, ms), a running job's lease
   (``arq:in-progress:<id>``) and its try counter (``arq:retry:<id>``);
 * the record's encoding (``payload``) with our JSON serializer (arq's default is pickle);
-* ``ENQUEUE_LUA``, the Lua function that enqueues as ``ArqRedis.enqueue_job`` does;
+* ``ENQUEUE_LUA``, the Lua function that enqueues as ``ArqRedis.enqueue_job`` does, and
+  ``AFTER_LUA``, what an attempt's last write does to the queue: finish the job, re-queue it, or
+  release it (as arq's ``finish_job`` does);
+* what the worker's claim (``scripts.CLAIM``) needs: the key prefixes, the try counter's TTL,
+  ``parse`` of a record;
 * the few calls made outside scripts: ``dequeue`` (cancel a queued job), ``depth``,
   ``enqueued_at``.
+
+The worker (``worker.runtime``) runs this queue with its own loop (claim, run, finish: three
+round trips per job, shared by the jobs of one loop turn) instead of arq's ``Worker`` (eleven).
 
 ``tests/test_queue.py`` checks that a job enqueued through here is run by a stock arq worker.
 """
@@ -20,6 +27,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from dataclasses import dataclass
+
 from arq.constants import default_queue_name, expires_extra_ms, in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from arq.jobs import deserialize_job_raw, serialize_job
 from redis.asyncio import Redis
@@ -28,6 +37,13 @@ from core import contract
 
 QUEUE = default_queue_name
 RECORD_TTL_MS = expires_extra_ms  # arq drops a job's record (so the job) this long after its enqueueing
+TRIES_TTL = 88400  # seconds arq keeps a job's try counter
+RECORD_PREFIX, LEASE_PREFIX, TRIES_PREFIX = job_key_prefix, in_progress_key_prefix, retry_key_prefix
+
+# what an attempt's last write does to the queue (``after`` of ``scripts.WRITE``)
+FINISH = "finish"  # the job is done: off the queue, its record, lease and try counter deleted
+REQUEUE = "requeue"  # run it again at ``due_ms``: the lease goes, the record and try counter stay
+RELEASE = "release"  # the worker stops: the lease goes, and the job is due again as it was
 
 # Lua: enqueue ``job_id`` (its record ``payload`` at ``record_key``) on ``queue``, due at ``score``
 # (ms), as ``ArqRedis.enqueue_job`` does, inside a script that writes our keys in the same step.
@@ -37,6 +53,49 @@ local function enqueue(record_key, payload, ttl_ms, queue, score, job_id)
   redis.call('ZADD', queue, score, job_id)
 end
 """
+
+
+AFTER_LUA = """
+local function after_attempt(after, queue, job_id, record, lease, tries, due_ms)
+  if after == 'finish' then
+    redis.call('DEL', record, lease, tries)
+    redis.call('ZREM', queue, job_id)
+  elseif after == 'requeue' then
+    redis.call('DEL', lease)
+    redis.call('ZADD', queue, 'XX', due_ms, job_id)
+  elseif after == 'release' then
+    redis.call('DEL', lease)
+  end
+end
+"""
+
+
+class Requeue(Exception):
+    """Raised by an attempt: put the job back on the queue, due in ``defer`` seconds (a retry),
+    without finishing it."""
+
+    def __init__(self, defer: float = 0.0) -> None:
+        super().__init__(f"re-queued for {defer:.2f} s")
+        self.defer = defer
+
+
+@dataclass(frozen=True)
+class Record:
+    """A job's record: arq calls ``function(ctx, *args)``; ``job_try``: the attempt to count from."""
+
+    function: str
+    args: tuple[Any, ...]
+    job_try: int | None
+    enqueued_ms: int
+
+
+def parse(raw: bytes) -> Record:
+    """A job record as ``payload`` writes it; raises ``ValueError`` if it is not one."""
+    try:
+        function, args, _kwargs, job_try, enqueued_ms = deserialize_job_raw(raw, deserializer=loads)
+    except Exception as e:  # arq's SerializationError and anything a crafted record raises
+        raise ValueError(f"unreadable job record: {e}") from None
+    return Record(function, tuple(args), job_try, enqueued_ms)
 
 
 def record_key(job_id: str) -> str:
@@ -92,7 +151,7 @@ async def depth(redis: Redis) -> int:
 async def enqueued_at(redis: Redis, job_id: str) -> float | None:
     """When the job was first enqueued (unix seconds), or None if its record is gone."""
     raw = await redis.get(record_key(job_id))
-    return None if raw is None else deserialize_job_raw(raw, deserializer=loads)[4] / 1000
+    return None if raw is None else parse(raw).enqueued_ms / 1000
 
 
 def webhook_payload(job_id: str, seq: int, enqueued_ms: int) -> bytes:

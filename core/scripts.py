@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from core.queue import ENQUEUE_LUA
+from core.queue import AFTER_LUA, ENQUEUE_LUA
 
 
 @dataclass(frozen=True)
@@ -42,20 +42,25 @@ class Script:
 
 # A document change. Returns {1, seq} when written; {0, stored seq, stored state} when refused
 # because the stored seq is not ``expected`` or the job already ended (no change after the end).
-# A final state of a job that has a webhook enqueues its delivery in the same step and captures
-# what it will send (URL and event) for as long as the delivery may run (``contract.webhook_key``).
-# ``queued``: the tenant's set of queued jobs (the queue cap counts it).
+# Safe to run twice: a write whose exact event is already stored (its reply was lost) answers
+# as written. A final state of a job that has a webhook enqueues its delivery in the same step and
+# captures what it will send (URL and event) for as long as the delivery may run
+# (``contract.webhook_key``). ``queued``: the tenant's set of queued jobs (the queue cap counts it).
+# ``after``: what the worker's attempt does to the queue in the same step ('' nothing;
+# ``queue.FINISH``, ``queue.REQUEUE`` at ``due_ms``, ``queue.RELEASE``: ``queue.AFTER_LUA``).
 WRITE = Script(
-    keys=("job", "tombstone", "result", "queue", "delivery_record", "queued", "webhook"),
+    keys=("job", "tombstone", "result", "queue", "delivery_record", "queued", "webhook", "record", "lease", "tries"),
     args=(
         "expected", "seq", "state", "event", "channel", "ttl", "terminal", "tombstone_ttl", "result_json",
         "delivery_payload", "delivery_ttl_ms", "now_ms", "delivery_id", "wake_channel", "job_id", "now_us", "tenant",
+        "after", "due_ms",
     ),  # fmt: skip
-    prefix=ENQUEUE_LUA,
+    prefix=ENQUEUE_LUA + AFTER_LUA,
     body="""
 local cur = redis.call('HMGET', job, 'seq', 'state', 'webhook')
 local stored = tonumber(cur[1]) or 0
 local was = cur[2] or ''
+if stored == tonumber(seq) and redis.call('HGET', job, 'ev') == event then return {1, stored} end
 if stored ~= tonumber(expected) or was == 'succeeded' or was == 'failed' or was == 'cancelled' then
   return {0, stored, was}
 end
@@ -77,7 +82,77 @@ if terminal == '1' then
   end
 end
 redis.call('PUBLISH', channel, event)
+after_attempt(after, queue, job_id, record, lease, tries, due_ms)
 return {1, tonumber(seq)}
+""",
+)
+
+
+# ``AFTER_LUA`` on its own: an attempt's end when its last write was refused (the job was cancelled
+# or ended elsewhere) or there was no document to write (a webhook delivery, an unknown type).
+AFTER = Script(
+    keys=("queue", "record", "lease", "tries"),
+    args=("after", "job_id", "due_ms"),
+    prefix=AFTER_LUA,
+    body="""
+after_attempt(after, queue, job_id, record, lease, tries, due_ms)
+return 0
+""",
+)
+
+
+# A worker takes up to ``limit`` due jobs from the queue: for each, its lease (``owner`` for
+# ``lease_ms``), its try counter counted up, and what running it needs, in one step (each job id's
+# keys are made here from the prefixes ``core.queue`` gives, as arq's own worker does: one Redis,
+# not a cluster). Jobs leased by any worker, and the ids in ``skip`` (space-separated), are passed
+# over. Returns {{job id, try, record, event, request id, cancelled (0/1)}, ...}; a missing
+# record or document is absent (nil) in its place.
+CLAIM = Script(
+    keys=("queue",),
+    args=("now_ms", "limit", "lease_ms", "owner", "skip", "lease_prefix", "tries_prefix", "tries_ttl", "record_prefix", "job_prefix", "cancel_prefix"),
+    body="""
+local skipped = {}
+for id in string.gmatch(skip, '%S+') do skipped[id] = true end
+local want = tonumber(limit)
+local out = {}
+local offset = 0
+while #out < want and offset < 1000 do
+  local ids = redis.call('ZRANGEBYSCORE', queue, '-inf', now_ms, 'LIMIT', offset, want + 20)
+  if #ids == 0 then break end
+  offset = offset + #ids
+  for _, id in ipairs(ids) do
+    if #out >= want then break end
+    if not skipped[id] and redis.call('SET', lease_prefix .. id, owner, 'PX', lease_ms, 'NX') then
+      local try = redis.call('INCR', tries_prefix .. id)
+      redis.call('EXPIRE', tries_prefix .. id, tries_ttl)
+      local doc = redis.call('HMGET', job_prefix .. id, 'ev', 'rid')
+      out[#out + 1] = {id, try, redis.call('GET', record_prefix .. id), doc[1], doc[2], redis.call('EXISTS', cancel_prefix .. id)}
+    end
+  end
+end
+return out
+""",
+)
+
+
+# A worker's running jobs keep their leases: each of ``ids`` (space-separated) whose lease is
+# ``owner``'s is renewed; one whose lease lapsed (a Redis outage) is taken back if the job is still
+# due in the queue (not finished, not re-queued for later) and no other worker took it meanwhile.
+RENEW = Script(
+    keys=("queue",),
+    args=("now_ms", "lease_ms", "owner", "lease_prefix", "ids"),
+    body="""
+for id in string.gmatch(ids, '%S+') do
+  local lease = lease_prefix .. id
+  local holder = redis.call('GET', lease)
+  if holder == owner then
+    redis.call('PEXPIRE', lease, lease_ms)
+  elseif not holder then
+    local due = redis.call('ZSCORE', queue, id)
+    if due and tonumber(due) <= tonumber(now_ms) then redis.call('SET', lease, owner, 'PX', lease_ms) end
+  end
+end
+return 0
 """,
 )
 

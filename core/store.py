@@ -66,7 +66,8 @@ class Batched:
     ``deadline`` is abandoned (redis-py then drops its connection, as for a cancelled call).
 
     After a dropped connection redis-py sends the whole pipeline again, calls already answered
-    included, so a script must be safe to run twice (``scripts.CREATE`` and ``scripts.COUNT`` are)."""
+    included, so a script must be safe to run twice (``scripts.CREATE``, ``scripts.WRITE`` and
+    ``scripts.COUNT`` are)."""
 
     def __init__(self, redis: Redis, script: scripts.Script, deadline: float) -> None:
         self.fields = script.fields
@@ -126,7 +127,7 @@ class Store:
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
         self.settings = settings
-        self._write = redis.register_script(scripts.WRITE.lua)
+        self._write = Batched(redis, scripts.WRITE, REDIS_DEADLINE)
         self._create = Batched(redis, scripts.CREATE, REDIS_DEADLINE)
         self._reopen = redis.register_script(scripts.REOPEN.lua)
         self._webhook_done = redis.register_script(scripts.WEBHOOK_DONE.lua)
@@ -269,10 +270,19 @@ class Store:
         return json.loads(prior_json), prior_json, False
 
     async def write(
-        self, doc: dict[str, Any], tenant: str, result: Any = None, result_ttl: int | None = None, **changes: Any
+        self,
+        doc: dict[str, Any],
+        tenant: str,
+        result: Any = None,
+        result_ttl: int | None = None,
+        after: str = "",
+        due_ms: int = 0,
+        **changes: Any,
     ) -> dict[str, Any]:
         """Store ``doc`` (of ``tenant``) with ``changes`` as the next seq and publish it; returns
-        the new doc."""
+        the new doc. ``after``, ``due_ms``: what a worker's attempt does to the queue in the same
+        step (``queue.FINISH``, ``queue.REQUEUE``, ``queue.RELEASE``). The writes of one event-loop
+        turn go to Redis as one pipeline (``Batched``)."""
         new = {**doc, **changes, "seq": doc["seq"] + 1, "updated_at": contract.now_iso()}
         terminal = new["status"] in contract.TERMINAL
         if terminal and new["finished_at"] is None:
@@ -281,7 +291,7 @@ class Store:
         s = self.settings
         delivery = contract.webhook_delivery_id(job_id, new["seq"])
         enqueued_ms = now_ms()
-        keys, args = scripts.WRITE.fields(
+        ok, *stored = await self._write(
             job=contract.job_key(job_id),
             tombstone=contract.tombstone_key(job_id),
             result=contract.result_key(job_id),
@@ -289,6 +299,9 @@ class Store:
             delivery_record=queue.record_key(delivery),
             queued=contract.queued_set(tenant),
             webhook=contract.webhook_key(job_id),
+            record=queue.record_key(job_id),
+            lease=queue.lease_key(job_id),
+            tries=queue.tries_key(job_id),
             expected=doc["seq"],
             seq=new["seq"],
             state=new["status"],
@@ -306,8 +319,9 @@ class Store:
             job_id=job_id,
             now_us=time.time_ns() // 1000,
             tenant=tenant,
+            after=after,
+            due_ms=due_ms,
         )
-        ok, *stored = await self._write(keys=keys, args=args)
         if not ok:
             seq, state = stored
             raise WriteRefused(int(seq), _decode(state))

@@ -66,13 +66,14 @@ async def test_openapi_describes_every_route(base):
 
 
 async def test_request_id_travels_into_the_worker_logs(base, worker):
-    """The id of the request that submitted a job is on every worker log line about it."""
+    """The id of the request that submitted a job is on every worker log line about it; a job that
+    succeeds gets one line at INFO."""
     async with httpx.AsyncClient(base_url=base, timeout=30) as client:
         r = await client.post("/jobs", json={"type": "demo", "params": {"steps": 1, "interval": 0}}, headers={"X-Request-ID": "rid-into-worker-7"})
         job = r.json()
         await watch_sse(client, base + job["links"]["events"])
     ours = [json.loads(line) for line in worker.log().splitlines() if job["id"] in line and '"logger": "worker"' in line]
-    assert [line["msg"].split(": ", 1)[1] for line in ours] == ["running demo, attempt 1", "succeeded"]
+    assert [line["msg"].split(": ", 1)[1] for line in ours] == ["succeeded (demo, attempt 1, " + ours[-1]["msg"].rsplit(", ", 1)[1]]
     assert all(line["request_id"] == "rid-into-worker-7" and line["job_id"] == job["id"] for line in ours)
 
 

@@ -10,15 +10,24 @@ import pytest
 import redis.asyncio as aioredis
 
 from core import contract, queue, scripts
+from core.devredis import RedisProcess
 from core.settings import Settings
 from core.store import Store, WriteRefused
 
 pytestmark = pytest.mark.anyio
 
 
+@pytest.fixture(scope="module")
+def own_redis(tmp_path_factory):
+    """A server of this module's own: the suite's session worker must not claim these jobs."""
+    server = RedisProcess(tmp_path_factory.mktemp("scripts") / "redis", appendonly=False).start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture
-async def client(redis_server):
-    client = aioredis.Redis.from_url(redis_server.url)
+async def client(own_redis):
+    client = aioredis.Redis.from_url(own_redis.url)
     yield client
     await client.aclose()
 
@@ -80,8 +89,8 @@ async def test_write_is_a_compare_and_set_and_a_final_state_enqueues_its_webhook
     store = Store(client, Settings())
     doc, _, _ = await store.create("demo", {}, "t-scripts", webhook="https://example.com/hook")
     running = await store.write(doc, "t-scripts", status=contract.RUNNING)
-    with pytest.raises(WriteRefused) as refused:  # the same write again: refused, stored seq given
-        await store.write(doc, "t-scripts", status=contract.RUNNING)
+    with pytest.raises(WriteRefused) as refused:  # another write from the same seq: refused, stored seq given
+        await store.write(doc, "t-scripts", status=contract.RUNNING, message="another writer")
     assert (refused.value.seq, refused.value.state) == (2, "running")
     final = await store.write(running, "t-scripts", status=contract.SUCCEEDED, result={"ok": 1})
     delivery = contract.webhook_delivery_id(doc["id"], final["seq"])
@@ -119,3 +128,79 @@ async def test_count_counts_and_reads(client):
     await client.hset(contract.job_key(job_id), "ev", b"packed")
     assert await run(client, scripts.COUNT, counter=counter, job=contract.job_key(job_id), window=60) == [3, b"packed"]
     assert 0 < await client.ttl(counter) <= 60
+
+
+def write_fields(store: Store, doc: dict, tenant: str, **over) -> dict:
+    """``scripts.WRITE``'s fields for the next seq of ``doc``, as ``Store.write`` builds them."""
+    new = {**doc, "seq": doc["seq"] + 1, "status": contract.RUNNING, "updated_at": contract.now_iso()}
+    job_id = doc["id"]
+    fields = dict(
+        job=contract.job_key(job_id), tombstone=contract.tombstone_key(job_id), result=contract.result_key(job_id),
+        queue=queue.QUEUE, delivery_record=queue.record_key("d-" + job_id), queued=contract.queued_set(tenant),
+        webhook=contract.webhook_key(job_id), record=queue.record_key(job_id), lease=queue.lease_key(job_id),
+        tries=queue.tries_key(job_id), expected=doc["seq"], seq=new["seq"], state=new["status"],
+        event=contract.pack(new, tenant), channel=contract.channel(job_id), ttl=60, terminal=0, tombstone_ttl=60,
+        result_json=b"", delivery_payload=b"", delivery_ttl_ms=60_000, now_ms=0, delivery_id="d-" + job_id,
+        wake_channel="t-scripts-wake", job_id=job_id, now_us=0, tenant=tenant, after="", due_ms=0,
+    )  # fmt: skip
+    return fields | over
+
+
+async def test_write_sent_twice_writes_once(client):
+    """A pipeline sent again after a lost reply: the write whose exact event is stored answers as written."""
+    store = Store(client, Settings())
+    doc, _, _ = await store.create("demo", {}, "t-scripts")
+    fields = write_fields(store, doc, "t-scripts")
+    assert await run(client, scripts.WRITE, **fields) == [1, 2]
+    assert await run(client, scripts.WRITE, **fields) == [1, 2]
+    assert await run(client, scripts.WRITE, **fields | {"event": fields["event"] + b" "}) == [0, 2, b"running"]
+
+
+async def claim(client, limit: int, owner: str = "w1", skip: str = "", lease_ms: int = 10_000) -> list:
+    return await run(
+        client, scripts.CLAIM, queue=queue.QUEUE, now_ms=int(time.time() * 1000), limit=limit, lease_ms=lease_ms, owner=owner,
+        skip=skip, lease_prefix=queue.LEASE_PREFIX, tries_prefix=queue.TRIES_PREFIX, tries_ttl=queue.TRIES_TTL,
+        record_prefix=queue.RECORD_PREFIX, job_prefix=contract.job_key(""), cancel_prefix=contract.cancel_key(""),
+    )  # fmt: skip
+
+
+async def test_claim_takes_due_jobs_once_with_what_running_them_needs(client):
+    await client.delete(queue.QUEUE)  # only this test's jobs
+    store = Store(client, Settings())
+    docs = [(await store.create("demo", {"n": i}, "t-claim", request_id=f"r{i}"))[0] for i in range(3)]
+    await client.set(contract.cancel_key(docs[1]["id"]), 1)
+    first = await claim(client, 2, skip=docs[0]["id"])  # skipped: a job still under way here
+    assert sorted(row[0].decode() for row in first) == sorted([docs[1]["id"], docs[2]["id"]])
+    job_id, tries, record, event, rid, cancelled = next(row for row in first if row[0].decode() == docs[1]["id"])
+    assert (tries, rid, cancelled) == (1, b"r1", 1)
+    assert queue.parse(record).args == ({"n": 1},)
+    assert contract.unpack(event).seq == 1
+    assert await client.get(queue.lease_key(docs[1]["id"])) == b"w1"
+    assert [row[0].decode() for row in await claim(client, 5, owner="w2")] == [docs[0]["id"]]  # leased ones passed over
+    assert await claim(client, 5, owner="w3") == []
+    # the attempt ends (the worker's AFTER): finished, re-queued for later, released
+    for job_id, after, due in ((docs[0]["id"], queue.FINISH, 0), (docs[1]["id"], queue.REQUEUE, 1), (docs[2]["id"], queue.RELEASE, 0)):
+        await run(client, scripts.AFTER, queue=queue.QUEUE, record=queue.record_key(job_id), lease=queue.lease_key(job_id),
+                  tries=queue.tries_key(job_id), after=after, job_id=job_id, due_ms=due)  # fmt: skip
+    assert await client.zscore(queue.QUEUE, docs[0]["id"]) is None and not await client.exists(queue.record_key(docs[0]["id"]))
+    assert await client.zscore(queue.QUEUE, docs[1]["id"]) == 1 and await client.get(queue.tries_key(docs[1]["id"])) == b"1"
+    again = await claim(client, 5, owner="w3")  # the released one, and the re-queued one (due at 1 ms)
+    assert sorted(row[0].decode() for row in again) == sorted([docs[1]["id"], docs[2]["id"]])
+    assert {row[0].decode(): row[1] for row in again}[docs[2]["id"]] == 2  # its second try
+
+
+async def test_renew_keeps_own_leases_and_takes_back_a_lapsed_one(client):
+    store = Store(client, Settings())
+    mine, theirs, done = [(await store.create("demo", {}, "t-renew"))[0]["id"] for _ in range(3)]
+    now = int(time.time() * 1000)
+    await client.set(queue.lease_key(mine), b"w1", px=50)
+    await client.set(queue.lease_key(theirs), b"w2", px=50)
+    await client.zrem(queue.QUEUE, done)  # finished meanwhile: its lease is not made again
+    await run(client, scripts.RENEW, queue=queue.QUEUE, now_ms=now, lease_ms=10_000, owner="w1", lease_prefix=queue.LEASE_PREFIX,
+              ids=f"{mine} {theirs} {done}")  # fmt: skip
+    assert await client.pttl(queue.lease_key(mine)) > 5_000
+    assert await client.get(queue.lease_key(theirs)) == b"w2" and await client.pttl(queue.lease_key(theirs)) <= 50
+    assert not await client.exists(queue.lease_key(done))
+    await client.delete(queue.lease_key(mine))  # lapsed in an outage: taken back, the job still due
+    await run(client, scripts.RENEW, queue=queue.QUEUE, now_ms=now, lease_ms=10_000, owner="w1", lease_prefix=queue.LEASE_PREFIX, ids=mine)
+    assert await client.get(queue.lease_key(mine)) == b"w1"

@@ -1,13 +1,12 @@
-"""``python -m worker``: one arq worker process against ``REDIS_URL``.
+"""``python -m worker``: one worker process against ``REDIS_URL`` (``worker.runtime``).
 
-arq's worker exits on some Redis connection errors; this loop starts it again (with a
-back-off) so a Redis restart does not leave a deployment without workers. SIGTERM and
-SIGINT stop it: running jobs are re-queued by arq and marked ``queued`` again.
+A worker that cannot reach Redis as it starts ends; this loop starts it again (with a back-off)
+so a Redis restart does not leave a deployment without workers. SIGTERM and SIGINT stop it:
+running jobs are marked ``queued`` again and go back to the queue.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
@@ -15,6 +14,7 @@ from prometheus_client import start_http_server
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from core import connections
 from core.logs import setup_logging
 from core.settings import Settings
 from worker.registry import load
@@ -26,12 +26,15 @@ log = logging.getLogger("worker")
 def main() -> None:
     settings = Settings.from_env()
     setup_logging(settings.log_level)
+    try:
+        connections.parse(settings.redis_url)  # a bad REDIS_URL ends the worker with the reason
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     registry = load(settings.jobs_module)
     if settings.worker_metrics_port:
         start_http_server(settings.worker_metrics_port, addr=settings.host)
     delay = 0.5
     while True:
-        asyncio.set_event_loop(asyncio.new_event_loop())
         worker = ProgressWorker(settings, registry)
         started = time.monotonic()
         try:

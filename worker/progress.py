@@ -25,7 +25,12 @@ REDIS_OUTAGE = 60.0  # seconds a progress or final write waits for Redis to come
 
 
 class JobEnded(Exception):
-    """The stored job is already terminal (cancelled while queued): stop, write nothing."""
+    """The stored job is already terminal (cancelled while queued): stop, write nothing. With
+    ``superseded``, a later attempt runs elsewhere (this worker's lease lapsed): leave it be."""
+
+    def __init__(self, why: str, superseded: bool = False) -> None:
+        super().__init__(why)
+        self.superseded = superseded
 
 
 class JobContext:
@@ -114,8 +119,11 @@ class JobContext:
             if self.doc["status"] == contract.RUNNING and not self.doc["stalled"]:
                 await self.write(stalled=True)
 
-    async def finish(self, status: str, result: Any = None, result_ttl: int | None = None, **changes: Any) -> None:
-        """Write the final (or re-queued) state, with anything the throttle held back."""
+    async def finish(
+        self, status: str, result: Any = None, result_ttl: int | None = None, after: str = "", due_ms: int = 0, **changes: Any
+    ) -> None:
+        """Write the final (or re-queued) state, with anything the throttle held back; ``after``:
+        what the attempt leaves to the queue, in the same step (``Store.write``)."""
         async with self._lock:
             if self._timer is not None:
                 self._timer.cancel()
@@ -124,9 +132,9 @@ class JobContext:
             self._pending = {}
             if status != contract.RUNNING:
                 changes.update(eta_s=None, stalled=False)
-            await self.write(result=result, result_ttl=result_ttl, **changes)
+            await self.write(result=result, result_ttl=result_ttl, after=after, due_ms=due_ms, **changes)
 
-    async def write(self, result: Any = None, result_ttl: int | None = None, **changes: Any) -> None:
+    async def write(self, result: Any = None, result_ttl: int | None = None, after: str = "", due_ms: int = 0, **changes: Any) -> None:
         """One atomic store + publish; re-based on the stored seq if another writer moved it.
 
         Redis being away is not the job's fault: the write is retried until Redis answers again
@@ -138,7 +146,9 @@ class JobContext:
         conflicts = 0
         while True:
             try:
-                self.doc = await self.store.write(self.doc, self.tenant, result=result, result_ttl=result_ttl, **changes)
+                self.doc = await self.store.write(
+                    self.doc, self.tenant, result=result, result_ttl=result_ttl, after=after, due_ms=due_ms, **changes
+                )
                 return
             except WriteRefused as refused:
                 if refused.state in contract.TERMINAL or not refused.state:
@@ -147,7 +157,7 @@ class JobContext:
                 if stored is None:
                     raise JobEnded("missing") from None
                 if stored["attempt"] > attempt:
-                    raise JobEnded(f"superseded by attempt {stored['attempt']}") from None
+                    raise JobEnded(f"superseded by attempt {stored['attempt']}", superseded=True) from None
                 self.doc = stored
                 conflicts += 1
                 if conflicts >= 3:

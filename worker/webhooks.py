@@ -1,7 +1,7 @@
-"""Webhook delivery: one attempt per call, retried by arq with exponential back-off and jitter.
+"""Webhook delivery: one attempt per call, re-queued with exponential back-off and jitter.
 
-``deliver`` runs as its own arq job (``contract.WEBHOOK_FUNCTION``), enqueued atomically with a
-job's final state by ``Store.write``; ``attempt`` is arq's ``job_try`` (1, 2, ...). Each attempt:
+``deliver`` runs as its own queued job (``contract.WEBHOOK_FUNCTION``), enqueued atomically with a
+job's final state by ``Store.write``; ``attempt`` is its try count (1, 2, ...). Each attempt:
 
 1. reads what to send, captured when the final state was written (``Store.webhook_payload``:
    the URL and the final document, kept until the delivery ends, whatever ``RESULT_TTL`` says);
@@ -12,7 +12,7 @@ job's final state by ``Store.write``; ``attempt`` is arq's ``job_try`` (1, 2, ..
 3. POSTs the document signed as in Standard Webhooks, with a total deadline, no redirects,
    no proxies from the environment, and at most ``MAX_RESPONSE_BYTES`` of the answer read;
 4. 2xx: done. 410: the receiver is gone, stop. Anything else (3xx, 4xx, 5xx, timeouts,
-   connection errors): ``arq.Retry`` after a back-off, until ``WEBHOOK_MAX_ATTEMPTS`` or ``WEBHOOK_DEADLINE``.
+   connection errors): ``queue.Requeue`` after a back-off, until ``WEBHOOK_MAX_ATTEMPTS`` or ``WEBHOOK_DEADLINE``.
 
 Which document is sent: the final state that enqueued the delivery, byte for byte, even after
 the job's document has expired. If the job is run again (``POST /jobs/{id}/retry``), the pending
@@ -32,7 +32,6 @@ import time
 from dataclasses import dataclass
 
 import httpx
-from arq import Retry
 
 from core import contract, queue
 from core import webhooks as guard
@@ -42,7 +41,7 @@ from core.store import Store
 log = logging.getLogger("worker.webhooks")
 
 
-# runtime.WEBHOOK_TIMEOUT (60 s) is arq's backstop per attempt: resolving and one attempt stay below it.
+# runtime.WEBHOOK_TIMEOUT (60 s) is the backstop per attempt: resolving and one attempt stay below it.
 MAX_ATTEMPT_TIMEOUT = 50.0
 # arq drops a queued job 24 h after it was enqueued; give up before that.
 MAX_DEADLINE = 23.5 * 3600
@@ -63,7 +62,7 @@ class Outcome:
 
 
 async def deliver(store: Store, settings: Settings, job_id: str, seq: int, attempt: int) -> None:
-    """One delivery attempt of job ``job_id``'s final state ``seq``; raises arq.Retry to try again."""
+    """One delivery attempt of job ``job_id``'s final state ``seq``; raises ``queue.Requeue`` to try again."""
     delivery_id = contract.webhook_delivery_id(job_id, seq)
     started = time.monotonic()
     try:
@@ -82,7 +81,7 @@ async def deliver(store: Store, settings: Settings, job_id: str, seq: int, attem
         deadline = min(settings.webhook_deadline, MAX_DEADLINE)
         if attempt < settings.webhook_max_attempts and (enqueued is None or time.time() + delay - enqueued <= deadline):
             log.info("%s: %s in %.2f s; retrying in %.2f s", what, outcome.detail, took, delay)
-            raise Retry(defer=delay)
+            raise queue.Requeue(delay)
         log.warning("%s: %s in %.2f s; giving up after %d attempts", what, outcome.detail, took, attempt)
     try:
         await store.webhook_done(job_id, seq)
