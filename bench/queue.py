@@ -104,7 +104,7 @@ def one_run(concurrency: int, n: int, job_type: str, params: dict[str, Any], log
 
 
 def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+    return {key: round(statistics.median(r[key] for r in runs), 2) for key in runs[0]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             rec["worker_us_per_progress"] = round((per_job - rec["worker_us_per_job"]) / a.steps, 1)
             rec["progress_jobs_per_s"] = median_of(progress)["jobs_per_s"]
         print(
-            f"  c{concurrency}: {rec['jobs_per_s']:,} jobs/s  worker {rec['worker_us_per_job']} µs/job ({rec['worker_cores']} core)  "
+            f"  c{concurrency}: {rec['jobs_per_s']:,.0f} jobs/s  worker {rec['worker_us_per_job']} µs/job ({rec['worker_cores']} core)  "
             f"redis {rec['redis_us_per_job']} µs/job, {rec['redis_commands_per_job']} commands/job"
             + (f"  progress {rec['worker_us_per_progress']} µs each" if progress else ""),
             flush=True,

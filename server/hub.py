@@ -23,7 +23,7 @@ import contextlib
 import logging
 import time
 from datetime import datetime
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from redis.asyncio import Redis
 
@@ -48,15 +48,24 @@ class SubscribeTimeout(Exception):
 class Watch:
     """What one mailbox watches: some jobs, or every job of a tenant, for as long as the ``with``
     lasts. ``add`` may be called again (a WebSocket subscribes to more jobs over time), and
-    ``remove`` drops jobs early; leaving the block unwatches the rest. A stream whose response
-    outlives its handler (SSE) hands the watch over with ``contextlib.ExitStack.pop_all``."""
+    ``remove`` drops jobs early; leaving the block unwatches the rest and calls ``on_exit`` (a
+    stream's count, ``server.streams.admit``). A stream whose response outlives its handler (SSE)
+    takes the watch with ``hand_over``, which leaves the ``with`` nothing to end."""
 
-    __slots__ = ("hub", "mailbox", "jobs", "all")
+    __slots__ = ("hub", "mailbox", "jobs", "all", "on_exit")
 
     def __init__(self, hub: Hub, mailbox: Mailbox) -> None:
         self.hub, self.mailbox = hub, mailbox
         self.jobs: set[str] = set()
         self.all = False
+        self.on_exit: Callable[[], None] | None = None
+
+    def hand_over(self) -> Watch:
+        """A watch with this one's jobs and ``on_exit``, ended by whoever holds it (``with``)."""
+        other = Watch(self.hub, self.mailbox)
+        other.jobs, other.all, other.on_exit = self.jobs, self.all, self.on_exit
+        self.jobs, self.all, self.on_exit = set(), False, None
+        return other
 
     async def add(self, job_ids: Iterable[str]) -> None:
         """Route ``job_ids``' events to the mailbox; returns once Redis confirmed them."""
@@ -82,6 +91,9 @@ class Watch:
         if self.all:
             self.all = False
             self.hub._unwatch_all(self.mailbox)
+        if self.on_exit is not None:
+            on_exit, self.on_exit = self.on_exit, None
+            on_exit()
 
 
 class Hub:

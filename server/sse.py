@@ -20,6 +20,7 @@ from core.fastpath import direct
 from core.fastpath.sse import drop_send_lock
 from server import wire
 from server.events import Event, Mailbox, MailboxClosed
+from server.hub import Watch
 from server.requests import deadline, int_param, load, reader
 from server.metrics import STATS
 from server.problems import Problem, invalid
@@ -31,8 +32,7 @@ delivered = STATS.delivered
 
 
 class Stream(EventSourceResponse):
-    """An SSE response that leaves its watch (``on_close``: unwatch, count the stream out)
-    however it ends.
+    """An SSE response that ends its watch (unwatch, count the stream out) however it ends.
 
     sse-starlette's response gives the headers and the answer to HEAD. Its ``__call__`` runs an
     anyio task group of four tasks per stream (body, ping, shutdown signal, disconnect), which
@@ -42,20 +42,17 @@ class Stream(EventSourceResponse):
     mailbox closed), a slow client's end from the ``SlowClientReaper``.
     """
 
-    def __init__(
-        self, request: Request, mailbox: Mailbox, frames: AsyncIterator[bytes], on_close: contextlib.ExitStack
-    ) -> None:
+    def __init__(self, request: Request, watch: Watch, frames: AsyncIterator[bytes]) -> None:
         super().__init__(frames, ping=0, sep="\n")
         drop_send_lock(self)
-        self.mailbox = mailbox
-        self.on_close = on_close
+        self.watch = watch
         self.reaper: SlowClientReaper = request.app.state.reaper
 
     async def __call__(self, scope, receive, send) -> None:
-        with self.on_close:
+        with self.watch:
             if scope["method"] == "HEAD":  # headers only; sse-starlette answers it without a stream
                 return await super().__call__(scope, receive, send)
-            mailbox = self.mailbox
+            mailbox = self.watch.mailbox
 
             async def until_disconnect() -> None:
                 while (await receive())["type"] != "http.disconnect":
@@ -96,21 +93,20 @@ async def job_events(request: Request) -> Response:
     caller = await reader(request)
     mailbox = Mailbox()
     mailbox.expect(job_id, since)
-    with contextlib.ExitStack() as stack:
-        watch = stack.enter_context(request.app.state.hub.watching(mailbox))
+    with request.app.state.hub.watching(mailbox) as watch:
         await watch.add([job_id])
         snapshot = await load(request, job_id, caller)
         if snapshot.terminal and snapshot.seq <= since:
             return Response(status_code=204)  # the client has the end already: EventSource stops
-        stack.callback(admit(request, caller, "text" if wants_text(request) else "sse"))
+        watch.on_exit = admit(request, caller, "text" if wants_text(request) else "sse")
         mailbox.put(snapshot)
-        on_close = stack.pop_all()  # the response leaves the watch when it ends
+        watch = watch.hand_over()  # the response ends it
     if wants_text(request):
-        return TextStream(mailbox, on_close)
+        return TextStream(watch)
     if request.query_params.get("format") == "html":
-        return Stream(request, mailbox, sse_frames(request, mailbox, wire.html_frame, until_terminal=True), on_close)
+        return Stream(request, watch, sse_frames(request, mailbox, wire.html_frame, until_terminal=True))
     mailbox.direct = direct.sse_writer(request.scope)
-    return Stream(request, mailbox, sse_frames(request, mailbox, attrgetter("sse"), until_terminal=True), on_close)
+    return Stream(request, watch, sse_frames(request, mailbox, attrgetter("sse"), until_terminal=True))
 
 
 async def sse_frames(
@@ -148,7 +144,9 @@ def wants_text(request: Request) -> bool:
 class TextStream(StreamingResponse):
     """``curl -N -H 'Accept: text/plain' .../events``: one bar redrawn in place until the end."""
 
-    def __init__(self, mailbox: Mailbox, on_close: contextlib.ExitStack) -> None:
+    def __init__(self, watch: Watch) -> None:
+        mailbox = watch.mailbox
+
         async def lines() -> AsyncIterator[bytes]:
             width = 0
             while True:
@@ -164,10 +162,10 @@ class TextStream(StreamingResponse):
                     return
 
         super().__init__(lines(), media_type="text/plain; charset=utf-8", headers={"X-Accel-Buffering": "no"})
-        self.on_close = on_close
+        self.watch = watch
 
     async def __call__(self, scope, receive, send) -> None:
-        with self.on_close:
+        with self.watch:
             if scope["method"] == "HEAD":  # headers only (StreamingResponse would stream the bar)
                 await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
                 return await send({"type": "http.response.body", "body": b""})
@@ -194,9 +192,8 @@ async def events(request: Request) -> Response:
     mailbox = Mailbox()
     for job_id, seq in seen.items():
         mailbox.expect(job_id, seq)
-    with contextlib.ExitStack() as stack:
-        stack.callback(admit(request, caller, "sse"))
-        watch = stack.enter_context(hub.watching(mailbox))
+    with hub.watching(mailbox) as watch:
+        watch.on_exit = admit(request, caller, "sse")
         if job_ids:
             await watch.add(job_ids)
             for job_id, raw in zip(job_ids, await store.read_many(job_ids)):
@@ -206,7 +203,7 @@ async def events(request: Request) -> Response:
             await watch.add_all(caller.tenant)
             for event in await hub.snapshot_all(caller.tenant):
                 mailbox.put(event)
-        on_close = stack.pop_all()  # the response leaves the watch when it ends
+        watch = watch.hand_over()  # the response ends it
 
     def frame(event: Event) -> bytes:
         """The frame's id is the resume cursor: the last seq of each job, newest last."""
@@ -216,4 +213,4 @@ async def events(request: Request) -> Response:
             del seen[next(iter(seen))]
         return wire.sse_frame(contract.encode_cursor(seen).encode(), event.name, event.doc)
 
-    return Stream(request, mailbox, sse_frames(request, mailbox, frame, until_terminal=False), on_close)
+    return Stream(request, watch, sse_frames(request, mailbox, frame, until_terminal=False))

@@ -203,6 +203,7 @@ async def websocket(ws: WebSocket) -> None:
     mailbox.direct = direct.ws_writer(ws.scope)
     failure: BaseException | None = None
     with ws.app.state.hub.watching(mailbox) as watch:
+        watch.on_exit = release
         conn = Connection(ws, caller, mailbox, watch)
         # This task writes; one more task reads, and when it ends (the client left) it closes the
         # mailbox, which ends the writing. Two tasks per connection, not three: an idle WebSocket
@@ -218,7 +219,6 @@ async def websocket(ws: WebSocket) -> None:
             failure = e
         finally:
             reader.cancel()
-            release()
     if reader.done() and not reader.cancelled():
         failure = failure or reader.exception()  # read either way: asyncio warns if it is not
     if isinstance(failure, TimeoutError):  # the client stopped taking our writes
