@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,33 +55,72 @@ async def enqueue(url: str, job_type: str, params: dict[str, Any], n: int) -> No
         await redis.aclose()
 
 
-def one_run(concurrency: int, n: int, job_type: str, params: dict[str, Any], logs: Path, extra_env: dict[str, str]) -> dict[str, Any]:
+def tree_ticks(pid: int) -> int:
+    """CPU ticks of ``pid`` and every process below it (a worker CLI may fork its workers)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    parents[int(entry)] = int(f.read().rsplit(b")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    tree, grew = {pid}, True
+    while grew:
+        below = {child for child, parent in parents.items() if parent in tree} - tree
+        tree |= below
+        grew = bool(below)
+    return sum(cpu_ticks(p) for p in tree)
+
+
+@dataclass
+class Ours:
+    """This project's worker (``python -m worker``) running ``job_type`` jobs."""
+
+    job_type: str = "bench_noop"
+    params: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+    name: str = "progress-server"
+
+    def enqueue(self, url: str, n: int) -> None:
+        asyncio.run(enqueue(url, self.job_type, self.params, n))
+
+    def remaining(self, client: redis_sync.Redis) -> int:
+        return client.zcard(queue.QUEUE)
+
+    def worker(self, url: str, concurrency: int) -> tuple[list[str], dict[str, str], Path]:
+        env = {"REDIS_URL": url, "JOBS_MODULE": "worker.demo,bench.jobs", "PYTHONPATH": str(ROOT),
+               "WORKER_CONCURRENCY": str(concurrency), **self.env}  # fmt: skip
+        return [sys.executable, "-m", "worker"], env, ROOT
+
+
+def measure(system: Any, concurrency: int, n: int, logs: Path) -> dict[str, Any]:
+    """``n`` jobs queued ahead in a fresh Valkey, then one worker of ``system``; the figures
+    between 10% and 90% of the jobs done."""
     tmp = Path(tempfile.mkdtemp(prefix="progress-queue-bench-"))
     redis = RedisProcess(tmp / "redis", appendonly=False).start()
     worker = None
     try:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
-        env.update({"REDIS_URL": redis.url, "JOBS_MODULE": "worker.demo,bench.jobs", "PYTHONPATH": str(ROOT),
-                    "WORKER_CONCURRENCY": str(concurrency), "PYTHONUNBUFFERED": "1", **extra_env})  # fmt: skip
-        asyncio.run(enqueue(redis.url, job_type, params, n))
+        system.enqueue(redis.url, n)
         client = redis_sync.Redis.from_url(redis.url)
-        assert client.zcard(queue.QUEUE) == n
-        log = open(logs / f"worker-{job_type}-c{concurrency}-{time.monotonic_ns()}.log", "wb")
-        worker = subprocess.Popen([sys.executable, "-m", "worker"], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                  preexec_fn=_child_setup)  # fmt: skip
+        assert system.remaining(client) == n, f"{system.name}: {system.remaining(client)} of {n} jobs queued"
+        argv, extra, cwd = system.worker(redis.url, concurrency)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")} | {"PYTHONUNBUFFERED": "1"} | extra
+        log = open(logs / f"worker-{system.name}-c{concurrency}-{time.monotonic_ns()}.log", "wb")
+        worker = subprocess.Popen(argv, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_child_setup)
         log.close()
         marks: dict[str, tuple[float, int, int, int, int]] = {}
         polls = 0
         deadline = time.monotonic() + 300
         while len(marks) < 2:
-            left = client.zcard(queue.QUEUE)
+            left = system.remaining(client)
             polls += 1
             done = n - left
             for name, at in (("start", n // 10), ("end", n - n // 10)):
                 if name not in marks and done >= at:
-                    marks[name] = (time.monotonic(), done, cpu_ticks(worker.pid), cpu_ticks(redis.proc.pid), commands(client) - polls)
+                    marks[name] = (time.monotonic(), done, tree_ticks(worker.pid), cpu_ticks(redis.proc.pid), commands(client) - polls)
             if worker.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"worker exited or stalled with {left} jobs left (log in {logs})")
+                raise RuntimeError(f"{system.name}: worker exited or stalled with {left} jobs left (log in {logs})")
             time.sleep(0.005)
         (t0, d0, w0, r0, c0), (t1, d1, w1, r1, c1) = marks["start"], marks["end"]
         jobs = d1 - d0
@@ -124,9 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     for concurrency in (int(c) for c in a.concurrency.split(",")):
         noop, progress = [], []
         for _ in range(a.repeat):  # alternated, so a drift of the machine's speed hits both alike
-            noop.append(one_run(concurrency, a.jobs, "bench_noop", {}, logs, env))
+            noop.append(measure(Ours(env=env), concurrency, a.jobs, logs))
             if a.steps:
-                progress.append(one_run(concurrency, a.jobs // 4, "bench_progress", {"steps": a.steps}, logs, {**env, "PROGRESS_INTERVAL": "0"}))
+                progressing = Ours("bench_progress", {"steps": a.steps}, {**env, "PROGRESS_INTERVAL": "0"})
+                progress.append(measure(progressing, concurrency, a.jobs // 4, logs))
         rec = {"scenario": "queue", "concurrency": concurrency, "jobs": a.jobs, "runs": a.repeat, "log_level": a.log_level, **median_of(noop)}
         if progress:
             per_job = median_of(progress)["worker_us_per_job"]

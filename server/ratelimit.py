@@ -8,7 +8,8 @@ from redis.asyncio import Redis
 
 from core import contract, scripts
 from server.problems import Problem
-from core.store import REDIS_DEADLINE, Batched
+from core.batched import Batched
+from core.store import REDIS_DEADLINE
 
 WINDOW = 60  # seconds
 

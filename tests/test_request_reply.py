@@ -59,7 +59,7 @@ async def test_fifty_concurrent_identical_requests_make_one_job(base, redis_clie
 
 
 async def test_concurrent_submits_each_get_their_own_answer(base, redis_client):
-    """Submits that arrive together share one Redis pipeline (``store.Batched``): each still gets
+    """Submits that arrive together share one Redis pipeline (``core.batched.Batched``): each still gets
     its own outcome, whatever the others' are."""
     params = {"steps": 1, "interval": 0}
     async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=40)) as client:
