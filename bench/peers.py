@@ -64,7 +64,7 @@ asyncio.run(main(int(os.environ["N"])))
 """,
     ),
     "saq": (
-        ["saq[hiredis]==0.26.4"],
+        ["saq[hiredis]==0.26.4", "typing_extensions"],
         """
 import os
 from saq import Queue
