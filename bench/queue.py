@@ -172,11 +172,13 @@ def main(argv: list[str] | None = None) -> int:
         if progress:
             per_job = median_of(progress)["worker_us_per_job"]
             rec["worker_us_per_progress"] = round((per_job - rec["worker_us_per_job"]) / a.steps, 1)
+            redis_per_job = median_of(progress)["redis_us_per_job"]
+            rec["redis_us_per_progress"] = round((redis_per_job - rec["redis_us_per_job"]) / a.steps, 1)
             rec["progress_jobs_per_s"] = median_of(progress)["jobs_per_s"]
         print(
             f"  c{concurrency}: {rec['jobs_per_s']:,.0f} jobs/s  worker {rec['worker_us_per_job']} µs/job ({rec['worker_cores']} core)  "
             f"redis {rec['redis_us_per_job']} µs/job, {rec['redis_commands_per_job']} commands/job"
-            + (f"  progress {rec['worker_us_per_progress']} µs each" if progress else ""),
+            + (f"  progress: worker {rec['worker_us_per_progress']} µs, redis {rec['redis_us_per_progress']} µs each" if progress else ""),
             flush=True,
         )
         record = {"run": run_id, "ts": datetime.datetime.now().isoformat(timespec="seconds"), **rec,
