@@ -1,0 +1,121 @@
+"""Redis CPU per operation of the product's scripts (issue 19, the capacity model).
+
+In a fresh Valkey without persistence, from this process, each operation ``--n`` times through
+the product's own code (``Store``), the calls of one loop turn pipelined as the server and the
+worker send them; Redis CPU from /proc:
+
+* ``submit``: ``Store.create`` (what ``POST /jobs`` runs: rate count, document, index, queue entry,
+  two publishes);
+* ``progress/S``: ``Store.write`` of a running job (what ``ctx.progress()`` runs: compare-and-set,
+  store, publish) with S server connections subscribed to every job's channel and reading (S = 0,
+  1, 4, 16): a server process subscribes once per watched job, however many of its clients
+  watch it, so S is the number of server processes whose clients watch the job;
+* ``poll``: ``scripts.COUNT`` with the job's event (what ``GET /jobs/{id}`` runs).
+
+    .venv/bin/python -m bench.capacity            # about a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import tempfile
+import threading
+from pathlib import Path
+
+import redis as redis_sync
+from redis.asyncio import Redis
+
+from bench.procs import CLK_TCK, cpu_ticks, machine_facts
+from bench.queue import RESULTS
+from core import contract, scripts
+from core.batched import Batched
+from core.devredis import RedisProcess
+from core.settings import Settings
+from core.store import REDIS_DEADLINE, Store
+
+BATCH = 500
+
+
+class Subscriber(threading.Thread):
+    """One connection subscribed to ``channels``, reading everything (as a server's hub does)."""
+
+    def __init__(self, url: str, channels: list[str]) -> None:
+        super().__init__(daemon=True)
+        self.pubsub = redis_sync.Redis.from_url(url).pubsub()
+        self.pubsub.subscribe(*channels)
+        self.received = 0
+        self.stopping = False
+
+    def run(self) -> None:
+        while not self.stopping:
+            if self.pubsub.get_message(timeout=0.2):
+                self.received += 1
+
+
+async def measure(pid: int, n: int, step) -> float:
+    """Redis CPU µs per call of ``step(i)`` over ``n`` calls, ``BATCH`` per loop turn."""
+    before = cpu_ticks(pid)
+    for start in range(0, n, BATCH):
+        await asyncio.gather(*(step(i) for i in range(start, min(n, start + BATCH))))
+    return (cpu_ticks(pid) - before) * 1e6 / CLK_TCK / n
+
+
+async def run(n: int) -> dict[str, float]:
+    tmp = Path(tempfile.mkdtemp(prefix="progress-capacity-"))
+    server = RedisProcess(tmp / "redis", appendonly=False).start()
+    redis = Redis.from_url(server.url)
+    out: dict[str, float] = {}
+    try:
+        settings = Settings.from_env({"REDIS_URL": server.url, "QUEUE_CAP": "0"})
+        store = Store(redis, settings)
+        pid = server.proc.pid
+        out["submit"] = await measure(pid, n, lambda i: store.create("demo", {"steps": 5}))
+        docs = [(await store.create("demo", {}))[0] for _ in range(BATCH)]
+        docs = await asyncio.gather(*(store.write(d, "", status=contract.RUNNING, attempt=1) for d in docs))
+        channels = [contract.channel(d["id"]) for d in docs]
+        for subscribers in (0, 1, 4, 16):
+            readers = [Subscriber(server.url, channels) for _ in range(subscribers)]
+            for reader in readers:
+                reader.start()
+            await asyncio.sleep(0.5)
+
+            async def progress(i: int) -> None:
+                k = i % BATCH
+                docs[k] = await store.write(docs[k], "", progress=float(i % 100), message=f"step {i}")
+
+            out[f"progress/{subscribers}"] = await measure(pid, n, progress)
+            for reader in readers:
+                reader.stopping = True
+            for reader in readers:
+                reader.join()
+        count = Batched(redis, scripts.COUNT, REDIS_DEADLINE)
+        out["poll"] = await measure(
+            pid, n, lambda i: count(counter=contract.rate_key("poll", "bench", 0), job=contract.job_key(docs[i % BATCH]["id"]), window=60)
+        )
+    finally:
+        await redis.aclose()
+        server.stop()
+    return {k: round(v, 1) for k, v in out.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=20000, help="calls per operation (default 20000)")
+    a = p.parse_args(argv)
+    facts = machine_facts()
+    figures = asyncio.run(run(a.n))
+    print(f"bench.capacity at {facts['git']}: Redis CPU µs per call ({a.n} calls each, {BATCH} per pipeline)")
+    for name, us in figures.items():
+        print(f"  {name:12} {us:6.1f} µs   {1e6 / us:>9,.0f} per second per Redis core")
+    record = {"run": datetime.datetime.now().strftime("%Y%m%d-%H%M%S"), "scenario": "capacity", "n": a.n,
+              "redis_us": figures, "machine": facts}  # fmt: skip
+    with open(RESULTS / "results.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
