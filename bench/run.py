@@ -41,7 +41,7 @@ from core.devredis import RedisProcess, free_port
 
 RESULTS = ROOT / "bench" / "results"
 WS_IMPLS = ("websockets-sansio", "websockets", "wsproto")
-SCENARIOS = ("fanout-ws", "fanout-sse", "hot-ws", "floor", "hot-sse", "idle", "submit", "start", "poll", "ws-impls", "deflate")
+SCENARIOS = ("fanout-ws", "fanout-sse", "hot-ws", "floor", "hot-sse", "idle", "submit", "start", "poll", "ws-impls", "deflate", "curve")
 EXTRA = ("soak",)  # run only when named: `--only soak --minutes N` (bench/soak.py)
 
 
@@ -177,7 +177,7 @@ class Bench:
             await asyncio.sleep(0.1)
         raise RuntimeError(f"server on port {server.port} not ready:\n{server.log_tail()}")
 
-    def start_worker(self) -> Child:
+    def start_worker(self, **settings: Any) -> Child:
         import redis as redis_sync
 
         from core import contract
@@ -185,7 +185,7 @@ class Bench:
         client = redis_sync.Redis.from_url(self.redis.url)
         try:
             before = client.pubsub_numsub(contract.WAKE_CHANNEL)[0][1]
-            worker = self.children.spawn(f"worker-{time.monotonic_ns()}", [sys.executable, "-m", "worker"], self.env(), role="worker")
+            worker = self.children.spawn(f"worker-{time.monotonic_ns()}", [sys.executable, "-m", "worker"], self.env(**settings), role="worker")
             deadline = time.monotonic() + 30
             while client.pubsub_numsub(contract.WAKE_CHANNEL)[0][1] <= before:
                 if not worker.alive() or time.monotonic() > deadline:
@@ -469,6 +469,54 @@ class Bench:
         return {"scenario": "submit", "summary": True, "best": {k: best[k] for k in ("conns", "requests_per_s", "server_us_per_request", "lat_p50_ms", "lat_p99_ms", "statuses")},
                 "steps": [{k: r[k] for k in ("conns", "requests_per_s", "server_us_per_request", "lat_p50_ms", "lat_p99_ms", "server_cores")} for r in steps]}  # fmt: skip
 
+    async def curve(self) -> dict[str, Any]:
+        """N server processes and M worker processes end to end (issue 19): no-op jobs submitted
+        over 64 connections spread over the servers, run by the workers (concurrency 50 each).
+        Jobs done per second = the submits of the window less what the queue grew by."""
+        import redis as redis_sync
+
+        from core import queue
+
+        body = json.dumps({"type": "bench_noop", "params": {}})
+        req = f"POST /jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}"
+        client = redis_sync.Redis.from_url(self.redis.url)
+        steps = []
+        try:
+            for n, m in ((1, 1), (1, 2), (2, 1), (2, 2)):
+                await self.start_servers("module", None, n)
+                workers = [self.start_worker(worker_concurrency=50) for _ in range(m)]
+                try:
+                    per = [64 // len(self.agents)] * len(self.agents)
+                    await self.each("http_start", host="127.0.0.1", port=self.ports, requests=[req], per_agent=[{"conns": c} for c in per])
+                    await asyncio.sleep(self.cfg.warm)
+                    await self.each("reset")
+                    depth0, s0 = client.zcard(queue.QUEUE), self.snapshot()
+                    await asyncio.sleep(self.cfg.measure)
+                    depth1, s1 = client.zcard(queue.QUEUE), self.snapshot()
+                    cpu = self.cpu_fields(s0, s1)  # while the workers are still there to count
+                    replies = await self.each("stats", stop=True)
+                    await self.each("http_stop", timeout=30)
+                finally:
+                    for worker in workers:
+                        self.children.stop(worker)
+                window = s1.at - s0.at
+                accepted = sum(r["statuses"].get("202", 0) for r in replies)
+                rec = {
+                    "scenario": "curve", "servers_n": n, "workers_m": m, "submits_per_s": round(accepted / window),
+                    "jobs_done_per_s": round((accepted - (depth1 - depth0)) / window), "queue_growth_per_s": round((depth1 - depth0) / window),
+                    **cpu,
+                }  # fmt: skip
+                self.record(rec)
+                print(f"  curve  N={n} M={m}: {rec['submits_per_s']:,} submits/s, {rec['jobs_done_per_s']:,} jobs done/s "
+                      f"(queue {rec['queue_growth_per_s']:+,}/s); cores: server {rec.get('server_cores', 0):.2f} "
+                      f"worker {rec.get('worker_cores', 0):.2f} redis {rec.get('redis_cores', 0):.2f} gen {rec.get('gen_cores', 0):.2f}", flush=True)  # fmt: skip
+                steps.append(rec)
+                self.flush_redis()
+        finally:
+            client.close()
+        return {"scenario": "curve", "summary": True,
+                "steps": [{k: r.get(k) for k in ("servers_n", "workers_m", "submits_per_s", "jobs_done_per_s", "server_cores", "worker_cores", "redis_cores")} for r in steps]}  # fmt: skip
+
     async def poll(self) -> dict[str, Any]:
         await self.start_servers(*self.server_kind)
         setup = await self.publisher.call("setup_jobs", redis_url=self.redis.url, n=100, timeout=60)
@@ -633,6 +681,7 @@ class Bench:
             "poll": self.poll,
             "ws-impls": self.ws_impls,
             "deflate": self.deflate,
+            "curve": self.curve,
         }
         for name in cfg.only:
             other = await self.wait_quiet()
