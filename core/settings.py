@@ -13,6 +13,7 @@ class Settings:
     redis_wait_ms: int = 500  # how long such a write waits for them before going on anyway
     host: str = "127.0.0.1"
     port: int = 8000
+    reuse_port: bool = False  # server: SO_REUSEPORT, so several processes share HOST:PORT (the kernel spreads connections)
     api_keys: str = ""  # tenant:key,tenant:key ; empty: keyless dev mode (every caller is one tenant)
     token_secret: str = ""  # signs watch tokens; empty: a random secret shared through Redis
     allowed_origins: str = ""  # browser origins for WebSocket and CORS; empty: same origin only

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import uvicorn
 
 from core import fastpath
@@ -9,6 +11,7 @@ from core.logs import setup_logging
 from core.settings import Settings
 
 WS_MAX_MESSAGE = 64 * 1024  # a bigger client frame closes the socket with 1009
+BACKLOG = 4096  # connections waiting to be accepted (the kernel caps it at net.core.somaxconn)
 
 
 def connections() -> dict:
@@ -25,10 +28,22 @@ def connections() -> dict:
     }
 
 
+def shared_socket(host: str, port: int) -> socket.socket:
+    """A listening socket with ``SO_REUSEPORT``: one per process, the kernel spreads the
+    connections of ``host:port`` over the processes that listen on it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
 def main() -> None:
     settings = Settings.from_env()
     setup_logging(settings.log_level)
-    uvicorn.run(
+    config = uvicorn.Config(
         "server.app:create_app",
         factory=True,
         host=settings.host,
@@ -36,11 +51,14 @@ def main() -> None:
         loop="uvloop",
         **connections(),
         limit_concurrency=settings.max_connections,
+        backlog=BACKLOG,
         timeout_graceful_shutdown=5,
         log_config=None,
         log_level=settings.log_level,
         access_log=False,
     )
+    sockets = [shared_socket(settings.host, settings.port)] if settings.reuse_port else None
+    uvicorn.Server(config).run(sockets=sockets)
 
 
 if __name__ == "__main__":

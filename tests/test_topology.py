@@ -14,7 +14,8 @@ from websockets.exceptions import InvalidStatus
 
 from core import contract
 from core.devredis import RedisProcess
-from support import assert_stream_ok, start_server, start_worker, submit, wait_until, watch_sse
+from core.devredis import free_port
+from support import Proc, assert_stream_ok, process_env, start_server, start_worker, submit, wait_until, watch_sse
 
 pytestmark = pytest.mark.anyio
 
@@ -135,3 +136,42 @@ async def test_job_accepted_before_redis_crash_survives_it(tmp_path):
             worker.stop()
         server.stop()
         redis.stop()
+
+
+async def test_server_processes_share_one_port(redis_server, worker, tmp_path):
+    """``REUSE_PORT=1``: two server processes listen on one port and the kernel spreads new
+    connections over both; when one stops, its streams end and the other serves on."""
+    port = free_port()
+    env = process_env(redis_server.url, reuse_port=1, host="127.0.0.1", port=port)
+    first = Proc("server", env, tmp_path / "first.log", port=port).start()
+    second = Proc("server", env, tmp_path / "second.log", port=port).start()
+    try:
+        for proc in (first, second):
+            wait_until(lambda p=proc: "Application startup complete" in p.log(), timeout=20, what="both servers started")
+        async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=100)) as client:
+            job = await submit(client, first.url, steps=2, interval=20)  # streams stay open for a while
+            opened = asyncio.Queue()
+
+            async def stream() -> list[str]:
+                """The events one stream got, until it ended."""
+                seen = []
+                async with client.stream("GET", f"{first.url}/jobs/{job['id']}/events") as r:
+                    assert r.status_code == 200
+                    async for line in r.aiter_lines():
+                        if line.startswith("event:"):
+                            seen.append(line.split(":", 1)[1].strip())
+                            opened.put_nowait(1)
+                return seen
+
+            streams = [asyncio.create_task(stream()) for _ in range(16)]
+            for _ in streams:  # each has its snapshot: every stream is open
+                await asyncio.wait_for(opened.get(), 10)
+            first.stop()  # its streams end without a final event
+            r = await client.delete(f"{first.url}/jobs/{job['id']}")  # the port still answers: the second process
+            assert r.status_code == 202, r.text  # cancel of a running job: requested
+            ended = await asyncio.wait_for(asyncio.gather(*streams), 15)  # the second's streams end on `cancelled`
+        on_second = sum(1 for seen in ended if seen[-1] == "cancelled")
+        assert 0 < on_second < len(streams), f"{on_second} of {len(streams)} streams were on the second process"
+    finally:
+        for proc in (first, second):
+            proc.stop()
