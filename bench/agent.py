@@ -441,15 +441,19 @@ class Agent:
         return {"pid": os.getpid()}
 
     async def op_connect(self, host: str, port: int | list[int], kind: str, conns: list[list[list]], concurrency: int = 100,
-                         deflate: bool = False, timeout: float = 60.0) -> dict[str, Any]:  # fmt: skip
+                         deflate: bool = False, timeout: float = 60.0, source: str | None = None,
+                         connect_timeout: float | None = None) -> dict[str, Any]:  # fmt: skip
         """Open one stream per entry of ``conns`` (a list of [job id, index] pairs), and wait for
-        each one's snapshot(s). ``port`` may be a list: connections are spread round robin."""
+        each one's snapshot(s). ``port`` may be a list: connections are spread round robin.
+        ``source``: the local address to connect from (each loopback address has its own
+        ephemeral ports)."""
         loop = asyncio.get_running_loop()
         ports = port if isinstance(port, list) else [port]
         sem = asyncio.Semaphore(concurrency)
         failed: list[str] = []
         started = time.monotonic()
-        deadline = started + timeout
+        deadline = started + (connect_timeout or timeout)
+        local = (source, 0) if source else None
 
         async def one(k: int, jobs: list[tuple[str, int]]) -> None:
             async with sem:
@@ -460,7 +464,7 @@ class Agent:
                         if left <= 0:
                             raise TimeoutError("connect deadline")
                         async with asyncio.timeout(left):
-                            _, proto = await loop.create_connection(factory, host, ports[k % len(ports)])
+                            _, proto = await loop.create_connection(factory, host, ports[k % len(ports)], local_addr=local)
                             self.conns.append(proto)
                             await proto.ready
                         return

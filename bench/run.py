@@ -42,7 +42,8 @@ from core.devredis import RedisProcess, free_port
 RESULTS = ROOT / "bench" / "results"
 WS_IMPLS = ("websockets-sansio", "websockets", "wsproto")
 SCENARIOS = ("fanout-ws", "fanout-sse", "hot-ws", "floor", "hot-sse", "idle", "submit", "start", "poll", "ws-impls", "deflate", "curve")
-EXTRA = ("soak",)  # run only when named: `--only soak --minutes N` (bench/soak.py)
+EXTRA = ("soak", "connections")  # run only when named: `--only soak --minutes N` (bench/soak.py), `--only connections`
+PER_PROCESS = 18_000  # connections per server (and load-generator) process in `connections`: 20,000 open files each here
 
 
 @dataclass
@@ -60,6 +61,7 @@ class Config:
     watchers: int = 1000
     fanout_jobs: int = 100
     idle: int = 10_000
+    connections: int = 100_000
     idle_hold: float = 5.0
     submit_conns: list[int] = field(default_factory=lambda: [16, 64])
     start_jobs: int = 200
@@ -138,15 +140,17 @@ class Bench:
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
         return await Agent(child).start()
 
-    async def start_servers(self, kind: str = "module", ws: str | None = None, n: int | None = None) -> None:
+    async def start_servers(self, kind: str = "module", ws: str | None = None, n: int | None = None, shared: bool = False) -> None:
         """``kind`` module: ``python -m server`` as shipped; uvicorn: ``python -m uvicorn`` with
-        ``--ws ws``; floor: ``bench.floor``, the websockets library's own broadcast."""
+        ``--ws ws``; floor: ``bench.floor``, the websockets library's own broadcast. ``shared``:
+        every server on one port (``REUSE_PORT``), started one after the other."""
         for s in self.servers:
             self.children.stop(s)
         self.servers = []
         self.server_kind = (kind, ws)
+        one_port = free_port()
         for i in range(n or self.cfg.servers):
-            port = free_port()
+            port = one_port if shared else free_port()
             if kind == "module":
                 argv = [sys.executable, "-m", "server"]
             elif kind == "floor":
@@ -157,10 +161,19 @@ class Bench:
                         "--ws-max-size", "65536", "--no-access-log", "--log-level", self.cfg.log_level,
                         "--timeout-graceful-shutdown", "5"]  # fmt: skip
             name = f"server{i}-{kind}{'-' + ws if ws else ''}-{port}"
-            env = self.env(port=port)
+            env = self.env(port=port, **({"reuse_port": 1} if shared else {}))
             self.servers.append(self.children.spawn(name, argv, env, role="server", port=port))
+            if shared:  # any of them answers on the port: wait for each one's own word
+                await self.wait_started(self.servers[-1])
         for s in self.servers:
             await self.wait_healthy(s)
+
+    async def wait_started(self, server: Child, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while "Application startup complete" not in server.log_path.read_text(errors="replace"):
+            if not server.alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"server {server.name} did not start:\n{server.log_tail()}")
+            await asyncio.sleep(0.1)
 
     async def wait_healthy(self, server: Child, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -425,6 +438,109 @@ class Bench:
         print(step_line(rec), flush=True)
         return rec
 
+    async def connections(self) -> dict[str, Any]:
+        """``--connections`` (default 100,000) idle connections, half SSE and half WebSocket, on one
+        job, held by server processes sharing one port (``REUSE_PORT``; at most ``PER_PROCESS``
+        connections each, under the 20,000 open files a process may have here), opened by as many
+        load-generator processes, each from its own loopback address (127.0.0.x: past the
+        ephemeral-port range of one address); then one update to all, while a probe keeps asking
+        ``/healthz`` through the same port."""
+        cfg = self.cfg
+        n = cfg.connections // 2 * 2
+        procs = -(-n // PER_PROCESS)
+        await self.start_servers("module", None, procs, shared=True)
+        port = self.servers[0].port
+        saved = self.agents
+        self.agents = [await self.start_agent(f"conn{i}") for i in range(procs)]
+        try:
+            await asyncio.sleep(0.5)
+            pids = self.server_pids()
+            rss0 = {p: rss_kib(p) for p in pids}
+            setup = await self.publisher.call("setup_jobs", redis_url=self.redis.url, n=1, timeout=60)
+            job = setup["jobs"][0][:2]
+            share = [n // procs + (1 if i < n % procs else 0) for i in range(procs)]
+            started = time.monotonic()
+            s_connect = Snapshot.take(pids + [a.pid for a in self.agents])
+            replies = await asyncio.gather(*[
+                a.call("connect", timeout=1800, host="127.0.0.1", port=port, kind=kind, conns=[[job]] * (count // 2 + (count % 2 if kind == "sse" else 0)),
+                       concurrency=50, source=f"127.0.0.{10 + i}", connect_timeout=1500)
+                for kind in ("sse", "ws") for i, (a, count) in enumerate(zip(self.agents, share))
+            ])  # fmt: skip
+            connect_s = time.monotonic() - started
+            s_connected = Snapshot.take(pids + [a.pid for a in self.agents])
+            failed = sum(r["failed"] for r in replies)
+            if failed:
+                raise RuntimeError(f"{failed} connections failed: {[e for r in replies for e in r['errors']][:3]}")
+            self.expected_terminal = share
+            await asyncio.sleep(2.0)
+            rss1 = {p: rss_kib(p) for p in pids}
+            per_server = [r for r in await asyncio.gather(*(self.metric_connections(p) for p in pids))]
+            await self.each("arrivals", start=True)
+            await self.each("reset")
+            probe = asyncio.create_task(self.probe(port))
+            t_pub = self.snapshot()
+            await self.publisher.call("publish", rate=1, duration=0.2)
+            deadline = time.monotonic() + 60
+            while True:
+                got = sum(r["deliveries"] for r in await self.each("stats"))
+                if got >= n or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.05)
+            t_done = self.snapshot()
+            generator_cores = round(cores(t_pub, t_done, [a.pid for a in self.agents]), 2)
+            probe.cancel()
+            probes = await asyncio.gather(probe, return_exceptions=True)
+            probe_ms = self.probe_ms
+            arrivals = [x for r in await self.each("arrivals", start=False) for x in r["arrivals"]]
+            end = await self.finish_jobs()
+        finally:
+            with contextlib.suppress(Exception):
+                await self.end_streams()
+            for agent in self.agents:
+                agent.close()
+                self.children.stop(agent.child)
+            self.agents = saved
+        del probes
+        growth = sum(rss1[p] - rss0[p] for p in pids)
+        rec = {
+            "scenario": "connections", "summary": True, "connections": n, "sse": n // 2, "ws": n // 2, "server_processes": procs,
+            "generator_processes": procs, "per_server": per_server, "connect_s": round(connect_s, 1),
+            "server_us_per_connect": round(cpu_seconds(s_connect, s_connected, pids) * 1e6 / n, 1),
+            "generator_cores_while_connecting": round(cores(s_connect, s_connected, [a for a in s_connect.ticks if a not in pids]), 2),
+            "rss_kib_per_conn": round(growth / n, 2), "rss_mib_per_server": [round((rss1[p]) / 1024) for p in pids],
+            "delivered": len(arrivals), "one_update_p50_ms": stats.ms(stats.exact(arrivals, 0.5)),
+            "one_update_p99_ms": stats.ms(stats.exact(arrivals, 0.99)), "one_update_max_ms": stats.ms(max(arrivals) if arrivals else None),
+            "server_us_per_delivery": round(cpu_seconds(t_pub, t_done, pids) * 1e6 / max(1, len(arrivals)), 1),
+            "generator_cores_during_burst": generator_cores,
+            "healthz_during_burst_ms": {"count": len(probe_ms), "p50": stats.ms(stats.exact(probe_ms, 0.5)) if probe_ms else None,
+                                        "max": stats.ms(max(probe_ms)) if probe_ms else None},
+            **end,
+        }  # fmt: skip
+        self.record(rec)
+        print(f"  connections  {n:,} over {procs} servers on one port: {rec['rss_kib_per_conn']} KiB/conn, "
+              f"connect {rec['connect_s']} s ({rec['server_us_per_connect']} µs server CPU each); one update to all: "
+              f"{rec['delivered']:,} delivered, p50 {rec['one_update_p50_ms']} p99 {rec['one_update_p99_ms']} ms, "
+              f"{rec['server_us_per_delivery']} µs/dlv; /healthz during it: {rec['healthz_during_burst_ms']}; lost {end.get('lost_terminal')}", flush=True)  # fmt: skip
+        return rec
+
+    async def metric_connections(self, pid: int) -> int:
+        """Open streams of one server process: from its /proc (sockets), since /metrics through a
+        shared port reaches any of them."""
+        return sum(1 for fd in os.listdir(f"/proc/{pid}/fd") if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"))
+
+    async def probe(self, port: int) -> None:
+        """``GET /healthz`` on a new connection every 50 ms; latencies (µs) in ``probe_ms``."""
+        self.probe_ms: list[int] = []
+        while True:
+            t0 = time.perf_counter()
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            head = await reader.read(64)
+            writer.close()
+            if head.startswith(b"HTTP/1.1 200"):
+                self.probe_ms.append(int((time.perf_counter() - t0) * 1e6))
+            await asyncio.sleep(0.05)
+
     # -- request scenarios -------------------------------------------------------------
 
     async def http_run(self, scenario: str, requests: list[str], conns: int, extra: dict[str, Any]) -> dict[str, Any]:
@@ -682,6 +798,7 @@ class Bench:
             "ws-impls": self.ws_impls,
             "deflate": self.deflate,
             "curve": self.curve,
+            "connections": self.connections,
         }
         for name in cfg.only:
             other = await self.wait_quiet()
@@ -785,6 +902,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--fanout-rates", help="comma-separated total update rates for fanout-ws/fanout-sse")
     p.add_argument("--hot-rates", help="comma-separated update rates for hot-ws")
     p.add_argument("--idle", type=int, help="connections held by the idle scenario (default 10000)")
+    p.add_argument("--connections", type=int, help="connections held by the connections scenario (default 100000)")
     p.add_argument("--profile", action="store_true", help="py-spy the server during each measured window")
     p.add_argument("--hot-sse-rates", help="comma-separated update rates for hot-sse")
     p.add_argument("--log-level", help="server LOG_LEVEL (default info, as shipped)")
@@ -797,7 +915,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--drain", type=float, help="soak: seconds to wait for final states after the load (default 60)")
     a = p.parse_args(argv)
     kw: dict[str, Any] = {}
-    for name in ("measure", "warm", "agents", "servers", "idle", "quiet_wait", "minutes", "kill_every", "soak_rate", "soak_watchers", "drain"):
+    for name in ("measure", "warm", "agents", "servers", "idle", "connections", "quiet_wait", "minutes", "kill_every", "soak_rate", "soak_watchers", "drain"):
         if getattr(a, name) is not None:
             kw[name] = getattr(a, name)
     if a.log_level:
