@@ -215,6 +215,10 @@ class ProgressWorker:
             log.warning("job %s: lost Redis around the job (%s); back to the queue", job_id, e)
             with contextlib.suppress(*REDIS_LOST):
                 await self._leave(job_id, queue.REQUEUE, due_ms=int((time.time() + 1.0) * 1000))
+        except Exception:  # a bug of ours around the job (the job's own errors are its result)
+            log.exception("job %s: the worker failed around the job; back to the queue", job_id)
+            with contextlib.suppress(*REDIS_LOST):
+                await self._leave(job_id, queue.REQUEUE, due_ms=int((time.time() + UNKNOWN_TYPE_RETRY) * 1000))
 
     async def _leave(self, job_id: str, after: str, due_ms: int = 0) -> None:
         """What a claimed job leaves to the queue when no document write carried it."""
