@@ -41,7 +41,7 @@ from core.devredis import RedisProcess, free_port
 
 RESULTS = ROOT / "bench" / "results"
 WS_IMPLS = ("websockets-sansio", "websockets", "wsproto")
-SCENARIOS = ("fanout-ws", "fanout-sse", "hot-ws", "floor", "hot-sse", "idle", "submit", "start", "poll", "ws-impls", "deflate", "curve")
+SCENARIOS = ("fanout-ws", "fanout-sse", "hot-ws", "floor", "hot-sse", "idle", "submit", "start", "queue", "poll", "ws-impls", "deflate", "curve")
 EXTRA = ("soak", "connections")  # run only when named: `--only soak --minutes N` (bench/soak.py), `--only connections`
 PER_PROCESS = 18_000  # connections per server (and load-generator) process in `connections`: 20,000 open files each here
 
@@ -633,6 +633,21 @@ class Bench:
         return {"scenario": "curve", "summary": True,
                 "steps": [{k: r.get(k) for k in ("servers_n", "workers_m", "submits_per_s", "jobs_done_per_s", "server_cores", "worker_cores", "redis_cores")} for r in steps]}  # fmt: skip
 
+    async def queue(self) -> dict[str, Any]:
+        """The worker alone (``bench.queue``): no-op jobs queued ahead, one worker at concurrency
+        10 and 50, its own fresh Valkey per run; jobs/s and CPU and Redis commands per job."""
+        from bench.queue import Ours, measure
+
+        steps = []
+        for concurrency in (10, 50):
+            rec = {"scenario": "queue", "concurrency": concurrency, "jobs": 5000,
+                   **await asyncio.to_thread(measure, Ours(env={"LOG_LEVEL": self.cfg.log_level}), concurrency, 5000, self.logs)}  # fmt: skip
+            self.record(rec)
+            print(f"  queue  c{concurrency}: {rec['jobs_per_s']:,} jobs/s, worker {rec['worker_us_per_job']} µs/job, "
+                  f"redis {rec['redis_us_per_job']} µs/job, {rec['redis_commands_per_job']} commands/job", flush=True)  # fmt: skip
+            steps.append(rec)
+        return {"scenario": "queue", "summary": True, "steps": [{k: r[k] for k in ("concurrency", "jobs_per_s", "worker_us_per_job", "redis_us_per_job")} for r in steps]}  # fmt: skip
+
     async def poll(self) -> dict[str, Any]:
         await self.start_servers(*self.server_kind)
         setup = await self.publisher.call("setup_jobs", redis_url=self.redis.url, n=100, timeout=60)
@@ -797,6 +812,7 @@ class Bench:
             "poll": self.poll,
             "ws-impls": self.ws_impls,
             "deflate": self.deflate,
+            "queue": self.queue,
             "curve": self.curve,
             "connections": self.connections,
         }
