@@ -29,6 +29,7 @@ from typing import Any
 
 mono = time.monotonic_ns
 MARK = b'"message":"bench '
+ATTEMPT_TIMEOUT = 30.0  # seconds one connection may take to open and get its snapshot before it is tried again
 MARK_LEN = len(MARK)
 WS_KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
 
@@ -251,6 +252,10 @@ class WSConn(StreamConn):
                 elif payload.startswith(b'{"event":"error"'):
                     agent.c.errors += 1
                     agent.last_error = payload[:300].decode(errors="replace")
+                    if not self.ready.done():  # the subscribe was refused: this attempt failed
+                        self.ready.set_exception(ConnectionError(agent.last_error))
+                        self.transport.close()
+                        self.closed = True
                 else:
                     self.doc(payload, now, True)
             elif op == 9:
@@ -459,16 +464,20 @@ class Agent:
             async with sem:
                 for attempt in range(3):
                     factory = (lambda: WSConn(self, jobs, deflate)) if kind == "ws" else (lambda: SSEConn(self, jobs))
+                    proto = None
                     try:
                         left = deadline - time.monotonic()
                         if left <= 0:
                             raise TimeoutError("connect deadline")
-                        async with asyncio.timeout(left):
+                        async with asyncio.timeout(min(left, ATTEMPT_TIMEOUT)):  # a stuck attempt is tried again
                             _, proto = await loop.create_connection(factory, host, ports[k % len(ports)], local_addr=local)
                             self.conns.append(proto)
                             await proto.ready
                         return
                     except (OSError, ConnectionError, TimeoutError) as e:
+                        if proto is not None:  # connected, but no snapshot in time (or refused)
+                            proto.transport.close()
+                            self.conns.remove(proto)
                         if attempt == 2 or time.monotonic() > deadline:
                             failed.append(repr(e)[:200])
                             return

@@ -462,8 +462,8 @@ class Bench:
             started = time.monotonic()
             s_connect = Snapshot.take(pids + [a.pid for a in self.agents])
             replies = await asyncio.gather(*[
-                a.call("connect", timeout=1800, host="127.0.0.1", port=port, kind=kind, conns=[[job]] * (count // 2 + (count % 2 if kind == "sse" else 0)),
-                       concurrency=50, source=f"127.0.0.{10 + i}", connect_timeout=1500)
+                a.call("connect", timeout=700, host="127.0.0.1", port=port, kind=kind, conns=[[job]] * (count // 2 + (count % 2 if kind == "sse" else 0)),
+                       concurrency=50, source=f"127.0.0.{10 + i}", connect_timeout=600)
                 for kind in ("sse", "ws") for i, (a, count) in enumerate(zip(self.agents, share))
             ])  # fmt: skip
             connect_s = time.monotonic() - started
@@ -471,6 +471,7 @@ class Bench:
             failed = sum(r["failed"] for r in replies)
             if failed:
                 raise RuntimeError(f"{failed} connections failed: {[e for r in replies for e in r['errors']][:3]}")
+            print(f"  {n:,} connected in {connect_s:.0f} s", flush=True)
             self.expected_terminal = share
             await asyncio.sleep(2.0)
             rss1 = {p: rss_kib(p) for p in pids}
@@ -487,6 +488,7 @@ class Bench:
                     break
                 await asyncio.sleep(0.05)
             t_done = self.snapshot()
+            print(f"  one update: {got:,} of {n:,} delivered", flush=True)
             generator_cores = round(cores(t_pub, t_done, [a.pid for a in self.agents]), 2)
             probe.cancel()
             probes = await asyncio.gather(probe, return_exceptions=True)

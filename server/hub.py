@@ -108,6 +108,7 @@ class Hub:
         self._pubsub = None
         self.reconnects = 0
         self.draining = False
+        self._unheard = 0  # heartbeats sent since the subscription last heard anything
 
     # -- what the endpoints call ------------------------------------------------------
 
@@ -196,6 +197,9 @@ class Hub:
         A heartbeat is published to ``HUB_CHANNEL`` every ``HEARTBEAT`` seconds; if the
         subscription hears nothing at all for ``HEARTBEAT_MISSES`` of them, the connection is
         taken as dead and rebuilt (redis-py's own health check cannot see a half-open socket).
+        Counting beats, not seconds, keeps a process whose loop stalls (a burst of thousands of
+        new connections) from taking its own slowness for a dead connection: a stalled loop
+        counts no beats.
         """
         beat = asyncio.create_task(self._heartbeat())
         try:
@@ -204,11 +208,20 @@ class Hub:
             beat.cancel()
 
     async def _heartbeat(self) -> None:
+        """Every ``HEARTBEAT`` seconds of a running loop: count one more beat the subscription
+        should hear, and publish it (not waited for: a frozen Redis must not slow the count)."""
+        sending: set[asyncio.Task] = set()
         while True:
             await asyncio.sleep(HEARTBEAT)
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(HEARTBEAT):
-                    await self.redis.publish(HUB_CHANNEL, b"")
+            self._unheard += 1
+            task = asyncio.create_task(self._beat())
+            sending.add(task)
+            task.add_done_callback(sending.discard)
+
+    async def _beat(self) -> None:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(HEARTBEAT):
+                await self.redis.publish(HUB_CHANNEL, b"")
 
     async def _run(self) -> None:
         delay = 0.2
@@ -252,15 +265,14 @@ class Hub:
     async def _read(self, pubsub) -> None:
         prefix = contract.CHANNEL_PREFIX_LEN
         watchers, all_ = self._watchers, self._all
-        loop = asyncio.get_running_loop()
-        heard = loop.time()
+        self._unheard = 0
         while True:
             msg = await pubsub.get_message(timeout=HEARTBEAT)
             if msg is None:
-                if loop.time() - heard > HEARTBEAT * HEARTBEAT_MISSES:
+                if self._unheard >= HEARTBEAT_MISSES:
                     raise ConnectionError("no heartbeat on the pub/sub connection")
                 continue
-            heard = loop.time()
+            self._unheard = 0
             kind = msg["type"]
             if kind == "message" or kind == "pmessage":
                 STATS.received += 1
