@@ -1,14 +1,14 @@
 """``REDIS_URL`` to clients: the one place that knows the URL forms.
 
-- ``redis://``, ``rediss://``, ``unix://``: redis-py's own forms, one Redis server, with those of
-  redis-py's query options that arq can pass to the worker's connections too (``QUERY_OPTIONS``:
-  the TLS ones, e.g. ``?ssl_ca_certs=ca.pem`` for a private CA, ``&ssl_certfile=&ssl_keyfile=`` for
-  mutual TLS). Any other option is refused at start rather than honoured by the server only.
+- ``redis://``, ``rediss://``, ``unix://``: redis-py's own forms, one Redis server, with the
+  query options in ``QUERY_OPTIONS`` (the TLS ones, e.g. ``?ssl_ca_certs=ca.pem`` for a private
+  CA, ``&ssl_certfile=&ssl_keyfile=`` for mutual TLS). Any other option is refused at start.
 - ``redis+sentinel://[[user]:password@]host:port[,host:port...]/service[/db]`` (or
   ``rediss+sentinel://`` for TLS to the primary): a Sentinel-managed primary. The password is the
   primary's; the sentinels themselves are asked without one, and without TLS. Every new connection
   asks the sentinels where the primary is, so after a failover a reconnect finds the promoted
-  replica. No query options: arq's Sentinel mode has no way to pass them to its connections.
+  replica. No query options yet (they were refused while the worker used arq's Sentinel mode,
+  which could not pass them on; both now connect through ``client``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit
 
-from arq.connections import RedisSettings
 from redis.asyncio import Redis
 from redis.asyncio.connection import RedisSSLContext
 from redis.asyncio.retry import Retry
@@ -48,8 +47,8 @@ def _cert_reqs(value: str) -> str:
     return value.lower()
 
 
-# The URL query options: redis-py's names and meanings, limited to those that arq's RedisSettings
-# carries to the worker's connections too (any other would connect server and worker differently).
+# The URL query options: redis-py's names and meanings, the ones server and worker both apply
+# (``client``); any other is refused rather than silently ignored.
 QUERY_OPTIONS: dict[str, Callable[[str], Any]] = {
     "db": int,
     "socket_connect_timeout": float,
@@ -58,12 +57,11 @@ QUERY_OPTIONS: dict[str, Callable[[str], Any]] = {
     "ssl_ca_certs": str,  # a private CA's certificate (PEM file) to verify the server with
     "ssl_ca_data": str,  # the same as PEM text
     "ssl_cert_reqs": _cert_reqs,  # none, optional, required (the default)
-    "ssl_check_hostname": _flag,  # off by default (redis-py 5, arq)
+    "ssl_check_hostname": _flag,  # off by default (redis-py 5)
     "ssl_certfile": str,  # mutual TLS: this client's certificate ...
     "ssl_keyfile": str,  # ... and its key
 }
 TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
-ARQ_NAMES = {"db": "database", "socket_connect_timeout": "conn_timeout"}  # the rest: the same names
 
 
 @dataclass(frozen=True)
@@ -89,7 +87,7 @@ class Target:
 
 def parse(url: str) -> Target:
     """The one parser of ``REDIS_URL``. Raises ValueError naming what is wrong, including a query
-    option the worker could not honour and TLS files that do not load."""
+    option not in ``QUERY_OPTIONS`` and TLS files that do not load."""
     parts = urlsplit(url)
     if parts.scheme in SENTINEL_SCHEMES:
         return _parse_sentinel(parts)
@@ -135,12 +133,10 @@ def parse(url: str) -> Target:
 
 
 def _parse_sentinel(parts: SplitResult) -> Target:
-    if parts.query:
-        # arq asks the sentinels itself and gives the primary's connections nothing but the db,
-        # the credentials and TLS on or off: any option would reach the server's connections only
+    if parts.query:  # not tested through redis-py's Sentinel connections yet: refused, not ignored
         raise ValueError(
-            f"REDIS_URL: a sentinel URL takes no options ({parts.query.partition('=')[0]!r}): the worker's arq "
-            "cannot pass them to the primary; TLS to it (rediss+sentinel://) verifies with the system's CAs"
+            f"REDIS_URL: a sentinel URL takes no options ({parts.query.partition('=')[0]!r}) yet; "
+            "TLS to the primary (rediss+sentinel://) verifies with the system's CAs"
         )
     credentials, _, hosts = parts.netloc.rpartition("@")
     user, _, password = credentials.partition(":")
@@ -208,20 +204,6 @@ def client(url: str, retries: int = 0, **kwargs: Any) -> Redis:
         kwargs["retry_on_error"] = [RedisConnectionError, RedisTimeoutError]
     if target.sentinel is None:
         return redispy.lean(Redis(**kwargs))
-    # the sentinels are asked without TLS or password, as arq asks them
+    # the sentinels are asked without TLS or password
     sentinels = Sentinel(target.sentinel.sentinels, sentinel_kwargs={"socket_connect_timeout": CONNECT_TIMEOUT})
     return redispy.lean(sentinels.master_for(target.sentinel.service, **kwargs))
-
-
-def arq_settings(url: str) -> RedisSettings:
-    """arq's settings for the same Redis, with the same options (arq asks the sentinels itself in
-    Sentinel mode). Called as the worker starts: a bad URL ends it (SystemExit) with the reason."""
-    try:
-        target = parse(url)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
-    fields = {ARQ_NAMES.get(name, name): value for name, value in target.options.items()}
-    fields.setdefault("conn_timeout", CONNECT_TIMEOUT)
-    if target.sentinel is not None:
-        fields.update(host=target.sentinel.sentinels, sentinel=True, sentinel_master=target.sentinel.service)
-    return RedisSettings(**fields)

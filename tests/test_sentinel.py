@@ -68,8 +68,8 @@ def test_sentinel_url_forms():
         sentinels=[("10.0.0.1", 26379), ("::1", 26380)], service="mymaster", db=2, password="s3cret"
     )
     assert connections.sentinel_target("redis://127.0.0.1:6379/0") is None
-    settings = connections.arq_settings("rediss+sentinel://a:1/m")
-    assert (settings.sentinel, settings.host, settings.sentinel_master, settings.ssl) == (True, [("a", 1)], "m", True)
+    target = connections.parse("rediss+sentinel://a:1/m")
+    assert (target.sentinel.sentinels, target.sentinel.service, target.options) == ([("a", 1)], "m", {"db": 0, "ssl": True})
     for bad in ("redis+sentinel://a:1", "redis+sentinel://a/m", "redis+sentinel://a:1/m/x"):
         with pytest.raises(ValueError):
             connections.sentinel_target(bad)

@@ -1,6 +1,6 @@
 """TLS everywhere ``REDIS_URL`` says: a real Redis with TLS only, a private CA (trustme), and a
-real server and worker that must both use the URL's TLS options (the worker's arq connections
-too). A URL option the worker cannot honour ends it at start, with a message naming it.
+real server and worker that must both use the URL's TLS options. A URL option that is not
+supported ends both at start, with a message naming it.
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ async def run_one_job(url: str, tmp: Path) -> None:
 
 @pytest.mark.slow
 async def test_private_ca(pki, tmp_path):
-    """``ssl_ca_certs`` reaches the server's clients and the worker's arq pool alike."""
+    """``ssl_ca_certs`` reaches the server's clients and the worker's alike."""
     tls = TlsRedis(tmp_path / "redis", pki, auth_clients=False)
     try:
         tls.wait_ready(tls.url())
@@ -159,8 +159,8 @@ async def test_mutual_tls(pki, tmp_path):
 
 @pytest.mark.slow
 def test_an_option_the_worker_cannot_honour_ends_it_at_start(pki, tmp_path):
-    """``socket_timeout`` is a redis-py URL option, but arq's RedisSettings has no field for it: the
-    worker (and the server, which checks the same URL) refuse to start rather than ignore it."""
+    """``socket_timeout`` is a redis-py URL option but not one of ``QUERY_OPTIONS``: the worker and
+    the server refuse to start rather than ignore it."""
     tls = TlsRedis(tmp_path / "redis", pki, auth_clients=False)
     procs: list[Proc] = []
     try:
@@ -194,12 +194,10 @@ def test_an_option_the_worker_cannot_honour_ends_it_at_start(pki, tmp_path):
     ],
 )
 def test_bad_tls_options_fail_at_start(url, message):
-    """What ``create_app`` (``sentinel_target``) and the worker (``arq_settings``) check at start."""
+    """What ``create_app`` (``sentinel_target``) and the worker (``connections.parse``) check at start."""
     with pytest.raises(ValueError, match="REDIS_URL: .*") as error:
         connections.sentinel_target(url)
     assert message in str(error.value)
-    with pytest.raises(SystemExit, match="REDIS_URL: "):
-        connections.arq_settings(url)
 
 
 def test_key_and_certificate_must_both_load(pki):
@@ -209,7 +207,7 @@ def test_key_and_certificate_must_both_load(pki):
     with pytest.raises(ValueError, match="do not load"):  # the CA's certificate is not the key's
         connections.parse(f"rediss://127.0.0.1:1/0?ssl_ca_certs={ca}&ssl_certfile={ca}&ssl_keyfile={key}")
     url = f"rediss://:pw@127.0.0.1:1/2?ssl_ca_certs={ca}&ssl_certfile={cert}&ssl_keyfile={key}"
-    settings = connections.arq_settings(url)
-    tls = (settings.ssl, settings.ssl_ca_certs, settings.ssl_certfile, settings.ssl_keyfile)
+    options = connections.parse(url).options
+    tls = (options["ssl"], options["ssl_ca_certs"], options["ssl_certfile"], options["ssl_keyfile"])
     assert tls == (True, str(ca), str(cert), str(key))
-    assert (settings.password, settings.database) == ("pw", 2)
+    assert (options["password"], options["db"]) == ("pw", 2)
