@@ -17,21 +17,13 @@ from server import ratelimit, wire
 from server.auth import TICKET_TTL, Caller
 from server.events import Event, Mailbox, MailboxClosed
 from server.problems import Problem, invalid
-from server.requests import JSON, deadline, int_param, key_holder, load, read_json, readable, reader, redis_deadline
+from server.requests import JSON, deadline, depth, int_param, key_holder, load, read_json, readable, reader, redis_deadline
 
 MAX_PAGE = 100
 MAX_PARAMS_DEPTH = 32
 
 
 # -- POST /jobs --------------------------------------------------------------------------
-
-
-def depth(value: Any, limit: int) -> int:
-    """Nesting depth of a JSON value, counting no further than ``limit + 1``."""
-    if limit < 0 or not isinstance(value, (dict, list)):
-        return 0
-    items = value.values() if isinstance(value, dict) else value
-    return 1 + max((depth(item, limit - 1) for item in items), default=0)
 
 
 async def submit(request: Request) -> Response:

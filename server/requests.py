@@ -122,11 +122,19 @@ BODY_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_fi
 
 
 def strict_json(body: bytes) -> Any:
-    """Parse a request body: UTF-8 (RFC 8259; a BOM is skipped), no NaN/Infinity (nor numbers
-    that overflow to it), no duplicate keys, no runaway nesting, no lone surrogates (which
-    cannot be stored as UTF-8)."""
+    """Parse a request body: UTF-8 (RFC 8259; a BOM is skipped), then ``strict_json_text``."""
     try:
         text = body.decode("utf-8-sig")  # strict: json.loads(bytes) would let raw surrogates in
+    except UnicodeDecodeError as e:
+        raise Problem(400, "Malformed JSON", str(e)) from None
+    return strict_json_text(text)
+
+
+def strict_json_text(text: str) -> Any:
+    """Parse JSON text (a body, a WebSocket message): no NaN/Infinity (nor numbers that overflow
+    to it), no duplicate keys, no runaway nesting, no lone surrogates (which cannot be stored as
+    UTF-8). Raises ``Problem`` 400 saying what is wrong."""
+    try:
         value = BODY_DECODER.decode(text)  # json.loads with these options would build one per call
         if SURROGATE_ESCAPE.search(text):
             contract.dumps(value)  # a lone surrogate cannot be encoded to UTF-8
@@ -155,3 +163,11 @@ async def read_json(request: Request) -> Any:
 
 def too_large(limit: int) -> Problem:
     return Problem(413, "Body too large", f"The body must be at most {limit} bytes.")
+
+
+def depth(value: Any, limit: int) -> int:
+    """Nesting depth of a JSON value, counting no further than ``limit + 1``."""
+    if limit < 0 or not isinstance(value, (dict, list)):
+        return 0
+    items = value.values() if isinstance(value, dict) else value
+    return 1 + max((depth(item, limit - 1) for item in items), default=0)

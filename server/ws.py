@@ -18,12 +18,13 @@ from core.fastpath import direct
 from server.auth import Caller
 from server.events import Event, Mailbox, MailboxClosed, Notice
 from server.hub import SubscribeTimeout, Watch
-from server.requests import redis_deadline
+from server.requests import depth, redis_deadline, strict_json_text
 from server.metrics import STATS
 from server.problems import Problem, unavailable
 from server.streams import MAX_JOBS_PER_STREAM, admit
 
 log = logging.getLogger("server.streams")
+MAX_MESSAGE_DEPTH = 4  # {"op", "jobs": [...], "since": {...}}: two levels; a little room
 
 delivered = STATS.delivered
 
@@ -64,10 +65,12 @@ class Connection:
             del event  # an idle connection holds no event
 
     async def handle(self, text: str) -> None:
-        try:
-            msg = json.loads(text)
-        except ValueError:
-            return await self.error("message is not JSON")
+        try:  # the guards of an HTTP body: no runaway nesting, no lone surrogates, no NaN
+            msg = strict_json_text(text)
+            if depth(msg, MAX_MESSAGE_DEPTH) > MAX_MESSAGE_DEPTH:
+                raise Problem(400, "Malformed JSON", "nested too deeply")
+        except Problem as problem:
+            return await self.error(f"message is not valid JSON: {problem.detail}")
         if not isinstance(msg, dict):
             return await self.error("message must be a JSON object")
         op = msg.get("op")
