@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
 import subprocess
 import sys
 import venv
@@ -27,7 +26,7 @@ from pathlib import Path
 import redis as redis_sync
 
 from bench.procs import machine_facts
-from bench.queue import RESULTS, Ours, measure
+from bench.queue import RESULTS, Ours, measure, median_of
 
 HOME = RESULTS / "peers"
 
@@ -180,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             for system in systems if round_ % 2 == 0 else systems[::-1]:
                 runs[system.name].append(measure(system, concurrency, a.jobs, logs))
         for system in systems:
-            med = {key: round(statistics.median(r[key] for r in runs[system.name]), 2) for key in runs[system.name][0]}
+            med = median_of(runs[system.name])
             print(
                 f"  c{concurrency} {system.name:16} {med['jobs_per_s']:7,.0f} jobs/s  worker {med['worker_us_per_job']:6.0f} µs/job "
                 f"({med['worker_cores']} core)  redis {med['redis_us_per_job']:5.0f} µs/job  {med['redis_commands_per_job']} commands/job",

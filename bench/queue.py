@@ -170,11 +170,10 @@ def main(argv: list[str] | None = None) -> int:
                 progress.append(measure(progressing, concurrency, a.jobs // 4, logs))
         rec = {"scenario": "queue", "concurrency": concurrency, "jobs": a.jobs, "runs": a.repeat, "log_level": a.log_level, **median_of(noop)}
         if progress:
-            per_job = median_of(progress)["worker_us_per_job"]
-            rec["worker_us_per_progress"] = round((per_job - rec["worker_us_per_job"]) / a.steps, 1)
-            redis_per_job = median_of(progress)["redis_us_per_job"]
-            rec["redis_us_per_progress"] = round((redis_per_job - rec["redis_us_per_job"]) / a.steps, 1)
-            rec["progress_jobs_per_s"] = median_of(progress)["jobs_per_s"]
+            with_progress = median_of(progress)
+            rec["worker_us_per_progress"] = round((with_progress["worker_us_per_job"] - rec["worker_us_per_job"]) / a.steps, 1)
+            rec["redis_us_per_progress"] = round((with_progress["redis_us_per_job"] - rec["redis_us_per_job"]) / a.steps, 1)
+            rec["progress_jobs_per_s"] = with_progress["jobs_per_s"]
         print(
             f"  c{concurrency}: {rec['jobs_per_s']:,.0f} jobs/s  worker {rec['worker_us_per_job']} µs/job ({rec['worker_cores']} core)  "
             f"redis {rec['redis_us_per_job']} µs/job, {rec['redis_commands_per_job']} commands/job"

@@ -25,9 +25,9 @@ round trips per job, shared by the jobs of one loop turn) instead of arq's ``Wor
 from __future__ import annotations
 
 import json
-from typing import Any
-
+import time
 from dataclasses import dataclass
+from typing import Any
 
 from arq.constants import default_queue_name, expires_extra_ms, in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from arq.jobs import deserialize_job_raw, serialize_job
@@ -68,6 +68,11 @@ local function after_attempt(after, queue, job_id, record, lease, tries, due_ms)
   end
 end
 """
+
+
+def due_in(seconds: float) -> int:
+    """The queue score (unix ms) of a job due ``seconds`` from now."""
+    return int((time.time() + seconds) * 1000)
 
 
 class Requeue(Exception):

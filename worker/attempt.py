@@ -128,8 +128,9 @@ class Attempts:
         if attempt < job_type.max_tries and not isinstance(e, ValidationError):
             after = e.after if isinstance(e, Retry) and e.after is not None else backoff(job_type.backoff, attempt)
             ctx.log.info("job %s: attempt %d failed (%s); retrying in %.2f s", ctx.id, attempt, failure["type"], after)
-            due_ms = int((time.time() + after) * 1000)
-            await ctx.finish(contract.QUEUED, message=f"retrying in {after:.1f} s", error=failure, after=queue.REQUEUE, due_ms=due_ms)
+            await ctx.finish(
+                contract.QUEUED, message=f"retrying in {after:.1f} s", error=failure, after=queue.REQUEUE, due_ms=queue.due_in(after)
+            )
             return
         ctx.log.info("job %s: failed: %s: %s", ctx.id, failure["type"], failure["message"])
         await ctx.finish(contract.FAILED, result_ttl=job_type.result_ttl, error=failure, after=queue.FINISH)

@@ -208,17 +208,17 @@ class ProgressWorker:
             else:
                 await self._unknown_type(job_id, record)
         except queue.Requeue as again:
-            await self._leave(job_id, queue.REQUEUE, due_ms=int((time.time() + again.defer) * 1000))
+            await self._leave(job_id, queue.REQUEUE, due_ms=queue.due_in(again.defer))
         except REDIS_LOST as e:
             # losing Redis in our own bookkeeping around a job is not the job's failure: it goes
             # back to the queue (or, if Redis is still away, runs again when its lease lapses)
             log.warning("job %s: lost Redis around the job (%s); back to the queue", job_id, e)
             with contextlib.suppress(*REDIS_LOST):
-                await self._leave(job_id, queue.REQUEUE, due_ms=int((time.time() + 1.0) * 1000))
+                await self._leave(job_id, queue.REQUEUE, due_ms=queue.due_in(1.0))
         except Exception:  # a bug of ours around the job (the job's own errors are its result)
             log.exception("job %s: the worker failed around the job; back to the queue", job_id)
             with contextlib.suppress(*REDIS_LOST):
-                await self._leave(job_id, queue.REQUEUE, due_ms=int((time.time() + UNKNOWN_TYPE_RETRY) * 1000))
+                await self._leave(job_id, queue.REQUEUE, due_ms=queue.due_in(UNKNOWN_TYPE_RETRY))
 
     async def _leave(self, job_id: str, after: str, due_ms: int = 0) -> None:
         """What a claimed job leaves to the queue when no document write carried it."""
