@@ -407,18 +407,7 @@ class Bench:
             await asyncio.sleep(cfg.idle_hold)
             s1 = self.snapshot()
             rss1 = sum(rss_kib(p) for p in self.server_pids())
-            await self.each("arrivals", start=True)
-            await self.each("reset")
-            t_pub = self.snapshot()
-            await self.publisher.call("publish", rate=1, duration=0.2)
-            deadline = time.monotonic() + 30
-            while True:
-                got = sum(r["deliveries"] for r in await self.each("stats"))
-                if got >= 2 * half or time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(0.05)
-            t_done = self.snapshot()
-            arrivals = [x for r in await self.each("arrivals", start=False) for x in r["arrivals"]]
+            burst, _, _ = await self.one_update(2 * half, wait=30)
             end = await self.finish_jobs()
         finally:
             await self.end_streams()
@@ -429,10 +418,7 @@ class Bench:
             "server_us_per_connect": round(cpu_seconds(s_connect, s_connected, self.server_pids()) * 1e6 / n, 1),
             "rss_kib_before": rss0, "rss_kib_after": rss1, "rss_kib_per_conn": round((rss1 - rss0) / n, 2),
             "idle_server_cores": round(cores(s0, s1, self.server_pids()), 4),
-            "delivered": len(arrivals), "one_update_p50_ms": stats.ms(stats.exact(arrivals, 0.5)),
-            "one_update_p99_ms": stats.ms(stats.exact(arrivals, 0.99)), "one_update_max_ms": stats.ms(max(arrivals) if arrivals else None),
-            "server_us_per_delivery": round(cpu_seconds(t_pub, t_done, self.server_pids()) * 1e6 / max(1, len(arrivals)), 1),
-            **end, **{k: v for k, v in self.cpu_fields(s0, s1).items() if k in ("other_cores", "loadavg")},
+            **burst, **end, **{k: v for k, v in self.cpu_fields(s0, s1).items() if k in ("other_cores", "loadavg")},
         }  # fmt: skip
         self.record(rec)
         print(step_line(rec), flush=True)
@@ -475,25 +461,14 @@ class Bench:
             self.expected_terminal = share
             await asyncio.sleep(2.0)
             rss1 = {p: rss_kib(p) for p in pids}
-            per_server = [r for r in await asyncio.gather(*(self.metric_connections(p) for p in pids))]
-            await self.each("arrivals", start=True)
-            await self.each("reset")
+            per_server = [open_sockets(p) for p in pids]
             probe = asyncio.create_task(self.probe(port))
-            t_pub = self.snapshot()
-            await self.publisher.call("publish", rate=1, duration=0.2)
-            deadline = time.monotonic() + 60
-            while True:
-                got = sum(r["deliveries"] for r in await self.each("stats"))
-                if got >= n or time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(0.05)
-            t_done = self.snapshot()
-            print(f"  one update: {got:,} of {n:,} delivered", flush=True)
+            burst, t_pub, t_done = await self.one_update(n, wait=60)
+            print(f"  one update: {burst['delivered']:,} of {n:,} delivered", flush=True)
             generator_cores = round(cores(t_pub, t_done, [a.pid for a in self.agents]), 2)
             probe.cancel()
-            probes = await asyncio.gather(probe, return_exceptions=True)
+            await asyncio.gather(probe, return_exceptions=True)
             probe_ms = self.probe_ms
-            arrivals = [x for r in await self.each("arrivals", start=False) for x in r["arrivals"]]
             end = await self.finish_jobs()
         finally:
             with contextlib.suppress(Exception):
@@ -502,7 +477,6 @@ class Bench:
                 agent.close()
                 self.children.stop(agent.child)
             self.agents = saved
-        del probes
         growth = sum(rss1[p] - rss0[p] for p in pids)
         rec = {
             "scenario": "connections", "summary": True, "connections": n, "sse": n // 2, "ws": n // 2, "server_processes": procs,
@@ -510,10 +484,7 @@ class Bench:
             "server_us_per_connect": round(cpu_seconds(s_connect, s_connected, pids) * 1e6 / n, 1),
             "generator_cores_while_connecting": round(cores(s_connect, s_connected, [a for a in s_connect.ticks if a not in pids]), 2),
             "rss_kib_per_conn": round(growth / n, 2), "rss_mib_per_server": [round((rss1[p]) / 1024) for p in pids],
-            "delivered": len(arrivals), "one_update_p50_ms": stats.ms(stats.exact(arrivals, 0.5)),
-            "one_update_p99_ms": stats.ms(stats.exact(arrivals, 0.99)), "one_update_max_ms": stats.ms(max(arrivals) if arrivals else None),
-            "server_us_per_delivery": round(cpu_seconds(t_pub, t_done, pids) * 1e6 / max(1, len(arrivals)), 1),
-            "generator_cores_during_burst": generator_cores,
+            **burst, "generator_cores_during_burst": generator_cores,
             "healthz_during_burst_ms": {"count": len(probe_ms), "p50": stats.ms(stats.exact(probe_ms, 0.5)) if probe_ms else None,
                                         "max": stats.ms(max(probe_ms)) if probe_ms else None},
             **end,
@@ -525,10 +496,24 @@ class Bench:
               f"{rec['server_us_per_delivery']} µs/dlv; /healthz during it: {rec['healthz_during_burst_ms']}; lost {end.get('lost_terminal')}", flush=True)  # fmt: skip
         return rec
 
-    async def metric_connections(self, pid: int) -> int:
-        """Open streams of one server process: from its /proc (sockets), since /metrics through a
-        shared port reaches any of them."""
-        return sum(1 for fd in os.listdir(f"/proc/{pid}/fd") if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"))
+    async def one_update(self, n: int, wait: float) -> tuple[dict[str, Any], Snapshot, Snapshot]:
+        """One update to every held connection: publish it, wait (up to ``wait`` s) until the
+        agents count ``n`` deliveries; the arrival percentiles and the servers' CPU per delivery."""
+        await self.each("arrivals", start=True)
+        await self.each("reset")
+        t_pub = self.snapshot()
+        await self.publisher.call("publish", rate=1, duration=0.2)
+        deadline = time.monotonic() + wait
+        while sum(r["deliveries"] for r in await self.each("stats")) < n and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        t_done = self.snapshot()
+        arrivals = [x for r in await self.each("arrivals", start=False) for x in r["arrivals"]]
+        fields = {
+            "delivered": len(arrivals), "one_update_p50_ms": stats.ms(stats.exact(arrivals, 0.5)),
+            "one_update_p99_ms": stats.ms(stats.exact(arrivals, 0.99)), "one_update_max_ms": stats.ms(max(arrivals) if arrivals else None),
+            "server_us_per_delivery": round(cpu_seconds(t_pub, t_done, self.server_pids()) * 1e6 / max(1, len(arrivals)), 1),
+        }  # fmt: skip
+        return fields, t_pub, t_done
 
     async def probe(self, port: int) -> None:
         """``GET /healthz`` on a new connection every 50 ms; latencies (µs) in ``probe_ms``."""
@@ -839,6 +824,12 @@ class Bench:
                 print(summary_line(s), flush=True)
             except (KeyError, TypeError, ValueError):
                 print(f"{s.get('scenario')}: {json.dumps(s)[:400]}", flush=True)
+
+
+def open_sockets(pid: int) -> int:
+    """Sockets a process holds (its connections: ``/metrics`` through a shared port reaches any
+    of the servers, /proc the one asked)."""
+    return sum(1 for fd in os.listdir(f"/proc/{pid}/fd") if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"))
 
 
 def fmt(v: Any, unit: str = "") -> str:
