@@ -68,10 +68,15 @@ class Watch:
         return other
 
     async def add(self, job_ids: Iterable[str]) -> None:
-        """Route ``job_ids``' events to the mailbox; returns once Redis confirmed them."""
+        """Route ``job_ids``' events to the mailbox; returns once Redis confirmed them. If Redis
+        does not, the jobs are not watched (a WebSocket goes on with the others)."""
         new = [j for j in job_ids if j not in self.jobs]
         self.jobs.update(new)
-        await self.hub._watch(self.mailbox, new)
+        try:
+            await self.hub._watch(self.mailbox, new)
+        except BaseException:
+            self.remove(new)
+            raise
 
     async def add_all(self, tenant: str) -> None:
         """Route every job of ``tenant`` to the mailbox (and no other tenant's)."""

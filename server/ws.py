@@ -122,11 +122,7 @@ class Connection:
                 await self.error("job expired" if gone else "job not found", job=job_id, status=410 if gone else 404)
         for job_id in allowed:
             self.mailbox.expect(job_id, since.get(job_id, 0))
-        try:
-            await self.watch.add(allowed)
-        except BaseException:
-            self.watch.remove(allowed)
-            raise
+        await self.watch.add(allowed)
         for job_id, raw in zip(allowed, await store.read_many(allowed)):
             if raw is not None and job_id in self.watch.jobs:  # not already ended and dropped meanwhile
                 self.mailbox.put(Event(job_id, raw))
