@@ -236,7 +236,8 @@ class ProgressWorker:
             log.warning("job %s: rejected before it ran: %s", job_id, why)
             failure = error("JobRejected", f"the worker could not run this job: {why}")
             with contextlib.suppress(WriteRefused):
-                await self.store.write(*loaded, status=contract.FAILED, eta_s=None, message=None, error=failure)
+                await self.store.write(*loaded, status=contract.FAILED, eta_s=None, message=None, error=failure, after=queue.FINISH)
+                return
         await self._leave(job_id, queue.FINISH)
 
     async def _deliver_webhook(self, delivery_id: str, job_id: str, seq: int, attempt: int) -> None:
