@@ -114,19 +114,37 @@ def drain_on_signals(hub: Hub) -> None:
 
 
 class App(Starlette):
-    """Starlette, except that WebSocket handshakes go straight to ``ws.websocket_app``
-    (with ``RequestContext``). Starlette's middleware and router do nothing for a WebSocket but
-    find its one route, and their frames stay on the stack for as long as it is open: 4.5 KB
-    of an idle connection's 21."""
+    """Starlette, except that the connections that stay open go past its middleware and router:
+    WebSocket handshakes to ``websocket_app`` and GET/HEAD of the two SSE routes to their
+    ``streams.Endpoint`` (each with ``RequestContext``, and CORS when configured). Those layers
+    do nothing for a stream but find its route, and each keeps a frame for as long as the stream
+    is open: about 4.5 KB of an idle WebSocket and 2.7 KB of an idle SSE stream."""
 
     websocket_app: ASGIApp
+    job_events: ASGIApp
+    events: ASGIApp
 
     async def __call__(self, scope, receive, send) -> None:
         direct.remember(scope, send)  # before any middleware wraps ``send``
         if scope["type"] == "websocket":
             scope["app"] = self
             return await self.websocket_app(scope, receive, send)
+        if scope["type"] == "http" and (stream := self.stream_for(scope)) is not None:
+            scope["app"] = self
+            return await stream(scope, receive, send)
         await super().__call__(scope, receive, send)
+
+    def stream_for(self, scope) -> ASGIApp | None:
+        """``/events`` or ``/jobs/{job_id}/events`` (``job_id`` as Starlette matches it: no slash)."""
+        if scope["method"] not in ("GET", "HEAD"):
+            return None
+        path = scope["path"].removeprefix(scope.get("root_path", ""))
+        if path == "/events":
+            return self.events
+        if path.startswith("/jobs/") and path.endswith("/events") and "/" not in (job_id := path[6:-7]) and job_id:
+            scope["path_params"] = {"job_id": job_id}
+            return self.job_events
+        return None
 
 
 def create_app(settings: Settings | None = None) -> App:
@@ -158,23 +176,33 @@ def create_app(settings: Settings | None = None) -> App:
         if app.state.auth.keyless:
             log.warning("no API_KEYS set: keyless dev mode, every caller may submit, list and cancel any job")
         app.state.reaper = streams.SlowClientReaper(settings.send_timeout)
+        app.state.heartbeat = streams.Heartbeat(settings.sse_ping)
         app.state.live_types = set()
         await redischeck.check(redis, "server")
         await read_live_types(app)
         reaper = asyncio.create_task(app.state.reaper.run())
+        heartbeat = asyncio.create_task(app.state.heartbeat.run())
         reader = asyncio.create_task(hub.run())
         follower = asyncio.create_task(follow_workers(app))
         drain_on_signals(hub)
         try:
             yield
         finally:
-            for task in (reader, reaper, follower):
+            for task in (reader, reaper, heartbeat, follower):
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
             await redis.aclose()
             await hub_redis.aclose()
 
+    errors = {
+        Problem: problem,
+        HTTPException: http_error,
+        RedisConnectionError: unavailable,
+        RedisTimeoutError: unavailable,
+        SubscribeTimeout: unavailable,
+    }
+    job_events, events = streams.Endpoint(sse.job_events, errors), streams.Endpoint(sse.events, errors)
     routes = [  # the busiest first: Starlette tries them in order
         Route("/jobs", jobs.submit, methods=["POST"]),
         Route("/jobs", jobs.list_jobs, methods=["GET"]),
@@ -185,8 +213,8 @@ def create_app(settings: Settings | None = None) -> App:
         Route("/tickets", jobs.ticket, methods=["POST"]),
         Route("/job-types", jobtypes.list_types),
         Route("/workers", list_workers),
-        Route("/jobs/{job_id}/events", streams.Endpoint(sse.job_events), methods=["GET"], name="job_events"),
-        Route("/events", streams.Endpoint(sse.events), methods=["GET"], name="events"),
+        Route("/jobs/{job_id}/events", job_events, methods=["GET"], name="job_events"),  # GET: App.stream_for
+        Route("/events", events, methods=["GET"], name="events"),
         # WebSocket /ws: ``App.websocket_app``, past the router
         Route("/", page("index.html")),
         Route("/dashboard", page("dashboard.html")),
@@ -197,13 +225,6 @@ def create_app(settings: Settings | None = None) -> App:
         Route("/docs", page("docs.html")),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
-    handlers = {
-        Problem: problem,
-        HTTPException: http_error,
-        RedisConnectionError: unavailable,
-        RedisTimeoutError: unavailable,
-        SubscribeTimeout: unavailable,
-    }
     middleware = [Middleware(RequestContext)]
     if origins:
         middleware.append(
@@ -216,6 +237,14 @@ def create_app(settings: Settings | None = None) -> App:
                 max_age=600,
             )
         )
-    app = App(routes=routes, lifespan=lifespan, exception_handlers=handlers, middleware=middleware)
+    app = App(routes=routes, lifespan=lifespan, exception_handlers=errors, middleware=middleware)
     app.websocket_app = RequestContext(ws.websocket_app)
+    app.job_events, app.events = around(job_events, middleware), around(events, middleware)
     return app
+
+
+def around(inner: ASGIApp, middleware: list[Middleware]) -> ASGIApp:
+    """``inner`` inside the app's middleware, outermost first, as Starlette stacks them."""
+    for cls, args, kwargs in reversed(middleware):
+        inner = cls(inner, *args, **kwargs)
+    return inner

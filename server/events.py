@@ -74,6 +74,9 @@ class Notice:
         self.ws, self.job_id, self.terminal = text, None, False
 
 
+PING = Notice("")  # an SSE stream's heartbeat (``server.streams.Heartbeat``): written as ``: ping``
+
+
 class MailboxClosed(Exception):
     """The mailbox was closed and is empty: the server is draining (the connection should end and
     the client reconnect elsewhere) or the client has gone (``Mailbox.gone``)."""
@@ -144,6 +147,11 @@ class Mailbox:
         self._pending[object()] = notice
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
+
+    def ping(self) -> None:
+        """Wake a waiting consumer with ``PING``; nothing if something is pending (it will wake)."""
+        if not self._pending and not self.closed:
+            self.notify(PING)
 
     def forget(self, job_id: str) -> None:
         self._pending.pop(job_id, None)

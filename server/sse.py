@@ -19,7 +19,7 @@ from core import contract
 from core.fastpath import direct
 from core.fastpath.sse import drop_send_lock
 from server import wire
-from server.events import Event, Mailbox, MailboxClosed
+from server.events import PING, Event, Mailbox, MailboxClosed
 from server.hub import Watch
 from server.requests import deadline, int_param, load, reader
 from server.metrics import STATS
@@ -63,6 +63,7 @@ class Stream(EventSourceResponse):
             send = self.reaper.timed(scope, send)
             try:
                 await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+                self.raw_headers = []  # sent: an open stream keeps no copy (0.5 KB)
                 async for chunk in self.body_iterator:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     del chunk  # an idle stream holds no frame
@@ -114,26 +115,28 @@ async def sse_frames(
 ) -> AsyncIterator[bytes]:
     """The body of an SSE stream: ``retry:``, then ``frame(event)`` for each event, until the
     final event (per-job streams) or a drain, which ends it with a short ``retry:`` hint.
-    A ``: ping`` comment after ``SSE_PING`` seconds without a wake-up keeps proxies from
+    A ``: ping`` comment every ``SSE_PING`` seconds (``streams.Heartbeat``) keeps proxies from
     closing an idle stream."""
     yield wire.retry_frame(request.app.state.settings.sse_retry_ms)
-    ping = request.app.state.settings.sse_ping or None
-    while True:
-        try:
-            async with asyncio.timeout(ping):
+    beats = request.app.state.heartbeat.add(mailbox)
+    try:
+        while True:
+            try:
                 event = await mailbox.get()
-        except TimeoutError:
-            yield wire.PING_FRAME
-            continue
-        except MailboxClosed:
-            if not mailbox.gone:
-                yield wire.DRAIN_FRAME
-            return
-        delivered["sse"] += 1
-        yield frame(event)
-        if until_terminal and event.terminal:
-            return
-        del event  # an idle stream holds no event
+            except MailboxClosed:
+                if not mailbox.gone:
+                    yield wire.DRAIN_FRAME
+                return
+            if event is PING:
+                yield wire.PING_FRAME
+                continue
+            delivered["sse"] += 1
+            yield frame(event)
+            if until_terminal and event.terminal:
+                return
+            del event  # an idle stream holds no event
+    finally:
+        beats.discard(mailbox)
 
 
 def wants_text(request: Request) -> bool:
@@ -168,6 +171,7 @@ class TextStream(StreamingResponse):
         with self.watch:
             if scope["method"] == "HEAD":  # headers only (StreamingResponse would stream the bar)
                 await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+                self.raw_headers = []  # sent: an open stream keeps no copy (0.5 KB)
                 return await send({"type": "http.response.body", "body": b""})
             await super().__call__(scope, receive, send)
 

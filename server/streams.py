@@ -8,6 +8,7 @@ reaper, the per-caller stream count, and the plain-ASGI endpoint the SSE routes 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -18,6 +19,7 @@ from starlette.types import Receive, Scope, Send
 
 from core.fastpath import direct
 from server.auth import Caller
+from server.events import Mailbox
 from server.metrics import STATS
 from server.problems import Problem
 
@@ -67,6 +69,36 @@ class SlowClientReaper:
         return TimedSend(send, abort, self.sending, asyncio.get_running_loop().time)
 
 
+class Heartbeat:
+    """Every SSE stream's ``: ping``, from one task: each stream gets ``PING`` every ``every``
+    seconds (``SSE_PING``), or sooner after it starts, so a proxy never sees it silent for longer.
+    The streams are spread over ``SLOTS`` sets, one pinged per tick, so a process with many
+    streams pings a few at a time. A timer per stream instead (``asyncio.timeout`` around each
+    wait) cost an idle connection 0.6 KB and every event a timer set and cancelled."""
+
+    SLOTS = 16
+
+    def __init__(self, every: float) -> None:
+        self.every = every
+        self.slots: list[set[Mailbox]] = [set() for _ in range(self.SLOTS)]
+        self.added = 0
+
+    def add(self, mailbox: Mailbox) -> set[Mailbox]:
+        """Ping ``mailbox`` from now on; returns the set to ``discard`` it from when it ends."""
+        slot = self.slots[self.added % self.SLOTS]
+        self.added += 1
+        slot.add(mailbox)
+        return slot
+
+    async def run(self) -> None:
+        if not self.every:
+            return
+        for tick in itertools.count():
+            await asyncio.sleep(self.every / self.SLOTS)
+            for mailbox in self.slots[tick % self.SLOTS]:
+                mailbox.ping()
+
+
 class TimedSend:
     """A send whose writes the reaper times (an object with slots: a closure would cost a
     connection about 250 bytes more)."""
@@ -103,15 +135,22 @@ def admit(conn: HTTPConnection, caller: Caller, transport: str) -> Callable[[], 
 
 
 class Endpoint:
-    """A stream's endpoint as a plain ASGI app, which Starlette's ``Route`` calls as it is. A
-    function endpoint gets two more layers (Starlette's request/response adapter and its
-    exception wrapper) whose frames an open stream keeps. An error raised before the stream
-    starts still becomes problem+json: the ``ExceptionMiddleware`` around the router has the
-    same handlers."""
+    """A stream's endpoint as a plain ASGI app. ``App`` calls it straight for GET and HEAD, past
+    Starlette's middleware and router (``App.stream_for``), so it turns the errors raised before
+    the stream starts into problem+json itself, with the app's exception handlers; other methods
+    reach it through Starlette's ``Route`` (which answers them 405)."""
 
-    def __init__(self, handler: Callable[[Request], Awaitable[Response]]) -> None:
+    def __init__(self, handler: Callable[[Request], Awaitable[Response]], errors: dict[type, Callable]) -> None:
         self.handler = handler
+        self.errors = errors
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = await self.handler(Request(scope, receive, send))
+        request = Request(scope, receive, send)
+        try:
+            response = await self.handler(request)
+        except Exception as exc:
+            handle = next((self.errors[c] for c in type(exc).__mro__ if c in self.errors), None)
+            if handle is None:
+                raise
+            response = handle(request, exc)
         await response(scope, receive, send)
