@@ -81,5 +81,8 @@ def html_bar(doc: dict[str, Any]) -> str:
 
 def html_frame(event: Any) -> bytes:
     """For htmx's SSE extension, which swaps the fragment in: the bar as HTML instead of JSON
-    (``event``: a ``events.Event``)."""
-    return sse_frame(b"%d" % event.seq, event.name, html_bar(json.loads(event.doc)).encode())
+    (``event``: a ``events.Event``). A final event is followed by ``event: done`` (no id), since
+    the extension's ``sse-close`` takes one event name: ``sse-close="done"`` closes the stream
+    before the server ends it, so the browser never reconnects to a finished job."""
+    frame = sse_frame(b"%d" % event.seq, event.name, html_bar(json.loads(event.doc)).encode())
+    return frame + b"event: done\ndata: %s\n\n" % event.name.encode() if event.terminal else frame

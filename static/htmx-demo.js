@@ -11,7 +11,7 @@ document.getElementById("start").addEventListener("submit", async (event) => {
   const job = await response.json();
   const holder = document.getElementById("job-template").content.firstElementChild.cloneNode(true);
   holder.setAttribute("sse-connect", `${job.links.events}?format=html`);
-  holder.textContent = "queued";
+  holder.textContent = `${job.id}: queued`;
   document.getElementById("jobs").prepend(holder);
   htmx.process(holder);
 });

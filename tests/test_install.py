@@ -18,7 +18,7 @@ MARK = b"<!-- served from the installed copy -->"
 
 def test_a_wheel_installed_elsewhere_serves_the_pages(redis_server, tmp_path):
     source, wheels = tmp_path / "source", tmp_path / "wheels"  # a copy: setuptools builds in the tree
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".*", "build", "*.egg-info", "data", "test-artifacts", "bench"))
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".*", "build", "*.egg-info", "data", "test-artifacts", "bench", "node_modules"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", wheels, source], check=True, timeout=300)
     (wheel,) = wheels.glob("progress_server-*.whl")
     site = tmp_path / "site"

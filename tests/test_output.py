@@ -52,5 +52,6 @@ async def test_hostile_message_cannot_forge_sse_fields(base):
             async for item in sse_frames(r):
                 if isinstance(item, SSE):
                     html_events.append(item)
-        assert [e.event for e in html_events] == ["succeeded"]
+        assert [e.event for e in html_events] == ["succeeded", "done"]  # done: htmx's sse-close
+        assert html_events[1].data == "succeeded" and html_events[1].id is None
         assert html_events[0].data.startswith('<div class="job job-succeeded"') and "<script>" not in html_events[0].data
