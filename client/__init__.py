@@ -15,7 +15,7 @@
         async for doc in client.watch(job["id"]):
             ...
 
-Credentials: ``api_key`` (submit, status, watch, result, cancel, retry) or ``token``, the watch
+Credentials: ``api_key`` (submit, status, watch, result, cancel, retry, list_jobs) or ``token``, the watch
 token a submit answers with (status, watch and result of that one job). Both go out as
 ``Authorization: Bearer``. Documents and results are plain JSON values (dicts, lists, ...).
 
@@ -327,6 +327,11 @@ def _path(job_id: str) -> str:
     return f"/jobs/{quote(job_id, safe='')}"
 
 
+def _list_params(status: str | None, job_type: str | None, limit: int, cursor: str | None) -> dict[str, Any]:
+    params = {"status": status, "type": job_type, "limit": limit, "cursor": cursor}
+    return {k: v for k, v in params.items() if v is not None}
+
+
 class Client:
     """Blocking client (one ``httpx.Client``); close it, or use it as a context manager."""
 
@@ -371,6 +376,13 @@ class Client:
     def job_types(self) -> list[dict[str, Any]]:
         """``GET /job-types``: each type's name, params JSON Schema and options."""
         return _expect(self.http.get("/job-types"), 200)["items"]
+
+    def list_jobs(
+        self, *, status: str | None = None, type: str | None = None, limit: int = 20, cursor: str | None = None
+    ) -> dict[str, Any]:
+        """``GET /jobs``: one page, newest first, ``{"items": [...], "next": cursor or None}``
+        (``limit`` ≤ 100; a filtered page may hold fewer and still have a ``next``). Needs the API key."""
+        return _expect(self.http.get("/jobs", params=_list_params(status, type, limit, cursor)), 200)
 
     def watch(
         self, job_id: str, *, since: int = 0, timeout: float | None = None, retry_for: float = RETRY_FOR
@@ -467,6 +479,12 @@ class AsyncClient:
     async def job_types(self) -> list[dict[str, Any]]:
         """``GET /job-types``: each type's name, params JSON Schema and options."""
         return _expect(await self.http.get("/job-types"), 200)["items"]
+
+    async def list_jobs(
+        self, *, status: str | None = None, type: str | None = None, limit: int = 20, cursor: str | None = None
+    ) -> dict[str, Any]:
+        """``GET /jobs``: one page (see ``Client.list_jobs``)."""
+        return _expect(await self.http.get("/jobs", params=_list_params(status, type, limit, cursor)), 200)
 
     async def watch(
         self, job_id: str, *, since: int = 0, timeout: float | None = None, retry_for: float = RETRY_FOR
