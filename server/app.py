@@ -16,19 +16,19 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp
 
-from core import connections, redischeck, workers
+from core import connections, contract, redischeck, workers
 from server import jobs, jobtypes, problems, sse, streams, ws
 from core.fastpath import direct
 from server.auth import Auth, parse_keys, shared_secret
 from server.hub import Hub, SubscribeTimeout
 from server.metrics import metrics
 from server.middleware import RequestContext
-from server.requests import key_holder, redis_deadline
+from server.requests import JSONAnswer, key_holder, redis_deadline
 from server.openapi import openapi
 from server.problems import Problem
 from server.ratelimit import RateLimiter
@@ -55,7 +55,7 @@ def http_error(request: Request, exc: HTTPException) -> Response:
 
 
 async def healthz(request: Request) -> Response:
-    return JSONResponse({"status": "ok"})
+    return JSONAnswer(contract.dumps({"status": "ok"}))
 
 
 async def readyz(request: Request) -> Response:
@@ -65,7 +65,7 @@ async def readyz(request: Request) -> Response:
             found = await redischeck.facts(request.app.state.store.redis)
     except Exception as e:
         return unavailable(request, e)
-    return JSONResponse({"status": "ready", "redis": found})
+    return JSONAnswer(contract.dumps({"status": "ready", "redis": found}))
 
 
 async def list_workers(request: Request) -> Response:
@@ -73,7 +73,7 @@ async def list_workers(request: Request) -> Response:
     await key_holder(request)
     async with redis_deadline():
         items = await workers.live(request.app.state.store.redis)
-    return JSONResponse({"items": items}, headers={"Cache-Control": "no-store"})
+    return JSONAnswer(contract.dumps({"items": items}), headers={"Cache-Control": "no-store"})
 
 
 async def read_live_types(app: Starlette) -> None:

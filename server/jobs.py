@@ -17,7 +17,7 @@ from server import ratelimit, wire
 from server.auth import TICKET_TTL, Caller
 from server.events import Event, Mailbox, MailboxClosed
 from server.problems import Problem, invalid
-from server.requests import JSON, deadline, depth, int_param, key_holder, load, read_json, readable, reader, redis_deadline
+from server.requests import JSONAnswer, deadline, depth, int_param, key_holder, load, read_json, readable, reader, redis_deadline
 
 MAX_PAGE = 100
 MAX_PARAMS_DEPTH = 32
@@ -82,7 +82,7 @@ async def submit(request: Request) -> Response:
         ) from None
     headers = {"Location": doc["links"]["self"], "Retry-After": retry_after(doc)}
     token = request.app.state.auth.token(doc["id"], caller.tenant)
-    return Response(contract.with_field(doc_json, "token", token), 202, headers, media_type=JSON)
+    return JSONAnswer(contract.with_field(doc_json, "token", token), 202, headers)
 
 
 def retry_after(doc: dict[str, Any]) -> str:
@@ -117,8 +117,8 @@ async def status(request: Request) -> Response:
         return Response(wire.text_bar(json.loads(event.doc)) + "\n", 200, headers, media_type="text/plain")
     if event.name == contract.SUCCEEDED and wait is None and request.query_params.get("redirect") != "0":
         headers["Location"] = f"/jobs/{job_id}/result"
-        return Response(event.doc, 303, headers, media_type=JSON)
-    return Response(event.doc, 200, headers, media_type=JSON)
+        return JSONAnswer(event.doc, 303, headers)
+    return JSONAnswer(event.doc, 200, headers)
 
 
 async def long_poll(request: Request, event: Event, wait: str, caller: Caller) -> Event:
@@ -159,7 +159,7 @@ async def result(request: Request) -> Response:
         headers = {} if event.terminal else {"Retry-After": "1"}
         raise Problem(409, "No result", detail, headers=headers, job_status=state, error=doc["error"])
     value = await request.app.state.store.result(job_id)
-    return Response(value if value is not None else b"null", 200, media_type=JSON)
+    return JSONAnswer(value if value is not None else b"null", 200)
 
 
 # -- DELETE /jobs/{id} -------------------------------------------------------------------
@@ -183,12 +183,12 @@ async def cancel(request: Request) -> Response:
             except WriteRefused:
                 continue  # a worker took it, or it changed: look again
             await queue.dequeue(redis, job_id)
-            return Response(contract.dumps(doc), 200, media_type=JSON)
+            return JSONAnswer(contract.dumps(doc), 200)
         async with redis.pipeline(transaction=True) as tx:
             tx.set(contract.cancel_key(job_id), b"1", ex=store.settings.job_ttl)
             tx.publish(contract.CANCEL_CHANNEL, job_id)
             await tx.execute()
-        return Response(event.doc, 202, media_type=JSON)
+        return JSONAnswer(event.doc, 202)
     raise Problem(409, "Job is changing", "Try again.", headers={"Retry-After": "1"})
 
 
@@ -209,7 +209,7 @@ async def retry(request: Request) -> Response:
         doc = await request.app.state.store.reopen(doc, event.tenant)
     except WriteRefused:  # it changed, or the worker is still finishing its last attempt
         raise Problem(409, "Job is changing", "Try again in a moment.", headers={"Retry-After": "1"}) from None
-    return Response(contract.dumps(doc), 202, {"Location": doc["links"]["self"]}, media_type=JSON)
+    return JSONAnswer(contract.dumps(doc), 202, {"Location": doc["links"]["self"]})
 
 
 # -- POST /tickets ----------------------------------------------------------------------
@@ -234,7 +234,7 @@ async def ticket(request: Request) -> Response:
         for job_id in jobs:
             await load(request, job_id, caller)
     value = await request.app.state.auth.ticket(caller, jobs)
-    return Response(contract.dumps({"ticket": value, "expires_in": TICKET_TTL}), 201, media_type=JSON)
+    return JSONAnswer(contract.dumps({"ticket": value, "expires_in": TICKET_TTL}), 201)
 
 
 # -- GET /jobs ---------------------------------------------------------------------------
@@ -275,7 +275,7 @@ async def list_jobs(request: Request) -> Response:
                     break
     next_cursor = b"null" if exhausted or last_score is None else b"%d" % last_score
     body = b'{"items":[' + b",".join(items) + b'],"next":' + next_cursor + b"}"
-    return Response(body, 200, media_type=JSON)
+    return JSONAnswer(body, 200)
 
 
 def _matches(doc: bytes, status: str | None, job_type: str | None) -> bool:

@@ -3,7 +3,7 @@
 Answers ``{"items": [...]}``, one item per registered type, sorted by name::
 
     {"name": "demo",
-     "description": "first paragraph of the job function's docstring, or null",
+     "description": "first paragraph of the job function's docstring on one line, or null",
      "params_schema": {...the params model's JSON Schema (pydantic model_json_schema())...},
      "timeout": 300.0, "max_tries": 1, "backoff": 1.0, "result_ttl": 3600}
 
@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from core import contract
-from server.requests import JSON, key_holder
+from server.requests import JSONAnswer, key_holder
 from worker.registry import JobType
 
 
@@ -35,7 +35,7 @@ def describe(job_type: JobType, default_timeout: float, default_result_ttl: int)
     doc = inspect.getdoc(job_type.fn)
     return {
         "name": job_type.name,
-        "description": doc.split("\n\n")[0].strip() if doc else None,
+        "description": summary(doc),
         "params_schema": job_type.params.model_json_schema(),
         "timeout": float(job_type.timeout if job_type.timeout is not None else default_timeout),
         "max_tries": job_type.max_tries,
@@ -44,10 +44,18 @@ def describe(job_type: JobType, default_timeout: float, default_result_ttl: int)
     }
 
 
+def summary(doc: str | None) -> str | None:
+    """A docstring's first paragraph on one line, its reStructuredText literals (````x````) as
+    Markdown's (```x```), which reads as plain text and renders in API tools."""
+    if not doc:
+        return None
+    return " ".join(doc.split("\n\n")[0].split()).replace("``", "`")
+
+
 async def list_types(request: Request) -> Response:
     """Every registered job type with its params' JSON Schema and options."""
     await key_holder(request)
     settings = request.app.state.settings
     registry: dict[str, JobType] = request.app.state.registry
     items = [describe(registry[name], settings.job_timeout, settings.result_ttl) for name in sorted(registry)]
-    return Response(contract.dumps({"items": items}), 200, {"Cache-Control": "private, max-age=60"}, media_type=JSON)
+    return JSONAnswer(contract.dumps({"items": items}), 200, {"Cache-Control": "private, max-age=60"})

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from core.contract import dumps
+from server.requests import JSONAnswer
 
 JOB = {"$ref": "#/components/schemas/Job"}
 PROBLEM = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
@@ -173,5 +174,5 @@ SPEC: dict[str, Any] = {
 }
 
 
-async def openapi(request: Request) -> JSONResponse:
-    return JSONResponse(SPEC)
+async def openapi(request: Request) -> JSONAnswer:
+    return JSONAnswer(dumps(SPEC))

@@ -33,7 +33,7 @@ class Problem(Exception):
         if self.errors:
             body["errors"] = self.errors
         body.update(self.extra)
-        return Response(dumps(body), self.status, self.headers, media_type="application/problem+json")
+        return Response(dumps(body) + b"\n", self.status, self.headers, media_type="application/problem+json")
 
 
 def invalid(field: str, message: str) -> Problem:

@@ -27,6 +27,16 @@ from server.problems import Problem, gone, invalid, not_found
 JSON = "application/json"
 
 
+class JSONAnswer(Response):
+    """A JSON answer: the body's bytes (already JSON) and a newline, so that curl's output ends
+    its line instead of running into the prompt."""
+
+    media_type = JSON
+
+    def render(self, content: bytes) -> bytes:
+        return content + b"\n"
+
+
 class redis_deadline:  # lower case: used as ``async with redis_deadline():``, like asyncio.timeout
     """One timer per request for all its Redis calls: the Redis client has no per-command
     timeout (that cost two timers per command). A frozen Redis gives 503, not a hung request.

@@ -119,6 +119,7 @@ def test_stages_with_an_async_ctx_return_what_to_await():
 def test_job_types_lists_schemas_and_options(base):
     r = httpx.get(base + "/job-types", timeout=10)
     assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    assert r.text.endswith("}\n")  # curl's output ends its line
     items = r.json()["items"]
     names = [t["name"] for t in items]
     assert names == sorted(names) and {"demo", "flaky", "wait", "count_sync"} <= set(names)
@@ -132,7 +133,7 @@ def test_job_types_lists_schemas_and_options(base):
     assert (demo["timeout"], demo["max_tries"], demo["backoff"], demo["result_ttl"]) == (300.0, 1, 1.0, 3600)
     flaky = by_name["flaky"]
     assert (flaky["max_tries"], flaky["backoff"]) == (3, 0.2)
-    assert flaky["description"] == "Fails its first ``fail_times`` attempts, then succeeds."
+    assert flaky["description"] == "Fails its first `fail_times` attempts, then succeeds."  # RST literal as Markdown
     assert by_name["wait"]["timeout"] == 1.5
     assert by_name["wait"]["params_schema"]["required"] == ["seconds"]
     with Client(base) as client:
