@@ -433,6 +433,33 @@ def test_htmx_stream_cut_mid_job_resumes_from_the_last_event(page, own_server, r
     assert float(job.locator("progress").get_attribute("value")) >= before
 
 
+# -- /docs --------------------------------------------------------------------------------------
+
+
+def test_docs_page_is_swagger_ui_and_try_it_out_submits_a_job(page, base):
+    """``/docs`` is Swagger UI (vendored, no CDN) over ``/openapi.json``: it lists every operation,
+    shows ``POST /jobs``'s body, and its Try it out sends a real submit; no console error (CSP)."""
+    console: list[str] = []
+    page.on("console", lambda m: console.append(m.text) if m.type == "error" else None)
+    page.on("request", lambda r: console.append(f"off-site request {r.url}") if not r.url.startswith(base) else None)
+    page.goto(base + "/")
+    page.click("nav >> text=API")
+    submit = page.locator(".opblock-post", has=page.locator('[data-path="/jobs"]'))
+    expect(submit).to_have_count(1)
+    spec = httpx.get(base + "/openapi.json", timeout=10).json()
+    operations = sum(len([m for m in ops if m in ("get", "post", "delete", "put", "patch")]) for ops in spec["paths"].values())
+    expect(page.locator(".opblock")).to_have_count(operations)
+    submit.locator(".opblock-summary").click()
+    submit.get_by_role("button", name="Try it out").click()
+    submit.locator("textarea.body-param__text").fill('{"type": "demo", "params": {"steps": 2, "interval": 0}}')
+    with page.expect_response(lambda r: r.url == base + "/jobs" and r.request.method == "POST") as answer:
+        submit.get_by_role("button", name="Execute").click()
+    assert answer.value.status == 202
+    expect(submit.locator(".live-responses-table td.response-col_status:not(.col_header)")).to_have_text("202")
+    shot(page, "docs-try-it-out", full_page=False)
+    assert console == []
+
+
 # -- the dashboard --------------------------------------------------------------------------
 
 
