@@ -1,10 +1,12 @@
-"""``make run`` (``python -m server.dev``): one run per data folder, and no orphans after a ``kill -9``."""
+"""``make run`` (``python -m server.dev``): one run per data folder, no orphans after a ``kill -9``,
+and a quiet Ctrl-C."""
 
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -20,8 +22,12 @@ def dev_env(data: Path, port: int) -> dict[str, str]:
 
 
 def answers(run: Proc) -> bool:
+    return answers_url(run.url)
+
+
+def answers_url(url: str) -> bool:
     try:
-        return httpx.get(run.url + "/healthz", timeout=1).status_code == 200
+        return httpx.get(url + "/healthz", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
 
@@ -111,3 +117,28 @@ def test_one_make_run_per_data_folder_and_no_orphans(tmp_path):
         for pid in spawned:
             if not gone(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_ctrl_c_stops_everything_without_a_warning(tmp_path):
+    """A terminal's Ctrl-C sends SIGINT to its whole foreground process group: Redis must not get
+    it with the others, or the server and worker log a lost connection on every normal stop."""
+    port = free_port()
+    log = (tmp_path / "dev.log").open("wb")
+    run = subprocess.Popen([sys.executable, "-m", "server.dev"], env=dev_env(tmp_path / "data", port),
+                           stdout=log, stderr=subprocess.STDOUT, process_group=0)  # as a shell job
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: answers_url(url), timeout=30, what="make run to serve")
+        spawned = children(run.pid)
+        assert len(spawned) == 3, spawned
+        os.killpg(run.pid, signal.SIGINT)  # Ctrl-C
+        assert run.wait(30) == 0
+        wait_until(lambda: all(gone(pid) for pid in spawned), timeout=30, what="Redis, worker and server to exit")
+    finally:
+        if run.poll() is None:
+            run.kill()
+        log.close()
+    output = (tmp_path / "dev.log").read_text()
+    assert "Shutting down" in output and "worker stopping on SIGTERM" in output, output[-3000:]
+    warnings = [line for line in output.splitlines() if '"WARNING"' in line and "no API_KEYS set" not in line]
+    assert warnings == [], warnings
