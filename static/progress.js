@@ -37,9 +37,10 @@
     var seqs = new Map(); // job id -> last seq delivered
     var active = new Set(); // jobs not final yet (ids mode)
     var cursor = null; // resume cursor of the multi-job SSE stream
-    var oneToken = typeof opts.token === "string" ? opts.token : null;
     var tokens = new Map(); // job id -> its watch token (from POST /jobs), for servers with API keys
-    if (opts.token && typeof opts.token === "object") {
+    if (typeof opts.token === "string") { // watchJob(id, {token}): that job's
+      if (!all) (ids || []).forEach(function (id) { tokens.set(id, opts.token); });
+    } else if (opts.token && typeof opts.token === "object") {
       Object.keys(opts.token).forEach(function (id) { tokens.set(id, opts.token[id]); });
     }
     var allowed = opts.transports || LEVELS;
@@ -69,7 +70,7 @@
       call(opts.onTransport, name, live);
     }
     function q(params, ids, ticket) { // query string, with a credential good for these jobs
-      var tok = oneToken;
+      var tok = null;
       (ids || []).forEach(function (id) { tok = tok || tokens.get(id); });
       if (ticket) params.push("ticket=" + encodeURIComponent(ticket));
       else if (tok) params.push("token=" + encodeURIComponent(tok));
@@ -154,7 +155,7 @@
       function sse(t) {
         var ids = Array.from(active), sources = [];
         // A stream per job when each has its own token (a URL holds one credential); else /events.
-        var perJob = !all && (ids.length === 1 || (!t.ticket && !oneToken && ids.some(function (id) { return tokens.has(id); })));
+        var perJob = !all && (ids.length === 1 || (!t.ticket && ids.some(function (id) { return tokens.has(id); })));
         function open(url, single) {
           var es = new root.EventSource(url);
           function on(e) {

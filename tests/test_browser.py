@@ -250,6 +250,18 @@ WATCH = """([ids, opts]) => new Promise((resolve) => {
 })"""
 
 
+WATCH_ADDED = """([a, tokenA, b, tokenB, via]) => new Promise((resolve) => {
+  const seen = [], errors = [];
+  let left = 2;
+  setTimeout(() => resolve({seen, errors, timeout: true}), 8000);
+  const w = ProgressClient.watchJob(a, {transports: [via], token: tokenA,
+    onUpdate: (job) => seen.push([job.id, job.seq]),
+    onError: (e) => { errors.push(e); if (--left === 0) resolve({seen, errors}); },
+    onDone: () => { if (--left === 0) { w.close(); resolve({seen, errors}); } }});
+  w.add(b, 0, tokenB);
+})"""
+
+
 def test_watch_tokens_and_tickets_when_the_server_has_api_keys(page, redis_server, worker, tmp_path):
     """With API keys a page holds no key: each job's watch token (from POST /jobs) opens it on
     every transport, a job without one stays closed, and a dashboard uses one-off tickets."""
@@ -271,6 +283,10 @@ def test_watch_tokens_and_tickets_when_the_server_has_api_keys(page, redis_serve
             for job in (a, b):
                 seqs = [seq for job_id, seq in got["seen"] if job_id == job["id"]]
                 assert seqs == sorted(set(seqs)) and len(seqs) >= 3, (via, got)
+            # watchJob(a, {token}) then add(b, 0, b's token): each job with its own token
+            a, b = submit(), submit()
+            got = page.evaluate(WATCH_ADDED, [a["id"], a["token"], b["id"], b["token"], via])
+            assert not got["errors"] and {job_id for job_id, _ in got["seen"]} == {a["id"], b["id"]}, (via, got)
         # No token: refused everywhere (a browser cannot see why a WebSocket or EventSource failed;
         # the long poll's 401 says it), reported once, then the watcher goes idle.
         refused = page.evaluate(WATCH, [[submit()["id"]], {}])
