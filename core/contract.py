@@ -8,13 +8,15 @@ Everything here is pure (no I/O) and is the single definition of each fact:
   short header lets a server route, order and authorise an event without parsing the JSON,
   and the document bytes are relayed to every client untouched;
 * the Redis keys and channels, all under the ``progress:`` prefix (arq keeps ``arq:*``, see
-  ``core.queue``); the Lua scripts that write them are in ``core.scripts``.
+  ``core.queue``); the Lua scripts that write them are in ``core.scripts``;
+* a job's log: lines (``log_line``) kept in ``log_key``, published in batches on ``log_channel``.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import re
 import secrets
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
@@ -90,6 +92,67 @@ def channel(job_id: str) -> str:
 CHANNEL_PREFIX_LEN = len(channel(""))
 
 
+# -- a job's log ---------------------------------------------------------------------------
+# One line: ``{"seq": n, "ts": "...Z", "level": "INFO", "msg": "...", "extra": {...}}``, at most
+# ``LOG_LINE_BYTES`` of JSON; ``seq`` counts a job's lines from 1 across all its attempts. The
+# newest ``JOB_LOG_LINES`` are kept in a list (``log_key``) that expires with the job's document;
+# the job hash keeps the last seq (field ``logseq``). Each batch appended is published on
+# ``log_channel`` as ``{"job": id, "first": seq, "last": seq, "lines": [...]}``: the SSE ``data:``
+# of ``event: log`` and the WebSocket's ``log``, relayed untouched.
+LOG_LINE_BYTES = 4096
+
+
+def log_key(job_id: str) -> str:
+    return f"{PREFIX}log:{job_id}"
+
+
+def log_channel(job_id: str) -> str:
+    return f"{PREFIX}lg:{job_id}"
+
+
+LOG_CHANNEL_PREFIX = log_channel("").encode()
+assert len(LOG_CHANNEL_PREFIX) == CHANNEL_PREFIX_LEN  # the hub takes the job id at one offset
+
+
+_LOG_RANGE = re.compile(rb'"first":(\d+),"last":(\d+)')
+_LOG_SEQ = re.compile(rb'\{"seq":(\d+),')
+
+
+def log_range(batch: bytes) -> tuple[int, int]:
+    """``(first, last)`` of a published batch, read off its head without parsing the lines."""
+    found = _LOG_RANGE.search(batch, 0, 120)
+    return int(found[1]), int(found[2])
+
+
+def log_seq(line: bytes) -> int:
+    """A stored line's ``seq`` (lines start with it: ``scripts.LOG_LUA``)."""
+    return int(_LOG_SEQ.match(line)[1])
+
+
+def log_batch(job_id: str, lines: list[bytes]) -> bytes:
+    """Stored lines (oldest first) in the wire form a batch is published in (``scripts.LOG_LUA``)."""
+    return b'{"job":"%s","first":%d,"last":%d,"lines":[%s]}' % (
+        job_id.encode(), log_seq(lines[0]), log_seq(lines[-1]), b",".join(lines)
+    )
+
+
+def log_line(level: str, message: str, extra: dict[str, Any] | None = None, ts: str | None = None) -> bytes:
+    """One log line's JSON without its ``seq`` (the Lua that appends it numbers it), cut to
+    ``LOG_LINE_BYTES``: a longer message is shortened (with "…"), then its extra fields dropped."""
+    line: dict[str, Any] = {"ts": ts or now_iso(), "level": level, "msg": message}
+    if extra:
+        line["extra"] = extra
+    raw = _LOG_ENCODER.encode(line).encode()
+    while len(raw) > LOG_LINE_BYTES - 16:  # room for '"seq":N,'
+        if "extra" in line and len(line["msg"]) < 64:
+            del line["extra"]
+        else:
+            over = len(raw) - (LOG_LINE_BYTES - 16)
+            line["msg"] = line["msg"][: max(0, len(line["msg"]) - over - 1)] + "…"
+        raw = _LOG_ENCODER.encode(line).encode()
+    return raw
+
+
 def new_job_id() -> str:
     """``j_`` + 144 random bits, URL-safe."""
     return "j_" + secrets.token_urlsafe(18)
@@ -147,6 +210,8 @@ def event_name(status: str) -> str:
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+# log lines' extra fields are whatever job code passed: what JSON cannot say becomes its str()
+_LOG_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str)
 
 
 def dumps(obj: Any) -> bytes:

@@ -40,7 +40,59 @@ class Script:
         raise TypeError(f"script fields: missing {sorted(names - set(values))}, unknown {sorted(set(values) - names)}")
 
 
-# A document change. Returns {1, seq} when written; {0, stored seq, stored state} when refused
+# Appends lines to a job's log (``contract.log_key``): ``lines`` holds one JSON object per line
+# (``contract.log_line``, without "seq"), "\n" between them; they are numbered on from the job's
+# stored ``logseq`` (so seqs have no holes), the newest ``max`` kept, the list given the job
+# document's TTL, and the batch published on ``log_channel`` in its wire form (``contract``).
+# ``base``: the stored seq the writer expects (-1: unknown); a call whose lines are already there
+# (stored = base + count: a pipeline sent again) appends nothing. A job without a document
+# (expired) gets no log. Returns the last seq (-1: no job).
+LOG_LUA = r"""
+local function append_log(job, log, log_channel, job_id, base, lines, max)
+  local ttl = redis.call('PTTL', job)
+  if ttl == -2 then return -1 end
+  local stored = tonumber(redis.call('HGET', job, 'logseq') or '0')
+  local out = {}
+  for line in string.gmatch(lines, '[^\n]+') do out[#out + 1] = line end
+  if #out == 0 or (tonumber(base) >= 0 and stored == tonumber(base) + #out) then return stored end
+  for i, line in ipairs(out) do out[i] = '{"seq":' .. (stored + i) .. ',' .. string.sub(line, 2) end
+  local seq = stored + #out
+  for i = 1, #out, 500 do redis.call('RPUSH', log, unpack(out, i, math.min(i + 499, #out))) end
+  redis.call('LTRIM', log, -tonumber(max), -1)
+  if ttl > 0 then redis.call('PEXPIRE', log, ttl) end
+  redis.call('HSET', job, 'logseq', seq)
+  redis.call('PUBLISH', log_channel, '{"job":"' .. job_id .. '","first":' .. (seq - #out + 1) .. ',"last":' .. seq
+    .. ',"lines":[' .. table.concat(out, ',') .. ']}')
+  return seq
+end
+"""
+
+LOG = Script(
+    keys=("job", "log", "log_channel"),
+    args=("job_id", "base", "lines", "max"),
+    prefix=LOG_LUA,
+    body="""
+return append_log(job, log, log_channel, job_id, base, lines, max)
+""",
+)
+
+
+# Reading a job's log: up to ``limit`` lines after seq ``after``. Returns {last seq, first seq
+# kept, {lines...}}: lines before "first" are gone (only the newest JOB_LOG_LINES are kept).
+LOG_READ = Script(
+    keys=("job", "log"),
+    args=("after", "limit"),
+    body="""
+local last = tonumber(redis.call('HGET', job, 'logseq') or '0')
+local first = last - redis.call('LLEN', log) + 1
+local from = math.max(tonumber(after) + 1, first)
+if from > last then return {last, first, {}} end
+return {last, first, redis.call('LRANGE', log, from - first, from - first + tonumber(limit) - 1)}
+""",
+)
+
+
+# A document change. Returns {1, seq, last log seq (-1: no lines)} when written; {0, stored seq, stored state} when refused
 # because the stored seq is not ``expected`` or the job already ended (no change after the end).
 # Safe to run twice: a write whose exact event is already stored (its reply was lost) answers
 # as written. A final state of a job that has a webhook enqueues its delivery in the same step and
@@ -48,14 +100,16 @@ class Script:
 # (``contract.webhook_key``). ``queued``: the tenant's set of queued jobs (the queue cap counts it).
 # ``after``: what the worker's attempt does to the queue in the same step ('' nothing;
 # ``queue.FINISH``, ``queue.REQUEUE`` at ``due_ms``, ``queue.RELEASE``: ``queue.AFTER_LUA``).
+# ``log_lines`` (may be ''): log lines appended in the same step, before the event is published
+# (``LOG_LUA``); a final state gives the job's log the result's TTL.
 WRITE = Script(
-    keys=("job", "tombstone", "result", "queue", "delivery_record", "queued", "webhook", "record", "lease", "tries"),
+    keys=("job", "tombstone", "result", "queue", "delivery_record", "queued", "webhook", "record", "lease", "tries", "log", "log_channel"),
     args=(
         "expected", "seq", "state", "event", "channel", "ttl", "terminal", "tombstone_ttl", "result_json",
         "delivery_payload", "delivery_ttl_ms", "now_ms", "delivery_id", "wake_channel", "job_id", "now_us", "tenant",
-        "after", "due_ms",
+        "after", "due_ms", "log_base", "log_lines", "log_max",
     ),  # fmt: skip
-    prefix=ENQUEUE_LUA + AFTER_LUA,
+    prefix=ENQUEUE_LUA + AFTER_LUA + LOG_LUA,
     body="""
 local cur = redis.call('HMGET', job, 'seq', 'state', 'webhook')
 local stored = tonumber(cur[1]) or 0
@@ -71,7 +125,10 @@ if state == 'queued' then
 else
   redis.call('ZREM', queued, job_id)
 end
+local logseq = -1
+if log_lines ~= '' then logseq = append_log(job, log, log_channel, job_id, log_base, log_lines, log_max) end
 if terminal == '1' then
+  redis.call('EXPIRE', log, ttl)
   redis.call('SET', tombstone, tenant, 'EX', tombstone_ttl)
   if result_json ~= '' then redis.call('SET', result, result_json, 'EX', ttl) end
   if cur[3] then
@@ -83,7 +140,7 @@ if terminal == '1' then
 end
 redis.call('PUBLISH', channel, event)
 after_attempt(after, queue, job_id, record, lease, tries, due_ms)
-return {1, tonumber(seq)}
+return {1, tonumber(seq), logseq}
 """,
 )
 

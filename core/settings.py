@@ -50,6 +50,7 @@ class Settings:
     fast_path: bool = True  # FAST_PATH=off: none of core.fastpath's uses of other libraries' internals
     log_level: str = "info"
     debug: bool = False  # tracebacks in failed jobs' errors
+    job_log_lines: int = 1000  # the newest lines of each job's log kept (and buffered per reader)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:

@@ -30,6 +30,21 @@ class WriteRefused(Exception):
         self.seq, self.state = seq, state
 
 
+class LogBatch:
+    """Lines for a job's log (``contract.log_line`` each), written by ``Store.append_log`` or with a
+    document in ``Store.write``: ``base`` is the last seq the writer believes stored (-1: unknown);
+    ``last`` is set to the stored last seq once written."""
+
+    __slots__ = ("lines", "base", "last")
+
+    def __init__(self, lines: list[bytes], base: int = -1) -> None:
+        self.lines, self.base = lines, base
+        self.last = -1
+
+    def fields(self, max_lines: int) -> dict[str, Any]:
+        return {"base": self.base, "lines": b"\n".join(self.lines), "max": max_lines}
+
+
 class RateLimited(Exception):
     """The caller used up its submit budget of this window."""
 
@@ -47,6 +62,9 @@ def request_hash(job_type: str, params: dict[str, Any], webhook: str | None) -> 
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
+NO_LOG = LogBatch([])
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -61,6 +79,8 @@ class Store:
         self.settings = settings
         self._write = Batched(redis, scripts.WRITE, REDIS_DEADLINE)
         self._create = Batched(redis, scripts.CREATE, REDIS_DEADLINE)
+        self._log = Batched(redis, scripts.LOG, REDIS_DEADLINE)
+        self._log_read = redis.register_script(scripts.LOG_READ.lua)
         self._reopen = redis.register_script(scripts.REOPEN.lua)
         self._webhook_done = redis.register_script(scripts.WEBHOOK_DONE.lua)
         self.replicas = settings.redis_wait_replicas
@@ -209,12 +229,14 @@ class Store:
         result_ttl: int | None = None,
         after: str = "",
         due_ms: int = 0,
+        log: LogBatch | None = None,
         **changes: Any,
     ) -> dict[str, Any]:
         """Store ``doc`` (of ``tenant``) with ``changes`` as the next seq and publish it; returns
         the new doc. ``after``, ``due_ms``: what a worker's attempt does to the queue in the same
-        step (``queue.FINISH``, ``queue.REQUEUE``, ``queue.RELEASE``). The writes of one event-loop
-        turn go to Redis as one pipeline (``Batched``)."""
+        step (``queue.FINISH``, ``queue.REQUEUE``, ``queue.RELEASE``); ``log``: lines appended to
+        the job's log in the same step, before the event. The writes of one event-loop turn go to
+        Redis as one pipeline (``Batched``)."""
         new = {**doc, **changes, "seq": doc["seq"] + 1, "updated_at": contract.now_iso()}
         terminal = new["status"] in contract.TERMINAL
         if terminal and new["finished_at"] is None:
@@ -223,8 +245,11 @@ class Store:
         s = self.settings
         delivery = contract.webhook_delivery_id(job_id, new["seq"])
         enqueued_ms = now_ms()
+        lines = {f"log_{k}": v for k, v in (log or NO_LOG).fields(self.settings.job_log_lines).items()}
         ok, *stored = await self._write(
             job=contract.job_key(job_id),
+            log=contract.log_key(job_id),
+            log_channel=contract.log_channel(job_id),
             tombstone=contract.tombstone_key(job_id),
             result=contract.result_key(job_id),
             queue=queue.QUEUE,
@@ -253,13 +278,32 @@ class Store:
             tenant=tenant,
             after=after,
             due_ms=due_ms,
+            **lines,
         )
         if not ok:
             seq, state = stored
             raise WriteRefused(int(seq), _decode(state))
+        if log is not None and len(stored) > 1:  # (a pipeline sent again answers without it)
+            log.last = int(stored[1])
         if terminal:
             await self._replicated()
         return new
+
+    async def append_log(self, job_id: str, log: LogBatch) -> int:
+        """Append ``log`` to the job's log and publish it (``scripts.LOG``); returns the last seq
+        stored (-1: the job has no document). Calls of one loop turn share one pipeline."""
+        last = await self._log(
+            job=contract.job_key(job_id), log=contract.log_key(job_id), log_channel=contract.log_channel(job_id),
+            job_id=job_id, **log.fields(self.settings.job_log_lines),
+        )  # fmt: skip
+        log.last = int(last)
+        return log.last
+
+    async def read_log(self, job_id: str, after: int, limit: int) -> tuple[int, int, list[bytes]]:
+        """``(last seq, first seq kept, lines after `after`)``: at most ``limit`` lines, oldest first."""
+        keys, args = scripts.LOG_READ.fields(job=contract.job_key(job_id), log=contract.log_key(job_id), after=after, limit=limit)
+        last, first, lines = await self._log_read(keys=keys, args=args)
+        return int(last), int(first), lines
 
     async def reopen(self, doc: dict[str, Any], tenant: str) -> dict[str, Any]:
         """Queue a failed or cancelled job again as its next attempt (POST /jobs/{id}/retry)."""

@@ -22,7 +22,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp
 
 from core import connections, contract, redischeck, workers
-from server import jobs, jobtypes, problems, sse, streams, ws
+from server import joblogs, jobs, jobtypes, problems, sse, streams, ws
 from core.fastpath import direct
 from server.auth import Auth, parse_keys, shared_secret
 from server.hub import Hub, SubscribeTimeout
@@ -210,6 +210,7 @@ def create_app(settings: Settings | None = None) -> App:
         Route("/jobs/{job_id}", jobs.cancel, methods=["DELETE"]),
         Route("/jobs/{job_id}/result", jobs.result),
         Route("/jobs/{job_id}/retry", jobs.retry, methods=["POST"]),
+        Route("/jobs/{job_id}/logs", joblogs.job_log),
         Route("/tickets", jobs.ticket, methods=["POST"]),
         Route("/job-types", jobtypes.list_types),
         Route("/workers", list_workers),

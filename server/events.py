@@ -1,9 +1,12 @@
 """What a client is given: a job's change (``Event``, framed once per transport and shared by
-every client), a message for one client (``Notice``), and each connection's ``Mailbox``.
+every client), a message for one client (``Notice``), lines of a job's log (``LogEntry``), and
+each connection's ``Mailbox``.
 
 The mailbox keeps at most one pending event per job (the newest) and drops any event whose seq
 is not above what the client has already been given: seq never repeats or goes back, a slow
-client skips intermediate states (conflation), and memory stays bounded. ``server.hub`` fills
+client skips intermediate states (conflation), and memory stays bounded. Log lines are not
+state, so they are not conflated: a mailbox that watches logs keeps them in order (``LogQueue``),
+up to a bound past which the oldest become a gap the client can page in. ``server.hub`` fills
 mailboxes from Redis pub/sub; the transports (``server.sse``, ``server.ws``) and the long poll
 (``server.jobs``) empty them.
 """
@@ -11,6 +14,8 @@ mailboxes from Redis pub/sub; the transports (``server.sse``, ``server.ws``) and
 from __future__ import annotations
 
 import asyncio
+import json
+from collections import deque
 from collections.abc import Callable
 
 from core import contract
@@ -77,6 +82,118 @@ class Notice:
 PING = Notice("")  # an SSE stream's heartbeat (``server.streams.Heartbeat``): written as ``: ping``
 
 
+class LogEntry:
+    """Lines ``first``..``last`` of one job's log, ``data`` in their wire form (``contract``:
+    ``{"job", "first", "last", "lines"}``); with ``gap``, lines a slow reader skipped
+    (``{"job", "first", "last"}``: page them in with ``GET /jobs/{id}/logs?after=first-1``)."""
+
+    __slots__ = ("job_id", "first", "last", "data", "gap")
+    terminal = False  # (a writer ends or unwatches on a terminal event; never on log lines)
+
+    def __init__(self, job_id: str, first: int, last: int, data: bytes = b"", gap: bool = False) -> None:
+        self.job_id, self.first, self.last, self.data, self.gap = job_id, first, last, data, gap
+
+    @property
+    def name(self) -> str:
+        return "log-gap" if self.gap else "log"
+
+    @property
+    def body(self) -> bytes:
+        if self.gap:
+            return b'{"job":"%s","first":%d,"last":%d}' % (self.job_id.encode(), self.first, self.last)
+        return self.data
+
+    @property
+    def ws(self) -> str:
+        """The WebSocket message: ``{"event": "log" or "log-gap", "log": body}``."""
+        return '{"event":"%s","log":%s}' % (self.name, self.body.decode())
+
+
+class LogQueue:
+    """One connection's undelivered log lines, oldest first, for the jobs whose logs it watches.
+    Lines at or below what the client has (``expect``, or already queued) are dropped, so a line
+    never repeats; past ``limit`` lines waiting, the oldest batches become one gap per job."""
+
+    def __init__(self, limit: int) -> None:
+        self.entries: deque[LogEntry] = deque()
+        self.seen: dict[str, int] = {}
+        self.lines = 0
+        self.limit = limit
+
+    def __bool__(self) -> bool:
+        return bool(self.entries)
+
+    def expect(self, job_id: str, after: int) -> None:
+        self.seen[job_id] = max(after, self.seen.get(job_id, 0))
+
+    def put(self, job_id: str, data: bytes) -> bool:
+        """A batch as published; False if it held nothing new."""
+        first, last = contract.log_range(data)
+        seen = self.seen.get(job_id, 0)
+        if last <= seen:
+            return False
+        if first <= seen:  # overlaps what the client has (a snapshot raced it): keep the rest
+            lines = [json.dumps(line, separators=(",", ":"), ensure_ascii=False).encode() for line in json.loads(data)["lines"]]
+            data = contract.log_batch(job_id, [line for line in lines if contract.log_seq(line) > seen])
+            first = seen + 1
+        self._append(LogEntry(job_id, first, last, data))
+        return True
+
+    def put_snapshot(self, job_id: str, after: int, stored: list[bytes], first_kept: int) -> None:
+        """Stored lines after ``after`` (``Store.read_log``), placed before any batch of the job
+        already queued (which arrived live meanwhile); lines no longer kept become a gap."""
+        queued = [e.first for e in self.entries if e.job_id == job_id and not e.gap]
+        until = min(queued) if queued else None
+        lines = [line for line in stored if until is None or contract.log_seq(line) < until]
+        entries = []
+        if first_kept > after + 1:
+            entries.append(LogEntry(job_id, after + 1, first_kept - 1, gap=True))
+        if lines:
+            entries.append(LogEntry(job_id, contract.log_seq(lines[0]), contract.log_seq(lines[-1]), contract.log_batch(job_id, lines)))
+        for entry in reversed(entries):
+            self.entries.appendleft(entry)
+            self.lines += entry.last - entry.first + 1 if not entry.gap else 0
+        if entries:
+            self.seen[job_id] = max(self.seen.get(job_id, 0), entries[-1].last)
+        self._bound()
+
+    def _append(self, entry: LogEntry) -> None:
+        self.entries.append(entry)
+        self.lines += entry.last - entry.first + 1
+        self.seen[entry.job_id] = entry.last
+        self._bound()
+
+    def _bound(self) -> None:
+        """Past ``limit`` lines, the oldest batches (the newest always stays) become gaps, one
+        per run of lines of a job."""
+        i = 0
+        while self.lines > self.limit and i < len(self.entries) - 1:
+            entry = self.entries[i]
+            if entry.gap:
+                i += 1
+                continue
+            self.lines -= entry.last - entry.first + 1
+            before = self.entries[i - 1] if i else None
+            if before is not None and before.gap and before.job_id == entry.job_id and before.last == entry.first - 1:
+                before.last = entry.last
+                del self.entries[i]
+            else:
+                self.entries[i] = LogEntry(entry.job_id, entry.first, entry.last, gap=True)
+                i += 1
+
+    def pop(self) -> LogEntry:
+        entry = self.entries.popleft()
+        if not entry.gap:
+            self.lines -= entry.last - entry.first + 1
+        return entry
+
+    def forget(self, job_id: str) -> None:
+        self.seen.pop(job_id, None)
+        kept = [e for e in self.entries if e.job_id != job_id]
+        self.entries = deque(kept)
+        self.lines = sum(e.last - e.first + 1 for e in kept if not e.gap)
+
+
 class MailboxClosed(Exception):
     """The mailbox was closed and is empty: the server is draining (the connection should end and
     the client reconnect elsewhere) or the client has gone (``Mailbox.gone``)."""
@@ -85,7 +202,7 @@ class MailboxClosed(Exception):
 class Mailbox:
     """The newest undelivered event per job, for one client connection."""
 
-    __slots__ = ("_pending", "_seen", "_waiter", "conflated", "closed", "gone", "direct")
+    __slots__ = ("_pending", "_seen", "_waiter", "conflated", "closed", "gone", "direct", "logs")
 
     def __init__(self) -> None:
         self._pending: dict[str, Event] = {}
@@ -97,6 +214,27 @@ class Mailbox:
         # set by the stream once its client is connected: writes an event at once if it can
         # (``core.fastpath.direct``); used only while the consumer waits with nothing queued
         self.direct: Callable[[Event], bool] | None = None
+        self.logs: LogQueue | None = None  # once a job's log is watched (``watch_logs``)
+
+    def watch_logs(self, limit: int) -> LogQueue:
+        if self.logs is None:
+            self.logs = LogQueue(limit)
+        return self.logs
+
+    def put_log(self, job_id: str, batch: bytes) -> None:
+        """A batch of a job's log lines as published (``server.hub``); given before events."""
+        if self.logs is not None and not self.gone and self.logs.put(job_id, batch):
+            self._wake()
+
+    def log_snapshot(self, job_id: str, after: int, stored: list[bytes], first_kept: int) -> None:
+        """The stored lines after ``after`` (``LogQueue.put_snapshot``; after ``watch_logs``)."""
+        self.logs.put_snapshot(job_id, after, stored, first_kept)
+        if self.logs:
+            self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     def close(self, gone: bool = False) -> None:
         """End the consumer's ``get`` loop once the mailbox is empty (at once if ``gone``)."""
@@ -104,8 +242,8 @@ class Mailbox:
         if gone:
             self.gone = True
             self._pending.clear()
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+            self.logs = None
+        self._wake()
 
     def expect(self, job_id: str, since: int) -> None:
         """The client already has ``job_id`` up to seq ``since``: deliver only newer events."""
@@ -121,6 +259,7 @@ class Mailbox:
             waiter is not None
             and not waiter.done()
             and not self._pending
+            and not self.logs  # (an event never overtakes log lines written before it)
             and self.direct is not None
             and not event.terminal  # the consumer ends or unwatches on it: give it the usual way
             and self.direct(event)
@@ -156,10 +295,15 @@ class Mailbox:
     def forget(self, job_id: str) -> None:
         self._pending.pop(job_id, None)
         self._seen.pop(job_id, None)
+        if self.logs is not None:
+            self.logs.forget(job_id)
 
-    async def get(self) -> Event | Notice:
-        """The next event; raises ``MailboxClosed`` once closed and empty."""
+    async def get(self) -> Event | Notice | LogEntry:
+        """The next log lines if any (they were written before any event now pending), else the
+        next event; raises ``MailboxClosed`` once closed and empty."""
         while not self._pending:
+            if self.logs:
+                return self.logs.pop()
             if self.closed:
                 raise MailboxClosed()
             self._waiter = asyncio.get_running_loop().create_future()
@@ -167,5 +311,7 @@ class Mailbox:
                 await self._waiter
             finally:
                 self._waiter = None
+        if self.logs:
+            return self.logs.pop()
         job_id = next(iter(self._pending))
         return self._pending.pop(job_id)

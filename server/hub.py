@@ -52,19 +52,20 @@ class Watch:
     stream's count, ``server.streams.admit``). A stream whose response outlives its handler (SSE)
     takes the watch with ``hand_over``, which leaves the ``with`` nothing to end."""
 
-    __slots__ = ("hub", "mailbox", "jobs", "all", "on_exit")
+    __slots__ = ("hub", "mailbox", "jobs", "all", "on_exit", "logs")
 
     def __init__(self, hub: Hub, mailbox: Mailbox) -> None:
         self.hub, self.mailbox = hub, mailbox
         self.jobs: set[str] = set()
         self.all = False
         self.on_exit: Callable[[], None] | None = None
+        self.logs: set[str] | None = None  # jobs whose log lines are routed here too
 
     def hand_over(self) -> Watch:
         """A watch with this one's jobs and ``on_exit``, ended by whoever holds it (``with``)."""
         other = Watch(self.hub, self.mailbox)
-        other.jobs, other.all, other.on_exit = self.jobs, self.all, self.on_exit
-        self.jobs, self.all, self.on_exit = set(), False, None
+        other.jobs, other.all, other.on_exit, other.logs = self.jobs, self.all, self.on_exit, self.logs
+        self.jobs, self.all, self.on_exit, self.logs = set(), False, None, None
         return other
 
     async def add(self, job_ids: Iterable[str]) -> None:
@@ -83,9 +84,31 @@ class Watch:
         self.all = True
         await self.hub._watch_all(self.mailbox, tenant)
 
+    async def add_logs(self, job_ids: Iterable[str], after: dict[str, int]) -> None:
+        """Route the log lines of ``job_ids`` (watched jobs) to the mailbox too, from the line
+        after ``after[job]`` (0: every line kept): the stored ones first, then live ones."""
+        new = [j for j in job_ids if j in self.jobs and (self.logs is None or j not in self.logs)]
+        if self.logs is None:
+            self.logs = set()
+        self.logs.update(new)
+        queue = self.mailbox.watch_logs(self.hub.store.settings.job_log_lines)
+        for job_id in new:
+            queue.expect(job_id, after.get(job_id, 0))
+        try:
+            await self.hub._watch_logs(self.mailbox, new)
+        except BaseException:
+            self.logs.difference_update(new)
+            self.hub._unwatch_logs(self.mailbox, new)
+            raise
+        await self.hub.send_stored_logs(self.mailbox, new)
+
     def remove(self, job_ids: Iterable[str]) -> None:
         gone = [j for j in job_ids if j in self.jobs]
         self.jobs.difference_update(gone)
+        if self.logs:
+            logs = [j for j in gone if j in self.logs]
+            self.logs.difference_update(logs)
+            self.hub._unwatch_logs(self.mailbox, logs)
         self.hub._unwatch(self.mailbox, gone)
 
     def __enter__(self) -> Watch:
@@ -108,6 +131,7 @@ class Hub:
         self.store = store
         self.confirm_timeout = confirm_timeout
         self._watchers: dict[str, set[Mailbox]] = {}
+        self._log_watchers: dict[str, set[Mailbox]] = {}  # job -> mailboxes given its log lines
         self._all: dict[Mailbox, str] = {}  # dashboards: mailbox -> the tenant it may see
         self._ready: dict[str, asyncio.Future] = {}  # channel or pattern -> confirmed
         self._pubsub = None
@@ -130,6 +154,33 @@ class Hub:
             watchers.add(mailbox)
             waits.append(self._want(contract.channel(job_id), pattern=False))
         await self._confirmed(waits)
+
+    async def _watch_logs(self, mailbox: Mailbox, job_ids: Iterable[str]) -> None:
+        waits = []
+        for job_id in job_ids:
+            self._log_watchers.setdefault(job_id, set()).add(mailbox)
+            waits.append(self._want(contract.log_channel(job_id), pattern=False))
+        await self._confirmed(waits)
+
+    def _unwatch_logs(self, mailbox: Mailbox, job_ids: Iterable[str]) -> None:
+        for job_id in job_ids:
+            watchers = self._log_watchers.get(job_id)
+            if watchers is None:
+                continue
+            watchers.discard(mailbox)
+            if not watchers:
+                del self._log_watchers[job_id]
+                self._drop(contract.log_channel(job_id), pattern=False)
+
+    async def send_stored_logs(self, mailbox: Mailbox, job_ids: Iterable[str]) -> None:
+        """The stored lines of each job after what the mailbox has of it (a new watcher, or a
+        resync after the pub/sub connection was lost)."""
+        for job_id in job_ids:
+            if mailbox.logs is None:  # (closed meanwhile: the client has gone)
+                return
+            after = mailbox.logs.seen.get(job_id, 0)
+            last, first, lines = await self.store.read_log(job_id, after, self.store.settings.job_log_lines)
+            mailbox.log_snapshot(job_id, after, lines, first)
 
     def _unwatch(self, mailbox: Mailbox, job_ids: Iterable[str]) -> None:
         for job_id in job_ids:
@@ -269,7 +320,8 @@ class Hub:
 
     async def _read(self, pubsub) -> None:
         prefix = contract.CHANNEL_PREFIX_LEN
-        watchers, all_ = self._watchers, self._all
+        watchers, all_, log_watchers = self._watchers, self._all, self._log_watchers
+        log_prefix = contract.LOG_CHANNEL_PREFIX
         self._unheard = 0
         while True:
             msg = await pubsub.get_message(timeout=HEARTBEAT)
@@ -279,6 +331,11 @@ class Hub:
                 continue
             self._unheard = 0
             kind = msg["type"]
+            if log_watchers and kind == "message" and msg["channel"].startswith(log_prefix):
+                job_id = msg["channel"][prefix:].decode()
+                for mailbox in log_watchers.get(job_id, ()):
+                    mailbox.put_log(job_id, msg["data"])
+                continue
             if kind == "message" or kind == "pmessage":
                 STATS.received += 1
                 observe_delay(msg["data"])
@@ -324,6 +381,9 @@ class Hub:
                 event = Event(job_id, raw)
                 for mailbox in list(self._watchers.get(job_id, ())):
                     mailbox.put(event)
+        for job_id, mailboxes in list(self._log_watchers.items()):
+            for mailbox in list(mailboxes):
+                await self.send_stored_logs(mailbox, [job_id])
         for tenant in set(self._all.values()):
             for event in await self.snapshot_all(tenant):
                 for mailbox, mailbox_tenant in list(self._all.items()):

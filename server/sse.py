@@ -19,7 +19,7 @@ from core import contract
 from core.fastpath import direct
 from core.fastpath.sse import drop_send_lock
 from server import wire
-from server.events import PING, Event, Mailbox, MailboxClosed
+from server.events import PING, Event, LogEntry, Mailbox, MailboxClosed
 from server.hub import Watch
 from server.requests import deadline, int_param, load, reader
 from server.metrics import STATS
@@ -76,28 +76,59 @@ class Stream(EventSourceResponse):
                     await self.body_iterator.aclose()  # ended early: run the body's clean-up
 
 
-def since_param(request: Request) -> int:
+def since_param(request: Request) -> tuple[int, int]:
+    """``(seq, log seq)`` the client has: ``Last-Event-ID`` (``7``, or ``7:120`` on a stream with
+    the job's log), else ``?since=`` and ``?log_after=``."""
     last_event_id = request.headers.get("last-event-id")
     if last_event_id is not None:
+        seq, _, log_seq = last_event_id.partition(":")
         try:
-            return max(0, int(last_event_id))
+            return max(0, int(seq)), max(0, int(log_seq or 0))
         except ValueError:
-            raise Problem(400, "Bad Last-Event-ID", "Last-Event-ID must be a seq (an integer).") from None
-    return int_param(request, "since", 0)
+            raise Problem(400, "Bad Last-Event-ID", "Last-Event-ID must be a seq, or seq:log seq (integers).") from None
+    return int_param(request, "since", 0), int_param(request, "log_after", 0)
+
+
+def logs_param(request: Request) -> bool:
+    value = request.query_params.get("logs", "0")
+    if value not in ("0", "1"):
+        raise invalid("logs", "must be 1 (the job's log lines too) or 0")
+    return value == "1"
+
+
+class WithLogs:
+    """The frames of a job's stream that carries its log too (``?logs=1``): every ``id:`` is
+    ``<seq>:<log seq>``, the newest of each sent, so ``Last-Event-ID`` resumes both."""
+
+    __slots__ = ("seq", "log_seq")
+
+    def __init__(self, seq: int, log_seq: int) -> None:
+        self.seq, self.log_seq = seq, log_seq
+
+    def __call__(self, item: Event | LogEntry) -> bytes:
+        if isinstance(item, LogEntry):
+            self.log_seq = max(self.log_seq, item.last)
+            return wire.sse_frame(b"%d:%d" % (self.seq, self.log_seq), item.name, item.body)
+        self.seq = item.seq
+        return wire.sse_frame(b"%d:%d" % (self.seq, self.log_seq), item.name, item.doc)
 
 
 @deadline
 async def job_events(request: Request) -> Response:
-    """``GET /jobs/{id}/events``: the current document if newer than the client's, then changes."""
+    """``GET /jobs/{id}/events``: the current document if newer than the client's, then changes
+    (and with ``?logs=1`` the job's log lines after the client's, stored then live)."""
     job_id = request.path_params["job_id"]
-    since = since_param(request)
+    since, log_after = since_param(request)
+    logs = logs_param(request) and not wants_text(request) and request.query_params.get("format") != "html"
     caller = await reader(request)
     mailbox = Mailbox()
     mailbox.expect(job_id, since)
     with request.app.state.hub.watching(mailbox) as watch:
         await watch.add([job_id])
         snapshot = await load(request, job_id, caller)
-        if snapshot.terminal and snapshot.seq <= since:
+        if logs:
+            await watch.add_logs([job_id], {job_id: log_after})
+        if snapshot.terminal and snapshot.seq <= since and not mailbox.logs:
             return Response(status_code=204)  # the client has the end already: EventSource stops
         watch.on_exit = admit(request, caller, "text" if wants_text(request) else "sse")
         mailbox.put(snapshot)
@@ -106,6 +137,8 @@ async def job_events(request: Request) -> Response:
         return TextStream(watch)
     if request.query_params.get("format") == "html":
         return Stream(request, watch, sse_frames(request, mailbox, wire.html_frame, until_terminal=True))
+    if logs:
+        return Stream(request, watch, sse_frames(request, mailbox, WithLogs(since, log_after), until_terminal=True))
     mailbox.direct = direct.sse_writer(request.scope)
     return Stream(request, watch, sse_frames(request, mailbox, attrgetter("sse"), until_terminal=True))
 

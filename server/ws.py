@@ -89,8 +89,14 @@ class Connection:
             tokens = msg.get("tokens") or {}
             if not isinstance(tokens, dict) or not all(isinstance(v, str) for v in tokens.values()):
                 return await self.error("tokens must map job ids to watch tokens", op=op)
+            logs = msg.get("logs", False)
+            log_after = msg.get("log_after") or {}
+            if not isinstance(logs, bool):
+                return await self.error("logs must be true or false", op=op)
+            if not isinstance(log_after, dict) or not all(isinstance(v, int) for v in log_after.values()):
+                return await self.error("log_after must map job ids to log seqs", op=op)
             self.grant(tokens)
-            await self.subscribe(list(dict.fromkeys(jobs)), since)
+            await self.subscribe(list(dict.fromkeys(jobs)), since, log_after if logs else None)
         else:
             await self.error(f"unknown op {op!r}; use subscribe or unsubscribe")
 
@@ -107,9 +113,10 @@ class Connection:
     def may_read(self, event: Event) -> bool:
         return self.caller.may_read(event.job_id, event.tenant) or self.granted.get(event.job_id) == event.tenant
 
-    async def subscribe(self, jobs: list[str], since: dict[str, int]) -> None:
+    async def subscribe(self, jobs: list[str], since: dict[str, int], log_after: dict[str, int] | None = None) -> None:
         """Check every job first (its tenant never changes), so nothing of a job this caller may
-        not read is ever routed here; then subscribe, then send the snapshots."""
+        not read is ever routed here; then subscribe, then send the snapshots (and with
+        ``log_after``, the jobs' log lines after those seqs, stored then live)."""
         new = [j for j in jobs if j not in self.watch.jobs]
         if len(self.watch.jobs) + len(new) > MAX_JOBS_PER_STREAM:
             return await self.error(f"at most {MAX_JOBS_PER_STREAM} jobs per connection", op="subscribe")
@@ -124,6 +131,8 @@ class Connection:
         for job_id in allowed:
             self.mailbox.expect(job_id, since.get(job_id, 0))
         await self.watch.add(allowed)
+        if log_after is not None:
+            await self.watch.add_logs(allowed, log_after)
         for job_id, raw in zip(allowed, await store.read_many(allowed)):
             if raw is not None and job_id in self.watch.jobs:  # not already ended and dropped meanwhile
                 self.mailbox.put(Event(job_id, raw))

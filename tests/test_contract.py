@@ -160,3 +160,56 @@ def test_the_standalone_client_knows_the_same_final_states():
     import client
 
     assert client.TERMINAL == contract.TERMINAL
+
+
+def test_log_line_is_json_without_seq_and_cut_to_its_bound():
+    line = json.loads(contract.log_line("INFO", "page 3\nof 10", {"page": 3, "when": object}))
+    assert line["level"] == "INFO" and line["msg"] == "page 3\nof 10" and line["extra"]["page"] == 3
+    assert line["extra"]["when"].startswith("<class")  # what JSON cannot say: its str()
+    long = contract.log_line("INFO", "x" * 10_000, {"k": "v" * 5_000})
+    assert len(long) <= contract.LOG_LINE_BYTES - 16 and json.loads(long)["msg"].endswith("…")
+
+
+def batch(job_id: str, first: int, last: int) -> bytes:
+    lines = [b'{"seq":%d,"ts":"t","level":"INFO","msg":"line %d"}' % (i, i) for i in range(first, last + 1)]
+    return contract.log_batch(job_id, lines)
+
+
+@pytest.mark.anyio
+async def test_mailbox_gives_log_lines_in_order_before_events_and_never_twice():
+    mailbox = Mailbox()
+    queue = mailbox.watch_logs(100)
+    queue.expect("j_a", 2)
+    mailbox.put(event("j_a", 5))
+    mailbox.put_log("j_a", batch("j_a", 1, 2))  # the client has these
+    mailbox.put_log("j_a", batch("j_a", 2, 4))  # overlaps: 3 and 4 kept
+    mailbox.put_log("j_a", batch("j_a", 5, 5))
+    first = await mailbox.get()
+    assert (first.name, first.first, first.last) == ("log", 3, 4)
+    assert [line["seq"] for line in json.loads(first.body)["lines"]] == [3, 4]
+    assert json.loads((await mailbox.get()).ws)["log"]["first"] == 5
+    assert (await mailbox.get()).seq == 5  # then the event
+
+
+@pytest.mark.anyio
+async def test_a_slow_readers_log_lines_are_bounded_and_the_oldest_become_one_gap():
+    mailbox = Mailbox()
+    queue = mailbox.watch_logs(10)
+    for first in range(1, 31, 3):  # 30 lines in batches of 3
+        mailbox.put_log("j_a", batch("j_a", first, first + 2))
+    assert queue.lines <= 10
+    gap = await mailbox.get()
+    assert (gap.name, gap.first) == ("log-gap", 1) and json.loads(gap.body) == {"job": "j_a", "first": 1, "last": gap.last}
+    rest = [await mailbox.get() for _ in range(len(queue.entries))]
+    assert [(e.first, e.last) for e in rest] == [(n, n + 2) for n in range(gap.last + 1, 31, 3)]  # contiguous after it
+
+
+@pytest.mark.anyio
+async def test_stored_log_lines_go_before_live_ones_that_raced_them():
+    mailbox = Mailbox()
+    mailbox.watch_logs(100).expect("j_a", 2)
+    mailbox.put_log("j_a", batch("j_a", 7, 8))  # live, arrived before the stored lines were read
+    stored = json.loads(batch("j_a", 4, 8))["lines"]  # lines 1-3 no longer kept
+    mailbox.log_snapshot("j_a", 2, [json.dumps(line, separators=(",", ":")).encode() for line in stored], 4)
+    got = [await mailbox.get() for _ in range(3)]
+    assert [(e.name, e.first, e.last) for e in got] == [("log-gap", 3, 3), ("log", 4, 6), ("log", 7, 8)]

@@ -142,6 +142,8 @@ def write_fields(store: Store, doc: dict, tenant: str, **over) -> dict:
         event=contract.pack(new, tenant), channel=contract.channel(job_id), ttl=60, terminal=0, tombstone_ttl=60,
         result_json=b"", delivery_payload=b"", delivery_ttl_ms=60_000, now_ms=0, delivery_id="d-" + job_id,
         wake_channel="t-scripts-wake", job_id=job_id, now_us=0, tenant=tenant, after="", due_ms=0,
+        log=contract.log_key(job_id), log_channel=contract.log_channel(job_id), log_base=-1, log_lines=b"",
+        log_max=1000,
     )  # fmt: skip
     return fields | over
 
@@ -151,9 +153,62 @@ async def test_write_sent_twice_writes_once(client):
     store = Store(client, Settings())
     doc, _, _ = await store.create("demo", {}, "t-scripts")
     fields = write_fields(store, doc, "t-scripts")
-    assert await run(client, scripts.WRITE, **fields) == [1, 2]
+    assert await run(client, scripts.WRITE, **fields) == [1, 2, -1]
     assert await run(client, scripts.WRITE, **fields) == [1, 2]
     assert await run(client, scripts.WRITE, **fields | {"event": fields["event"] + b" "}) == [0, 2, b"running"]
+
+
+def log_fields(job_id: str, lines: list[str], base: int = -1, max_lines: int = 5) -> dict:
+    return dict(
+        job=contract.job_key(job_id), log=contract.log_key(job_id), log_channel=contract.log_channel(job_id), job_id=job_id,
+        base=base, lines=b"\n".join(contract.log_line("INFO", m) for m in lines), max=max_lines,
+    )  # fmt: skip
+
+
+async def log_read(client, job_id: str, after: int = 0, limit: int = 100) -> tuple[int, int, list[dict]]:
+    last, first, lines = await run(client, scripts.LOG_READ, job=contract.job_key(job_id), log=contract.log_key(job_id), after=after, limit=limit)
+    return last, first, [json.loads(line) for line in lines]
+
+
+async def test_log_numbers_keeps_the_newest_and_appends_a_resent_call_once(client):
+    store = Store(client, Settings())
+    doc, _, _ = await store.create("demo", {}, "t-scripts")
+    job_id = doc["id"]
+    pubsub = client.pubsub()
+    await pubsub.subscribe(contract.log_channel(job_id))
+    assert await run(client, scripts.LOG, **log_fields(job_id, ["a", "b\nwith a newline", "c"])) == 3
+    assert await run(client, scripts.LOG, **log_fields(job_id, ["d", "e"], base=3)) == 5
+    assert await run(client, scripts.LOG, **log_fields(job_id, ["d", "e"], base=3)) == 5  # sent again: nothing more
+    assert await run(client, scripts.LOG, **log_fields(job_id, ["f"], base=1)) == 6  # another base than expected: appended
+    last, first, lines = await log_read(client, job_id)
+    assert (last, first) == (6, 2)  # the newest 5 kept
+    assert [(line["seq"], line["msg"]) for line in lines] == [(2, "b\nwith a newline"), (3, "c"), (4, "d"), (5, "e"), (6, "f")]
+    assert [line["msg"] for line in (await log_read(client, job_id, after=3, limit=2))[2]] == ["d", "e"]
+    assert (await log_read(client, job_id, after=0, limit=1))[2][0]["seq"] == 2  # the oldest kept
+    assert (await log_read(client, job_id, after=6))[2] == []
+    assert 0 < await client.pttl(contract.log_key(job_id)) <= await client.pttl(contract.job_key(job_id)) + 5
+    published, deadline = [], time.monotonic() + 5
+    while len(published) < 3 and time.monotonic() < deadline:  # (None also for the subscribe confirmation)
+        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+        if msg is not None:
+            published.append(json.loads(msg["data"]))
+    await pubsub.aclose()
+    assert [(p["job"], p["first"], p["last"], [line["msg"] for line in p["lines"]]) for p in published] == [
+        (job_id, 1, 3, ["a", "b\nwith a newline", "c"]), (job_id, 4, 5, ["d", "e"]), (job_id, 6, 6, ["f"]),
+    ]  # fmt: skip
+    assert await run(client, scripts.LOG, **log_fields(contract.new_job_id(), ["x"])) == -1  # no job: no log
+
+
+async def test_write_appends_its_log_lines_before_the_event_and_a_final_state_expires_the_log(client):
+    store = Store(client, Settings())
+    doc, _, _ = await store.create("demo", {}, "t-scripts")
+    job_id = doc["id"]
+    fields = write_fields(store, doc, "t-scripts")
+    line = contract.log_line("INFO", "attempt 1 started")
+    assert await run(client, scripts.WRITE, **fields | {"log_lines": line}) == [1, 2, 1]
+    final = write_fields(store, {**doc, "seq": 2}, "t-scripts", terminal=1, ttl=30, state=contract.SUCCEEDED)
+    assert (await run(client, scripts.WRITE, **final | {"log_lines": line, "log_base": 1}))[:3] == [1, 3, 2]
+    assert 0 < await client.ttl(contract.log_key(job_id)) <= 30
 
 
 async def claim(client, limit: int, owner: str = "w1", skip: str = "", lease_ms: int = 10_000) -> list:

@@ -91,3 +91,35 @@ async def flood(ctx, params: Flood) -> int:
     for i in range(1, params.count + 1):
         await ctx.progress(100 * i / params.count, message=f"{i} {filler}")
     return params.count
+
+
+class Chatty(BaseModel):
+    lines: int = Field(ge=0, le=100_000)
+    every: int = Field(100_000, ge=1)  # pause after every this many lines
+    pause: float = Field(0, ge=0, le=10)
+    hold: float = Field(0, ge=0, le=60)  # wait this long before the first line
+    size: int = Field(0, ge=0, le=10_000)  # filler bytes per line
+
+
+@job("chatty", params=Chatty, timeout=120)
+async def chatty(ctx, params: Chatty) -> int:
+    """Logs ``lines`` lines through ``ctx.log`` ("line i", with ``extra={"i": i}``) as fast as it
+    can, pausing ``pause`` seconds every ``every`` lines."""
+    filler = " " + "x" * params.size if params.size else ""
+    await asyncio.sleep(params.hold)
+    for i in range(1, params.lines + 1):
+        ctx.log.info("line %d%s", i, filler, extra={"i": i})
+        if i % params.every == 0:
+            await asyncio.sleep(params.pause)
+    return params.lines
+
+
+@job("chatty_sync", params=Chatty, timeout=120)
+def chatty_sync(ctx, params: Chatty) -> int:
+    """``chatty`` as a plain function, logging from its thread."""
+    time.sleep(params.hold)
+    for i in range(1, params.lines + 1):
+        ctx.log.info("line %d", i, extra={"i": i})
+        if i % params.every == 0:
+            time.sleep(params.pause)
+    return params.lines

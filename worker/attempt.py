@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from core import contract, queue
 from core.settings import Settings
 from core.store import Store
-from worker.progress import JobContext, JobEnded, ThreadJobContext
+from worker.progress import JobContext, JobEnded, JobLog, ThreadJobContext
 from worker.registry import JobType, Retry
 
 log = logging.getLogger("worker")
@@ -64,8 +64,10 @@ class Attempts:
         if doc["status"] in contract.TERMINAL:
             raise JobEnded(doc["status"])
         ctx = JobContext(self.store, doc, self.settings.progress_interval, packed.tenant)
-        # every line about this job carries its id, attempt and the request id that submitted it
-        ctx.log = logging.LoggerAdapter(log, {"job_id": job_id, "attempt": attempt, "request_id": rid.decode() if rid else None})
+        # every line about this job carries its id, attempt and the request id that submitted it;
+        # ``ctx.log``'s lines at INFO and above are also the job's own log
+        extra = {"job_id": job_id, "attempt": attempt, "request_id": rid.decode() if rid else None}
+        ctx.log = JobLog(log, extra, ctx, asyncio.get_running_loop())
         ctx.cancel_requested = cancelled
         self.running[job_id] = ctx
         started = time.monotonic()
@@ -85,6 +87,7 @@ class Attempts:
             await ctx.finish(contract.FAILED, attempt=attempt, error=error("MaxTriesExceeded", message), after=queue.FINISH)
             return
         started = time.monotonic()
+        ctx.note("INFO", f"attempt {attempt} started")
         await ctx.write(status=contract.RUNNING, attempt=attempt, started_at=contract.now_iso(), message=None, error=None)
         ctx.log.debug("job %s: running %s, attempt %d", job_id, job_type.name, attempt)
         try:
@@ -113,8 +116,10 @@ class Attempts:
         except Exception as e:
             await self._failed(ctx, job_type, attempt, e)
         else:
+            took = time.monotonic() - started
+            ctx.note("INFO", f"succeeded in {took:.3f} s")
             await ctx.finish(contract.SUCCEEDED, result=result, result_ttl=job_type.result_ttl, progress=100.0, after=queue.FINISH)
-            ctx.log.info("job %s: succeeded (%s, attempt %d, %.3f s)", job_id, job_type.name, attempt, time.monotonic() - started)
+            ctx.log.worker_log.info("job %s: succeeded (%s, attempt %d, %.3f s)", job_id, job_type.name, attempt, took)
 
     async def _failed(self, ctx: JobContext, job_type: JobType, attempt: int, e: Exception) -> None:
         """Retry with back-off while tries remain (re-queued for later), else end ``failed``."""

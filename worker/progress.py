@@ -1,23 +1,30 @@
-"""What a running job sees: ``ctx.progress(...)``, ``ctx.cancelled``, its id and attempt.
+"""What a running job sees: ``ctx.progress(...)``, ``ctx.log``, ``ctx.cancelled``, its id and attempt.
 
 ``progress()`` is throttled per job to one publish per ``PROGRESS_INTERVAL``; the first
 update, every stage change and the final state always go out, and an update held back by the
 throttle is published when the interval ends, so the last word before a pause is never lost.
 Each publish is one ``Store.write``: document stored and event published atomically.
+
+``ctx.log`` (``JobLog``) is a logger whose records at INFO and above also become lines of the
+job's own log. Lines wait in the context (the newest ``JOB_LOG_LINES``) and go out with the
+next document write, or on their own (``Store.append_log``) once per loop turn; never two
+batches at once, so their seqs follow the order they were logged in.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+import traceback
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from core import contract
-from core.store import Store, WriteRefused
+from core.store import LogBatch, Store, WriteRefused
 
 ETA_SMOOTHING = 0.3  # weight of the newest rate sample in the moving average
 log = logging.getLogger("worker")
@@ -31,6 +38,37 @@ class JobEnded(Exception):
     def __init__(self, why: str, superseded: bool = False) -> None:
         super().__init__(why)
         self.superseded = superseded
+
+
+class JobLog(logging.LoggerAdapter):
+    """``ctx.log``: the worker's logger with the job's id, attempt and request id on each record,
+    whose records at INFO and above are also lines of the job's log (message, level, time and the
+    record's ``extra``; an exception's traceback with ``exc_info``), from the event loop or from a
+    sync job's thread. ``worker_log``: the same without the job's log."""
+
+    def __init__(self, logger: logging.Logger, extra: dict[str, Any], ctx: JobContext, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(logger, extra)
+        self.ctx, self.loop = ctx, loop
+        self.worker_log = logging.LoggerAdapter(logger, extra)
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        if level >= logging.INFO:
+            try:
+                text = str(msg) % args if args else str(msg)
+            except (TypeError, ValueError):
+                text = f"{msg} {args}"
+            if kwargs.get("exc_info"):
+                text += "\n" + traceback.format_exc().rstrip()
+            line = contract.log_line(logging.getLevelName(level), text, kwargs.get("extra"))
+            try:
+                here = asyncio.get_running_loop() is self.loop
+            except RuntimeError:  # a sync job's thread
+                here = False
+            if here:
+                self.ctx.add_log_line(line)
+            else:
+                self.loop.call_soon_threadsafe(self.ctx.add_log_line, line)
+        super().log(level, msg, *args, **kwargs)
 
 
 class JobContext:
@@ -50,6 +88,10 @@ class JobContext:
         self._sample: tuple[float, float] | None = None  # (time, progress) of the last report
         self.last_report = time.monotonic()  # for the stall check
         self.log: logging.Logger | logging.LoggerAdapter = log
+        self._log_lines: list[bytes] = []  # not yet written
+        self._log_dropped = 0  # lines dropped unwritten (more than JOB_LOG_LINES waiting)
+        self._log_base = -1  # the last seq stored, as far as we know (-1: not known yet)
+        self._log_writing: asyncio.Task | None = None
 
     @property
     def id(self) -> str:
@@ -114,6 +156,60 @@ class JobContext:
                 self._last_publish, self._published = time.monotonic(), True
                 await self.write(**changes)
 
+    def note(self, level: str, message: str) -> None:
+        """A line for the job's log only (the worker's own word on the attempt)."""
+        self.add_log_line(contract.log_line(level, message))
+
+    def add_log_line(self, line: bytes) -> None:
+        self._log_lines.append(line)
+        keep = self.store.settings.job_log_lines
+        if len(self._log_lines) > keep:  # Redis is slower than this job's logging: keep the newest
+            self._log_dropped += len(self._log_lines) - keep + 1
+            del self._log_lines[: len(self._log_lines) - keep + 1]
+        if self._log_writing is None:
+            self._log_writing = asyncio.ensure_future(self._write_log())
+            self._log_writing.add_done_callback(_log_failure)
+
+    def _take_log(self) -> LogBatch | None:
+        """The lines waiting (after a line saying how many were dropped, if any), or None."""
+        if not self._log_lines:
+            return None
+        lines, self._log_lines = self._log_lines, []
+        if self._log_dropped:
+            lines.insert(0, contract.log_line("WARNING", f"{self._log_dropped} log lines dropped: written faster than Redis took them"))
+            self._log_dropped = 0
+        return LogBatch(lines, self._log_base)
+
+    def _logged(self, batch: LogBatch | None) -> None:
+        if batch is not None:
+            self._log_base = batch.last if batch.last >= 0 else -1
+
+    async def _write_log(self) -> None:
+        """Write the waiting lines (and those logged meanwhile) on their own, one batch at a time;
+        Redis being away is waited out as for a document write."""
+        try:
+            await asyncio.sleep(0)  # the rest of this loop turn's lines, or the write that takes them
+            delay, waited = 0.1, 0.0
+            while (batch := self._take_log()) is not None:
+                while True:
+                    try:
+                        await self.store.append_log(self.id, batch)
+                        break
+                    except (RedisConnectionError, RedisTimeoutError, OSError):
+                        if waited >= REDIS_OUTAGE:
+                            raise
+                        await asyncio.sleep(delay)
+                        waited += delay
+                        delay = min(delay * 2, 2.0)
+                self._logged(batch)
+        finally:
+            self._log_writing = None
+
+    async def flush_log(self) -> None:
+        """Wait until the lines logged so far are written (a batch under way included)."""
+        while self._log_writing is not None:
+            await asyncio.shield(self._log_writing)
+
     async def mark_stalled(self) -> None:
         async with self._lock:
             if self.doc["status"] == contract.RUNNING and not self.doc["stalled"]:
@@ -144,11 +240,16 @@ class JobContext:
         attempt = changes.get("attempt", self.doc["attempt"])
         delay, waited = 0.1, 0.0
         conflicts = 0
+        if self._log_writing is not None:  # a batch of lines under way: ours come after it
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._log_writing)
+        lines = self._take_log()  # the lines logged so far go with this write, before its event
         while True:
             try:
                 self.doc = await self.store.write(
-                    self.doc, self.tenant, result=result, result_ttl=result_ttl, after=after, due_ms=due_ms, **changes
+                    self.doc, self.tenant, result=result, result_ttl=result_ttl, after=after, due_ms=due_ms, log=lines, **changes
                 )
+                self._logged(lines)
                 return
             except WriteRefused as refused:
                 if refused.state in contract.TERMINAL or not refused.state:
@@ -172,7 +273,7 @@ class JobContext:
 
 def _log_failure(task: asyncio.Future) -> None:
     if not task.cancelled() and task.exception() is not None and not isinstance(task.exception(), JobEnded):
-        log.warning("held-back progress not published: %r", task.exception())
+        log.warning("held-back progress or log lines not written: %r", task.exception())
 
 
 class ThreadJobContext:
@@ -182,6 +283,7 @@ class ThreadJobContext:
         self._ctx = ctx
         self._loop = loop
         self.id, self.attempt = ctx.id, ctx.attempt
+        self.log = ctx.log  # thread-safe: a line logged here is handed to the loop
 
     @property
     def cancelled(self) -> bool:
