@@ -384,6 +384,12 @@ class Client:
         (``limit`` ≤ 100; a filtered page may hold fewer and still have a ``next``). Needs the API key."""
         return _expect(self.http.get("/jobs", params=_list_params(status, type, limit, cursor)), 200)
 
+    def logs(self, job_id: str, *, after: int = 0, limit: int = 1000) -> dict[str, Any]:
+        """``GET /jobs/{id}/logs``: the job's log lines after seq ``after``, ``{"items": [{"seq",
+        "ts", "level", "msg", "extra"?}], "next", "last", "dropped"}``; pass ``next`` as ``after``
+        to read on."""
+        return _expect(self.http.get(_path(job_id) + "/logs", params={"after": after, "limit": limit}), 200)
+
     def watch(
         self, job_id: str, *, since: int = 0, timeout: float | None = None, retry_for: float = RETRY_FOR
     ) -> Iterator[dict[str, Any]]:
@@ -485,6 +491,10 @@ class AsyncClient:
     ) -> dict[str, Any]:
         """``GET /jobs``: one page (see ``Client.list_jobs``)."""
         return _expect(await self.http.get("/jobs", params=_list_params(status, type, limit, cursor)), 200)
+
+    async def logs(self, job_id: str, *, after: int = 0, limit: int = 1000) -> dict[str, Any]:
+        """``GET /jobs/{id}/logs``: a page of the job's log lines (see ``Client.logs``)."""
+        return _expect(await self.http.get(_path(job_id) + "/logs", params={"after": after, "limit": limit}), 200)
 
     async def watch(
         self, job_id: str, *, since: int = 0, timeout: float | None = None, retry_for: float = RETRY_FOR

@@ -11,6 +11,7 @@
     progress retry $ID [--watch]
     progress list [--status S] [--type T] [--limit N]
     progress types              # the job types and their params
+    progress logs $ID [-f]      # the job's log lines; -f: and new ones until the job ends
 
 Options (before or after the command): ``--url`` (env ``PROGRESS_URL``, default
 http://127.0.0.1:8000), ``--api-key`` (env ``PROGRESS_API_KEY``), ``--token`` (the watch token
@@ -27,8 +28,10 @@ cancelled (``watch``, ``submit --watch``, ``retry --watch``, ``result``), 3 a us
 answer (its problem title and detail on stderr; with ``--json`` the problem document) or no
 server, 4 the job is unknown (404) or expired (410), 130 interrupted.
 
-The server keeps no job logs, so there is no ``logs`` command: a job's messages are its progress
-(``progress watch ID --json``) and its error.
+``logs`` prints the lines the server keeps (the newest ``JOB_LOG_LINES``) as
+``time LEVEL message``, or with ``--json`` one line object per line; ``-f`` goes on printing new
+lines every half second until the job has ended and its last line is printed (plain HTTP, so it
+resumes across any cut by itself: it asks for the lines after the last one it printed).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import Any
 
 import httpx
@@ -187,6 +191,26 @@ def list_jobs(client: Client, args: argparse.Namespace) -> int:
     return SUCCEEDED
 
 
+FOLLOW_EVERY = 0.5  # seconds between reads of ``logs -f``
+
+
+def logs(client: Client, args: argparse.Namespace) -> int:
+    after = args.after
+    while True:
+        ended = args.follow and client.status(args.id)["status"] in EXIT  # read first: no line is missed
+        page = client.logs(args.id, after=after)
+        if page["dropped"]:
+            note(f"({page['dropped']} earlier lines are no longer kept)", args)
+        for line in page["items"]:
+            emit(line if args.json else f"{line['ts']} {line['level']:<7} {line['msg']}", args)
+        after = page["next"]
+        if page["items"] and after < page["last"]:
+            continue  # more stored than one page
+        if not args.follow or ended:
+            return SUCCEEDED
+        time.sleep(FOLLOW_EVERY)
+
+
 def types(client: Client, args: argparse.Namespace) -> int:
     for t in client.job_types():
         params = ", ".join(t.get("params_schema", {}).get("properties", {}))
@@ -244,6 +268,9 @@ def parser() -> Parser:
     p.add_argument("--type")
     p.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
     command("types", types, "the job types and their params")
+    p = command("logs", logs, "the job's log lines (-f: and new ones until the job ends)", job_id=True)
+    p.add_argument("--follow", "-f", action="store_true", help="print new lines as they come, until the job ends")
+    p.add_argument("--after", type=int, default=0, help="only lines after this seq")
     return top
 
 

@@ -136,6 +136,18 @@ def test_cancel_and_a_watch_of_the_cancelled_job_exits_2(base):
     assert r.returncode == 3 and "409" in r.stderr
 
 
+def test_logs_prints_the_lines_and_follow_goes_on_until_the_job_ends(base):
+    job_id = progress(base, "submit", "chatty", "-p", "lines=1500", "-p", "every=100", "-p", "pause=0.05").stdout.strip()
+    follow = Reader(command(base, ("--json", "logs", job_id, "-f")))
+    assert follow.finish(60) == 0, follow.stderr
+    lines = follow.docs()
+    assert [line["seq"] for line in lines] == list(range(lines[0]["seq"], lines[-1]["seq"] + 1))  # none missing, none twice
+    assert lines[-1]["msg"].startswith("succeeded in ") and lines[-2]["msg"] == "line 1500"
+    plain = progress(base, "logs", job_id, "--after", str(lines[-1]["seq"] - 2))
+    assert plain.returncode == 0 and plain.stdout.splitlines()[0].endswith("INFO    line 1500"), plain.stdout
+    assert "earlier lines are no longer kept" in progress(base, "logs", job_id).stderr  # 1,502 lines, 1,000 kept
+
+
 def test_status_result_and_list(base):
     job_id = progress(base, "submit", "demo", "-p", "steps=2", "-p", "interval=0.01").stdout.strip()
     assert progress(base, "--quiet", "watch", job_id).returncode == 0

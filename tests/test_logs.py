@@ -57,6 +57,9 @@ async def test_log_lines_of_an_async_job_in_order_with_the_workers_word(base, wo
         bad = await client.get(f"/jobs/{job['id']}/logs", params={"limit": 0})
         assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "limit"
         assert (await client.get("/jobs/j_nope/logs")).status_code == 404
+        silent = await run_job(client, "echo", message="no log lines")  # a job that logs nothing has no log
+        await finished(client, silent)
+        assert (await client.get(f"/jobs/{silent['id']}/logs")).json() == {"items": [], "next": 0, "last": 0, "dropped": 0}
 
 
 async def test_a_sync_job_logs_from_its_thread(base, worker):

@@ -87,7 +87,7 @@ class Attempts:
             await ctx.finish(contract.FAILED, attempt=attempt, error=error("MaxTriesExceeded", message), after=queue.FINISH)
             return
         started = time.monotonic()
-        ctx.note("INFO", f"attempt {attempt} started")
+        ctx.note_start(attempt)
         await ctx.write(status=contract.RUNNING, attempt=attempt, started_at=contract.now_iso(), message=None, error=None)
         ctx.log.debug("job %s: running %s, attempt %d", job_id, job_type.name, attempt)
         try:
@@ -117,7 +117,8 @@ class Attempts:
             await self._failed(ctx, job_type, attempt, e)
         else:
             took = time.monotonic() - started
-            ctx.note("INFO", f"succeeded in {took:.3f} s")
+            if ctx.has_log:  # (a job that logged nothing has no log to end)
+                ctx.note("INFO", f"succeeded in {took:.3f} s")
             await ctx.finish(contract.SUCCEEDED, result=result, result_ttl=job_type.result_ttl, progress=100.0, after=queue.FINISH)
             ctx.log.worker_log.info("job %s: succeeded (%s, attempt %d, %.3f s)", job_id, job_type.name, attempt, took)
 

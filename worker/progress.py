@@ -92,6 +92,8 @@ class JobContext:
         self._log_dropped = 0  # lines dropped unwritten (more than JOB_LOG_LINES waiting)
         self._log_base = -1  # the last seq stored, as far as we know (-1: not known yet)
         self._log_writing: asyncio.Task | None = None
+        self._log_start: bytes | None = None  # "attempt N started", logged with the job's first line
+        self._logged_any = False
 
     @property
     def id(self) -> str:
@@ -160,7 +162,20 @@ class JobContext:
         """A line for the job's log only (the worker's own word on the attempt)."""
         self.add_log_line(contract.log_line(level, message))
 
+    def note_start(self, attempt: int) -> None:
+        """"attempt N started", with this time, but written only once the job has a line of its
+        own: a job that logs nothing costs its log nothing (no list, no write per job)."""
+        self._log_start = contract.log_line("INFO", f"attempt {attempt} started")
+
+    @property
+    def has_log(self) -> bool:
+        return self._logged_any
+
     def add_log_line(self, line: bytes) -> None:
+        if self._log_start is not None:
+            self._log_lines.append(self._log_start)
+            self._log_start = None
+        self._logged_any = True
         self._log_lines.append(line)
         keep = self.store.settings.job_log_lines
         if len(self._log_lines) > keep:  # Redis is slower than this job's logging: keep the newest
