@@ -177,6 +177,11 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def iso(seconds: float) -> str:
+    """A ``time.time()`` as ``now_iso`` writes it."""
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def links(job_id: str) -> dict[str, str]:
     base = f"/jobs/{job_id}"
     return {"self": base, "events": base + "/events", "result": base + "/result"}

@@ -62,9 +62,6 @@ def request_hash(job_type: str, params: dict[str, Any], webhook: str | None) -> 
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
-NO_LOG = LogBatch([])
-
-
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -81,6 +78,7 @@ class Store:
         self._create = Batched(redis, scripts.CREATE, REDIS_DEADLINE)
         self._log = Batched(redis, scripts.LOG, REDIS_DEADLINE)
         self._log_read = redis.register_script(scripts.LOG_READ.lua)
+        self._no_log = {"log_base": -1, "log_lines": b"", "log_max": settings.job_log_lines}  # (most writes)
         self._reopen = redis.register_script(scripts.REOPEN.lua)
         self._webhook_done = redis.register_script(scripts.WEBHOOK_DONE.lua)
         self.replicas = settings.redis_wait_replicas
@@ -245,7 +243,7 @@ class Store:
         s = self.settings
         delivery = contract.webhook_delivery_id(job_id, new["seq"])
         enqueued_ms = now_ms()
-        lines = {f"log_{k}": v for k, v in (log or NO_LOG).fields(self.settings.job_log_lines).items()}
+        lines = self._no_log if log is None else {f"log_{k}": v for k, v in log.fields(self.settings.job_log_lines).items()}
         ok, *stored = await self._write(
             job=contract.job_key(job_id),
             log=contract.log_key(job_id),

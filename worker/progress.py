@@ -92,7 +92,7 @@ class JobContext:
         self._log_dropped = 0  # lines dropped unwritten (more than JOB_LOG_LINES waiting)
         self._log_base = -1  # the last seq stored, as far as we know (-1: not known yet)
         self._log_writing: asyncio.Task | None = None
-        self._log_start: bytes | None = None  # "attempt N started", logged with the job's first line
+        self._log_start: tuple[int, float] | None = None  # (attempt, time): "attempt N started", with the first line
         self._logged_any = False
 
     @property
@@ -165,7 +165,7 @@ class JobContext:
     def note_start(self, attempt: int) -> None:
         """"attempt N started", with this time, but written only once the job has a line of its
         own: a job that logs nothing costs its log nothing (no list, no write per job)."""
-        self._log_start = contract.log_line("INFO", f"attempt {attempt} started")
+        self._log_start = (attempt, time.time())
 
     @property
     def has_log(self) -> bool:
@@ -173,8 +173,9 @@ class JobContext:
 
     def add_log_line(self, line: bytes) -> None:
         if self._log_start is not None:
-            self._log_lines.append(self._log_start)
+            attempt, at = self._log_start
             self._log_start = None
+            self._log_lines.append(contract.log_line("INFO", f"attempt {attempt} started", ts=contract.iso(at)))
         self._logged_any = True
         self._log_lines.append(line)
         keep = self.store.settings.job_log_lines
