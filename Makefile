@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install run test test-fast bench clean browser tls-redis lock upgrade
+.PHONY: install run test test-fast bench clean browser tls-redis nginx lock upgrade
 
 install: $(VENV)/.installed
 
@@ -37,7 +37,7 @@ run: install
 # what a user gets on library versions whose private names the fast path does not find.
 STOCK_PATH_TESTS = tests/test_fastpath.py tests/test_progress.py tests/test_request_reply.py tests/test_lifecycle.py \
 	tests/test_faults.py tests/test_slow_clients.py tests/test_drain.py tests/test_topology.py tests/test_browser.py
-test: install browser tls-redis
+test: install browser tls-redis nginx node_modules/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)
 	$(if $(PYTEST_ARGS),,FAST_PATH=off $(PY) -m pytest $(STOCK_PATH_TESTS))
 
@@ -46,6 +46,11 @@ FAST_TESTS = tests/test_contract.py tests/test_output.py tests/test_scripts.py t
 	tests/test_connections.py tests/test_protocols.py tests/test_fastpath.py
 test-fast: install
 	$(PY) -m pytest $(PYTEST_ARGS) $(FAST_TESTS)
+
+# The pinned TypeScript (package-lock.json) for tests/test_typescript.py; needs Node.js and npm.
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund
+	touch $@
 
 # Headless Chromium for tests/test_browser.py, from Debian (Playwright's own downloads do not run here).
 # Where apt cannot install it (not root, not Debian), make test stops here: install chromium by hand.
@@ -58,6 +63,14 @@ browser:
 tls-redis:
 	@command -v redis-server >/dev/null || (apt-get update && apt-get install -y --no-install-recommends redis-server) \
 	  || echo "warning: could not install redis-server; tests/test_tls.py will fail"
+
+# Debian's nginx for tests/test_nginx.py (two replicas behind deploy/nginx.conf's directives), which
+# fails without it. Only the binary is used: each test runs its own on a free loopback port, no service.
+nginx:
+	@command -v nginx >/dev/null || test -x /usr/sbin/nginx \
+	  || (apt-get update && (apt-get install -y --no-install-recommends nginx-light \
+	      || apt-get install -y --no-install-recommends nginx)) \
+	  || (echo "error: could not install nginx (Debian's package) for tests/test_nginx.py"; exit 1)
 
 clean:
 	rm -rf $(VENV) data test-artifacts

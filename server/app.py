@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
+from http import HTTPStatus
 import logging
 import signal
 from pathlib import Path
@@ -17,19 +18,18 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
-from starlette.routing import Mount, Route
+from starlette.routing import Match, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp
 
 from core import connections, contract, redischeck, workers
-from server import joblogs, jobs, jobtypes, problems, sse, streams, ws
+from server import joblogs, jobs, jobtypes, openapi, problems, sse, streams, ws
 from core.fastpath import direct
 from server.auth import Auth, parse_keys, shared_secret
 from server.hub import Hub, SubscribeTimeout
 from server.metrics import metrics
 from server.middleware import RequestContext
 from server.requests import JSONAnswer, key_holder, redis_deadline
-from server.openapi import openapi
 from server.problems import Problem
 from server.ratelimit import RateLimiter
 from core.settings import Settings
@@ -50,8 +50,51 @@ def problem(request: Request, exc: Problem) -> Response:
     return exc.response()
 
 
+METHOD_ORDER = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this request's path. Starlette's router answers 405 from
+    the first route whose path matches, which lists only that route's methods (``/jobs`` has one
+    route for GET and one for POST)."""
+    methods: set[str] = set()
+    for route in request.app.routes:
+        if isinstance(route, Route) and route.methods and route.matches(request.scope)[0] is not Match.NONE:
+            methods |= route.methods
+    return sorted(methods, key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), m))
+
+
 def http_error(request: Request, exc: HTTPException) -> Response:
-    return Problem(exc.status_code, exc.detail or "Error", headers=exc.headers).response()
+    """Starlette's own errors (no route: 404; a route, not this method: 405) as problems with a
+    ``detail``; a 405's ``Allow`` lists every method of the path."""
+    status, headers = exc.status_code, dict(exc.headers or {})
+    title = HTTPStatus(status).phrase
+    path = request.url.path if len(request.url.path) <= 200 else request.url.path[:200] + "..."
+    if status == 404:
+        detail = f"Nothing is served at {path}; /openapi.json lists what is."
+    elif status == 405:
+        headers["Allow"] = ", ".join(allowed_methods(request))
+        detail = f"{request.method} is not served at {path}; {headers['Allow']} are."
+    else:
+        detail = exc.detail if exc.detail and exc.detail != title else title
+    return Problem(status, title, detail, headers=headers).response()
+
+
+def internal_error(request: Request, exc: Exception) -> Response:
+    """An unexpected exception: a problem too (Starlette re-raises it after this, and it is logged)."""
+    return Problem(500, "Internal server error", "The server failed on this request; the error is logged.").response()
+
+
+def stream_internal_error(request: Request, exc: Exception) -> Response:
+    """``internal_error`` for the SSE routes, which go past Starlette (``App``): logged here."""
+    log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+    return internal_error(request, exc)
+
+
+async def upgrade_required(request: Request) -> Response:
+    """``GET /ws`` without a WebSocket handshake (handshakes go past the router: ``App``)."""
+    detail = "/ws is a WebSocket: connect with a WebSocket client (Upgrade: websocket)."
+    return Problem(426, "Upgrade required", detail, headers={"Upgrade": "websocket"}).response()
 
 
 async def healthz(request: Request) -> Response:
@@ -201,8 +244,10 @@ def create_app(settings: Settings | None = None) -> App:
         RedisConnectionError: unavailable,
         RedisTimeoutError: unavailable,
         SubscribeTimeout: unavailable,
+        Exception: internal_error,
     }
-    job_events, events = streams.Endpoint(sse.job_events, errors), streams.Endpoint(sse.events, errors)
+    stream_errors = {**errors, Exception: stream_internal_error}
+    job_events, events = streams.Endpoint(sse.job_events, stream_errors), streams.Endpoint(sse.events, stream_errors)
     routes = [  # the busiest first: Starlette tries them in order
         Route("/jobs", jobs.submit, methods=["POST"]),
         Route("/jobs", jobs.list_jobs, methods=["GET"]),
@@ -216,13 +261,13 @@ def create_app(settings: Settings | None = None) -> App:
         Route("/workers", list_workers),
         Route("/jobs/{job_id}/events", job_events, methods=["GET"], name="job_events"),  # GET: App.stream_for
         Route("/events", events, methods=["GET"], name="events"),
-        # WebSocket /ws: ``App.websocket_app``, past the router
+        Route("/ws", upgrade_required),  # a handshake goes to ``App.websocket_app``, past the router
         Route("/", page("index.html")),
         Route("/dashboard", page("dashboard.html")),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics),
-        Route("/openapi.json", openapi),
+        Route("/openapi.json", openapi.openapi),
         Route("/docs", page("docs.html")),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
@@ -239,6 +284,7 @@ def create_app(settings: Settings | None = None) -> App:
             )
         )
     app = App(routes=routes, lifespan=lifespan, exception_handlers=errors, middleware=middleware)
+    app.state.openapi = openapi.document(settings, registry)
     app.websocket_app = RequestContext(ws.websocket_app)
     app.job_events, app.events = around(job_events, middleware), around(events, middleware)
     return app

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any
 
 from pydantic import ValidationError
@@ -17,10 +18,25 @@ from server import ratelimit, wire
 from server.auth import TICKET_TTL, Caller
 from server.events import Event, Mailbox, MailboxClosed
 from server.problems import Problem, invalid
-from server.requests import JSONAnswer, deadline, depth, int_param, key_holder, load, read_json, readable, reader, redis_deadline
+from server.requests import (
+    JSONAnswer,
+    choice_param,
+    deadline,
+    depth,
+    int_param,
+    key_holder,
+    load,
+    number_param,
+    read_json,
+    readable,
+    reader,
+    redis_deadline,
+)
 
 MAX_PAGE = 100
 MAX_PARAMS_DEPTH = 32
+# An Idempotency-Key: 1 to 255 visible ASCII characters, spaces only inside (``server.openapi``)
+IDEMPOTENCY_KEY = re.compile(r"[!-~](?:[ -~]{0,253}[!-~])?")
 
 
 # -- POST /jobs --------------------------------------------------------------------------
@@ -47,19 +63,19 @@ async def submit(request: Request) -> Response:
         raise invalid("params", f"must be at most {settings.params_max_bytes} bytes as JSON")
     if depth(params, MAX_PARAMS_DEPTH) > MAX_PARAMS_DEPTH:
         raise invalid("params", f"must not nest deeper than {MAX_PARAMS_DEPTH} levels")
-    try:
-        registry[job_type].params.model_validate(params)
+    try:  # strict, as JSON Schema reads it (/job-types, /openapi.json): "5" and true are not integers, 5.0 is
+        registry[job_type].params.model_validate_json(contract.dumps(integral(params)), strict=True)
     except ValidationError as e:
         errors = [{"field": ".".join(["params", *map(str, err["loc"])]), "message": err["msg"]} for err in e.errors()]
         raise Problem(422, "Invalid params", errors[0]["field"] + ": " + errors[0]["message"], errors=errors) from None
     webhook = payload.get("webhook")
-    if webhook is not None:
+    if "webhook" in payload:  # a URL; null is not "no webhook" (the schema says string)
         problem = await webhooks.check_submitted(webhook, request.app.state.settings)
         if problem:
             raise invalid("webhook", problem)
     key = request.headers.get("idempotency-key")
-    if key is not None and not (0 < len(key) <= 255 and key.isprintable()):
-        raise invalid("Idempotency-Key", "must be 1 to 255 printable characters")
+    if key is not None and not IDEMPOTENCY_KEY.fullmatch(key):
+        raise invalid("Idempotency-Key", "must be 1 to 255 visible ASCII characters (spaces only inside)")
     try:
         rate = (ratelimit.window_key("submit", caller.ident), settings.rate_submit, ratelimit.WINDOW)
         # accepted even when no live worker runs the type (one may be starting); the document says so
@@ -85,6 +101,18 @@ async def submit(request: Request) -> Response:
     return JSONAnswer(contract.with_field(doc_json, "token", token), 202, headers)
 
 
+def integral(value: Any) -> Any:
+    """``value`` with every float that is a whole number as an int: JSON Schema's ``integer``
+    takes ``5.0``, pydantic's strict mode would not."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: integral(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [integral(v) for v in value]
+    return value
+
+
 def retry_after(doc: dict[str, Any]) -> str:
     """Polling hint: follows the ETA (a quarter of it), between 1 and 10 seconds."""
     eta = doc.get("eta_s")
@@ -98,14 +126,16 @@ def retry_after(doc: dict[str, Any]) -> str:
 
 async def status(request: Request) -> Response:
     job_id = request.path_params["job_id"]
+    wait = number_param(request, "wait")  # every parameter is checked, even one that does not apply
+    after = int_param(request, "after", None)
+    redirect = choice_param(request, "redirect", ("0", "1")) != "0"
     async with redis_deadline():
         caller = await reader(request)
         limit = request.app.state.settings.rate_poll
         raw = await request.app.state.limiter.check("poll", caller.ident, limit, read=contract.job_key(job_id))
         event = await readable(request, job_id, caller, raw)
-    wait = request.query_params.get("wait")
     if wait is not None:
-        event = await long_poll(request, event, wait, caller)
+        event = await long_poll(request, event, wait, after, caller)
     etag = f'"{event.seq}"'
     headers = {"ETag": etag, "Cache-Control": "no-cache"}
     if not event.terminal:
@@ -115,21 +145,18 @@ async def status(request: Request) -> Response:
     accept = request.headers.get("accept", "")
     if "text/plain" in accept and "json" not in accept:
         return Response(wire.text_bar(json.loads(event.doc)) + "\n", 200, headers, media_type="text/plain")
-    if event.name == contract.SUCCEEDED and wait is None and request.query_params.get("redirect") != "0":
+    if event.name == contract.SUCCEEDED and wait is None and redirect:
         headers["Location"] = f"/jobs/{job_id}/result"
         return JSONAnswer(event.doc, 303, headers)
     return JSONAnswer(event.doc, 200, headers)
 
 
-async def long_poll(request: Request, event: Event, wait: str, caller: Caller) -> Event:
-    """Hold the request until the job's seq passes ``after`` or ``wait`` seconds pass."""
-    try:
-        seconds = min(float(wait), request.app.state.settings.long_poll_max)
-    except ValueError:
-        raise invalid("wait", "must be a number of seconds") from None
-    if not seconds >= 0:
-        raise invalid("wait", "must be >= 0")
-    after = int_param(request, "after", event.seq)
+async def long_poll(request: Request, event: Event, wait: float, after: int | None, caller: Caller) -> Event:
+    """Hold the request until the job's seq passes ``after`` (default: its seq now) or ``wait``
+    seconds (at most LONG_POLL_MAX) pass."""
+    seconds = min(wait, request.app.state.settings.long_poll_max)
+    if after is None:
+        after = event.seq
     if event.seq > after or event.terminal or seconds == 0:
         return event
     mailbox = Mailbox()
@@ -223,7 +250,12 @@ async def ticket(request: Request) -> Response:
     payload = await read_json(request)
     if not isinstance(payload, dict):
         raise invalid("body", "must be a JSON object")
-    if payload.get("all") is True:
+    unknown = set(payload) - {"jobs", "all"}
+    if unknown:
+        raise invalid(sorted(unknown)[0], "unknown field")
+    if "all" in payload:  # {"all": true}, nothing else
+        if payload["all"] is not True or "jobs" in payload:
+            raise invalid("all", "must be true, and without jobs")
         if not caller.by_key:
             raise Problem(403, "Forbidden", "A ticket for every job needs an API key.")
         jobs = None
@@ -250,9 +282,7 @@ async def list_jobs(request: Request) -> Response:
     index = contract.jobs_index(caller.tenant)
     limit = int_param(request, "limit", 20, 1, MAX_PAGE)
     cursor = int_param(request, "cursor", 0, 0) or "+inf"
-    want_status = request.query_params.get("status")
-    if want_status is not None and want_status not in contract.STATES:
-        raise invalid("status", f"must be one of: {', '.join(contract.STATES)}")
+    want_status = choice_param(request, "status", ("", *contract.STATES))  # empty, like type=: any
     want_type = request.query_params.get("type")
     store = request.app.state.store
     items: list[bytes] = []

@@ -27,9 +27,8 @@ class Problem(Exception):
         self.errors, self.headers, self.extra = errors, headers or {}, extra
 
     def response(self) -> Response:
-        body: dict[str, Any] = {"type": "about:blank", "title": self.title, "status": self.status}
-        if self.detail:
-            body["detail"] = self.detail
+        # every problem has a detail (``/openapi.json`` requires it): the title when none was given
+        body: dict[str, Any] = {"type": "about:blank", "title": self.title, "status": self.status, "detail": self.detail or self.title}
         if self.errors:
             body["errors"] = self.errors
         body.update(self.extra)

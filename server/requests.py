@@ -96,17 +96,45 @@ async def reader(request: Request) -> Caller:
     return await request.app.state.auth.caller(request)
 
 
-def int_param(request: Request, name: str, default: int, low: int = 0, high: int | None = None) -> int:
+INTEGER = re.compile(r"-?[0-9]+")  # ASCII digits only: int() also takes "+1", " 1", "1_0", "١"
+NUMBER = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")  # a JSON-like number, no NaN or inf
+MAX_INT = 2**63 - 1  # the upper bound of every integer parameter (``server.openapi`` says the same)
+
+
+def int_param(request: Request, name: str, default: int | None, low: int = 0, high: int = MAX_INT) -> int | None:
+    """Query parameter ``name`` as an integer between ``low`` and ``high``, or ``default`` when
+    absent; anything else is a 422 naming it. Exactly what ``/openapi.json`` declares."""
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise invalid(name, "must be an integer") from None
-    if value < low or (high is not None and value > high):
-        raise invalid(name, f"must be between {low} and {high}" if high is not None else f"must be >= {low}")
+    if not INTEGER.fullmatch(raw):
+        raise invalid(name, "must be an integer")
+    value = int(raw) if len(raw.lstrip("-0")) <= 19 else MAX_INT + 1  # not thousands of digits through int()
+    if not low <= value <= high:
+        raise invalid(name, f"must be between {low} and {high}")
     return value
+
+
+def number_param(request: Request, name: str, low: float = 0.0) -> float | None:
+    """Query parameter ``name`` as a number >= ``low`` (decimal or exponent notation), or None
+    when absent; anything else (NaN, inf, words) is a 422 naming it."""
+    raw = request.query_params.get(name)
+    if raw is None:
+        return None
+    if not NUMBER.fullmatch(raw):
+        raise invalid(name, "must be a number")
+    value = float(raw)
+    if not value >= low:
+        raise invalid(name, f"must be >= {low:g}")
+    return value
+
+
+def choice_param(request: Request, name: str, choices: tuple[str, ...]) -> str | None:
+    """Query parameter ``name`` if it is one of ``choices``, None when absent, else a 422 naming it."""
+    raw = request.query_params.get(name)
+    if raw is not None and raw not in choices:
+        raise invalid(name, "must be one of: " + ", ".join(repr(c) for c in choices))
+    return raw
 
 
 def _reject_constant(name: str) -> Any:

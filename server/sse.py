@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Callable
 from operator import attrgetter
 
@@ -21,7 +22,7 @@ from core.fastpath.sse import drop_send_lock
 from server import wire
 from server.events import PING, Event, LogEntry, Mailbox, MailboxClosed
 from server.hub import Watch
-from server.requests import deadline, int_param, load, reader
+from server.requests import choice_param, deadline, int_param, load, reader
 from server.metrics import STATS
 from server.problems import Problem, invalid
 from server.streams import MAX_JOBS_PER_STREAM, SlowClientReaper, admit
@@ -76,24 +77,26 @@ class Stream(EventSourceResponse):
                     await self.body_iterator.aclose()  # ended early: run the body's clean-up
 
 
+SEQ = re.compile(r"([0-9]{1,18})(?::([0-9]{1,18}))?")  # a per-job stream's Last-Event-ID: seq, or seq:log seq
+CURSOR = re.compile(r"[A-Za-z0-9_-]{0,8192}")  # a multi-job stream's cursor: base64url, no padding
+
+
 def since_param(request: Request) -> tuple[int, int]:
-    """``(seq, log seq)`` the client has: ``Last-Event-ID`` (``7``, or ``7:120`` on a stream with
-    the job's log), else ``?since=`` and ``?log_after=``."""
+    """Where a per-job stream resumes, ``(seq, log seq)``: ``Last-Event-ID`` (a browser's
+    reconnect: ``7``, or ``7:120`` on a stream with the job's log), else ``?since=`` and
+    ``?log_after=``. All are checked when sent together."""
+    since, log_after = int_param(request, "since", 0), int_param(request, "log_after", 0)
     last_event_id = request.headers.get("last-event-id")
     if last_event_id is not None:
-        seq, _, log_seq = last_event_id.partition(":")
-        try:
-            return max(0, int(seq)), max(0, int(log_seq or 0))
-        except ValueError:
-            raise Problem(400, "Bad Last-Event-ID", "Last-Event-ID must be a seq, or seq:log seq (integers).") from None
-    return int_param(request, "since", 0), int_param(request, "log_after", 0)
+        found = SEQ.fullmatch(last_event_id)
+        if found is None:
+            raise Problem(400, "Bad Last-Event-ID", "Last-Event-ID must be a seq, or seq:log seq (integers >= 0).")
+        return int(found[1]), int(found[2] or 0)
+    return since, log_after
 
 
 def logs_param(request: Request) -> bool:
-    value = request.query_params.get("logs", "0")
-    if value not in ("0", "1"):
-        raise invalid("logs", "must be 1 (the job's log lines too) or 0")
-    return value == "1"
+    return choice_param(request, "logs", ("0", "1")) == "1"
 
 
 class WithLogs:
@@ -113,13 +116,33 @@ class WithLogs:
         return wire.sse_frame(b"%d:%d" % (self.seq, self.log_seq), item.name, item.doc)
 
 
+def cursor_param(request: Request) -> dict[str, int]:
+    """Where a multi-job stream resumes: ``Last-Event-ID`` (a browser's reconnect), else
+    ``?cursor=``, both checked. A well-formed cursor that does not decode to one this server gives
+    (another version's, or made up) is not refused: the stream starts from the snapshots, as
+    without one. A 400 would make EventSource give up for good."""
+    cursor = request.query_params.get("cursor")
+    if cursor is not None and not CURSOR.fullmatch(cursor):
+        raise invalid("cursor", "must be a cursor from this stream's ids (base64url, at most 8192 characters)")
+    last_event_id = request.headers.get("last-event-id")
+    if last_event_id is not None and not CURSOR.fullmatch(last_event_id):
+        raise Problem(400, "Bad Last-Event-ID", "Last-Event-ID must be a cursor from this stream's ids.")
+    cursor = last_event_id or cursor
+    try:
+        seen = contract.decode_cursor(cursor) if cursor else {}
+    except ValueError:
+        return {}
+    return seen if len(seen) <= MAX_JOBS_PER_STREAM else {}
+
+
 @deadline
 async def job_events(request: Request) -> Response:
     """``GET /jobs/{id}/events``: the current document if newer than the client's, then changes
     (and with ``?logs=1`` the job's log lines after the client's, stored then live)."""
     job_id = request.path_params["job_id"]
     since, log_after = since_param(request)
-    logs = logs_param(request) and not wants_text(request) and request.query_params.get("format") != "html"
+    html = choice_param(request, "format", ("html",)) is not None
+    logs = logs_param(request) and not html and not wants_text(request)
     caller = await reader(request)
     mailbox = Mailbox()
     mailbox.expect(job_id, since)
@@ -135,7 +158,7 @@ async def job_events(request: Request) -> Response:
         watch = watch.hand_over()  # the response ends it
     if wants_text(request):
         return TextStream(watch)
-    if request.query_params.get("format") == "html":
+    if html:
         return Stream(request, watch, sse_frames(request, mailbox, wire.html_frame, until_terminal=True))
     if logs:
         return Stream(request, watch, sse_frames(request, mailbox, WithLogs(since, log_after), until_terminal=True))
@@ -212,14 +235,11 @@ class TextStream(StreamingResponse):
 @deadline
 async def events(request: Request) -> Response:
     """``GET /events?job=A&job=B`` (or no ``job``: every job) with a resume cursor as ``id:``."""
-    job_ids = list(dict.fromkeys(request.query_params.getlist("job")))
+    job_ids = request.query_params.getlist("job")
     if len(job_ids) > MAX_JOBS_PER_STREAM:
         raise invalid("job", f"at most {MAX_JOBS_PER_STREAM} jobs per stream")
-    cursor = request.headers.get("last-event-id") or request.query_params.get("cursor")
-    try:
-        seen = contract.decode_cursor(cursor) if cursor else {}
-    except ValueError:
-        raise Problem(400, "Bad cursor", "Last-Event-ID or cursor is not one this server gave.") from None
+    job_ids = list(dict.fromkeys(job_ids))
+    seen = cursor_param(request)
     caller = await reader(request)
     hub, store = request.app.state.hub, request.app.state.store
     for job_id in job_ids:

@@ -1,0 +1,108 @@
+// Types of progress.mjs (the ES module entry of progress.js), the browser client of progress-server.
+// Kept true by tests/test_typescript.py, which type-checks tests/typescript/ against this file.
+
+/** A job's state; the last three are final. */
+export type JobStatus = "queued" | "running" | "succeeded" | "failed" | "cancelled";
+
+/** The transports, best first (the order of `transports`). */
+export type Transport = "websocket" | "sse" | "long-poll" | "poll";
+
+/** What `onTransport` reports: a transport, `idle` (nothing to watch, or closed) or `offline`. */
+export type TransportState = Transport | "idle" | "offline";
+
+/** A failed job's error (also kept on a job re-queued for a retry). */
+export interface JobError {
+  type: string;
+  message: string;
+  /** Only on workers running with DEBUG. */
+  traceback?: string;
+}
+
+/** The job document: the same JSON in status answers, SSE `data:`, WebSocket messages and job lists. */
+export interface JobDocument {
+  id: string;
+  type: string;
+  status: JobStatus;
+  /** 0 to 100, or null before the job reports any. */
+  progress: number | null;
+  message: string | null;
+  stage: string | null;
+  /** Rises by one with every change: the resume point. */
+  seq: number;
+  attempt: number;
+  /** ISO 8601 times, UTC. */
+  created_at: string;
+  started_at: string | null;
+  updated_at: string;
+  finished_at: string | null;
+  /** Seconds left, estimated, while running. */
+  eta_s: number | null;
+  /** A running job that has reported nothing for STALL_AFTER seconds. */
+  stalled: boolean;
+  error: JobError | null;
+  links: { self: string; events: string; result: string };
+}
+
+/** The answer to `POST /jobs`: the document with the job's watch token (the `token` option). */
+export interface SubmittedJob extends JobDocument {
+  token: string;
+}
+
+/** Given to `onError`. */
+export type WatchError =
+  /** A job that is unknown (404), expired (410) or not yours (401, 403); it is no longer watched. */
+  | { job: string; status: number; message: string }
+  /** About the whole watch: listing every job refused (401, 403), or a WebSocket error answer,
+   * which may have no status. */
+  | { job: null; status: number | undefined; message: string };
+
+export interface WatchOptions {
+  /** Every new document, in seq order per job: never a repeat, never backwards. */
+  onUpdate?: ((job: JobDocument, info: { transport: Transport }) => void) | undefined;
+  /** Once per job, with its final document (after its `onUpdate`). */
+  onDone?: ((job: JobDocument) => void) | undefined;
+  /** The transport in use and whether it is live, on every change. */
+  onTransport?: ((name: TransportState, live: boolean) => void) | undefined;
+  onError?: ((error: WatchError) => void) | undefined;
+  /** One job's watch token (from `POST /jobs`), or `{id: token}`; needed once the server has API keys. */
+  token?: string | Record<string, string> | undefined;
+  /** Asked before each WebSocket or SSE connection for a fresh single-use ticket (`POST /tickets`). */
+  ticket?: ((jobs: string[] | "all") => string | PromiseLike<string>) | undefined;
+  /** Another origin, e.g. `"https://progress.example.com"`; default: this page's. */
+  base?: string | undefined;
+  /** The seq already rendered, by job id: older documents are not delivered. */
+  since?: Record<string, number> | undefined;
+  /** A subset of the transports, tried in the usual order (plain polling if none is usable). */
+  transports?: readonly Transport[] | undefined;
+  /** Milliseconds before a better transport is probed again after a fallback; default 30000. */
+  upgradeAfter?: number | undefined;
+}
+
+/** What `watchJob` and `watchJobs` return. */
+export interface Watcher {
+  /** The transport in use (`idle` before connecting and after `close`). */
+  readonly transport: TransportState;
+  /** Whether it is connected and delivering. */
+  readonly live: boolean;
+  /** Watch one more job (not with `"all"`): `since` is the seq already rendered, `token` its watch token. */
+  add(id: string, since?: number, token?: string): Watcher;
+  /** Stop watching a job. */
+  remove(id: string): Watcher;
+  /** The last seq delivered for a job, if any. */
+  seq(id: string): number | undefined;
+  /** Stop everything and remove every listener it added. */
+  close(): void;
+}
+
+/** Watch one job. */
+export function watchJob(id: string, opts?: WatchOptions): Watcher;
+/** Watch several jobs on one connection, or `"all"` jobs (dashboards). */
+export function watchJobs(ids: readonly string[] | "all", opts?: WatchOptions): Watcher;
+
+declare const client: {
+  watchJob: typeof watchJob;
+  watchJobs: typeof watchJobs;
+  /** The transports, best first. */
+  transports: Transport[];
+};
+export default client;
