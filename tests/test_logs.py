@@ -167,3 +167,27 @@ async def test_websocket_subscribe_with_logs(base, worker):
         await ws.send(json.dumps({"op": "subscribe", "jobs": ["x"], "logs": "yes"}))
         assert json.loads(await ws.recv()) == {"event": "error", "message": "logs must be true or false", "op": "subscribe"}
     assert final == "succeeded" and seqs == list(range(6, 23))  # after 5: lines 5..20 and "succeeded"
+
+
+async def test_a_jobs_log_is_read_with_the_jobs_own_rules(redis_server, worker, tmp_path):
+    """The API key of the job's tenant or the job's watch token open its log; another tenant's
+    key, another job's token or nothing get 404 / 401, on the log and on its stream alike."""
+    server = start_server(redis_server.url, tmp_path, api_keys="acme:key-acme-1,globex:key-globex-1")
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            acme, globex = {"authorization": "Bearer key-acme-1"}, {"authorization": "Bearer key-globex-1"}
+            r = await client.post("/jobs", json={"type": "chatty", "params": {"lines": 3}}, headers=acme)
+            job = r.json()
+            other = (await client.post("/jobs", json={"type": "chatty", "params": {"lines": 1}}, headers=acme)).json()
+            async with httpx.AsyncClient(base_url=server.url, headers=acme, timeout=30) as keyed:
+                await finished(keyed, job)
+            logs = f"/jobs/{job['id']}/logs"
+            assert (await client.get(logs, headers=acme)).json()["last"] == 5
+            assert (await client.get(logs, params={"token": job["token"]})).status_code == 200
+            assert (await client.get(logs, headers=globex)).status_code == 404
+            assert (await client.get(logs, params={"token": other["token"]})).status_code == 404
+            assert (await client.get(logs)).status_code == 401
+            stream = await client.get(f"/jobs/{job['id']}/events?logs=1", headers=globex)
+            assert stream.status_code == 404
+    finally:
+        server.stop()

@@ -27,6 +27,7 @@ async def demo(ctx, params: DemoParams) -> dict:
     for i in range(1, params.steps + 1):
         await asyncio.sleep(params.interval)
         if i == params.fail_at_step:
+            ctx.log.warning("step %d: failing, as fail_at_step asked", i)  # the job's log: progress logs ID
             raise DemoFailure(f"failed at step {i} of {params.steps}")
         await ctx.progress(100 * i / params.steps, message=f"step {i} of {params.steps}")
     return {"steps": params.steps}
