@@ -205,8 +205,20 @@ def new_document(job_id: str, job_type: str, created_at: str, message: str | Non
         "eta_s": None,
         "stalled": False,
         "error": None,
+        "attempts": [],
         "links": links(job_id),
     }
+
+
+MAX_ATTEMPTS_KEPT = 20  # the newest entries of a document's ``attempts``
+
+
+def attempts_after(doc: dict[str, Any], outcome: str, ended_at: str) -> list[dict[str, Any]]:
+    """``doc``'s ``attempts`` with its current attempt ended as ``outcome`` (succeeded, failed,
+    cancelled, retrying, requeued, lost), its error's type and message kept: why a job was retried."""
+    error = doc["error"] and {"type": doc["error"]["type"], "message": doc["error"]["message"]}
+    entry = {"attempt": doc["attempt"], "started_at": doc["started_at"], "ended_at": ended_at, "outcome": outcome, "error": error}
+    return [*doc.get("attempts", [])[-(MAX_ATTEMPTS_KEPT - 1) :], entry]
 
 
 def event_name(status: str) -> str:

@@ -256,6 +256,7 @@ def create_app(settings: Settings | None = None) -> App:
         Route("/jobs/{job_id}/result", jobs.result),
         Route("/jobs/{job_id}/retry", jobs.retry, methods=["POST"]),
         Route("/jobs/{job_id}/logs", joblogs.job_log),
+        Route("/jobs/{job_id}/params", jobs.params),
         Route("/tickets", jobs.ticket, methods=["POST"]),
         Route("/job-types", jobtypes.list_types),
         Route("/workers", list_workers),
@@ -264,6 +265,7 @@ def create_app(settings: Settings | None = None) -> App:
         Route("/ws", upgrade_required),  # a handshake goes to ``App.websocket_app``, past the router
         Route("/", page("index.html")),
         Route("/dashboard", page("dashboard.html")),
+        Route("/dashboard/jobs/{job_id}", page("job.html")),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics),

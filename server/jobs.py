@@ -189,6 +189,15 @@ async def result(request: Request) -> Response:
     return JSONAnswer(value if value is not None else b"null", 200)
 
 
+@deadline
+async def params(request: Request) -> Response:
+    """``GET /jobs/{id}/params``: the params the job was submitted with (a job page shows them)."""
+    job_id = request.path_params["job_id"]
+    await load(request, job_id, await reader(request))
+    value = await request.app.state.store.field(job_id, "params")
+    return JSONAnswer(value.encode() if value is not None else b"{}", 200, {"Cache-Control": "private, max-age=3600"})
+
+
 # -- DELETE /jobs/{id} -------------------------------------------------------------------
 
 

@@ -164,6 +164,21 @@ SCHEMAS: dict[str, Any] = {
             "eta_s": {"type": ["number", "null"], "minimum": 0, "description": "estimated seconds left while running"},
             "stalled": {"type": "boolean", "description": "running without progress for STALL_AFTER seconds"},
             "error": {"oneOf": [schema("JobError"), {"type": "null"}]},
+            "attempts": {
+                "type": "array",
+                "description": f"the attempts that have ended, oldest first (the newest {contract.MAX_ATTEMPTS_KEPT}): why a job was retried",
+                "items": {
+                    "type": "object",
+                    "required": ["attempt", "started_at", "ended_at", "outcome", "error"],
+                    "properties": {
+                        "attempt": {"type": "integer", "minimum": 1},
+                        "started_at": NULLABLE_TIME,
+                        "ended_at": {"type": "string", "format": "date-time"},
+                        "outcome": {"enum": ["succeeded", "failed", "cancelled", "retrying", "requeued", "lost"]},
+                        "error": {"oneOf": [schema("JobError"), {"type": "null"}]},
+                    },
+                },
+            },
             "links": {
                 "type": "object",
                 "required": ["self", "events", "result"],
@@ -648,6 +663,18 @@ def build(settings: Settings, registry: dict[str, JobType]) -> dict[str, Any]:
                     "200": answer("The stream", job_stream, **sse_headers),
                     "204": answer("The client has the final event: nothing more will come"),
                     **problems(400, 401, 404, 410, 422, 429, 503),
+                },
+            }
+        },
+        "/jobs/{job_id}/params": {
+            "get": {
+                "operationId": "getJobParams",
+                "summary": "The params the job was submitted with",
+                "security": read,
+                "parameters": [job_id],
+                "responses": {
+                    "200": answer("The params (a JSON object)", json_body({"type": "object"})),
+                    **problems(401, 404, 410, 503),
                 },
             }
         },

@@ -26,6 +26,7 @@
     tr.dataset.job = job.id;
     var code = q(".job-id");
     code.textContent = job.id;
+    q(".job-link").href = "/dashboard/jobs/" + encodeURIComponent(job.id); // the job's own page
     code.title = job.id;
     q(".type").textContent = job.type;
     q(".created").textContent = F.time(job.created_at);

@@ -40,12 +40,52 @@ export interface JobDocument {
   /** A running job that has reported nothing for STALL_AFTER seconds. */
   stalled: boolean;
   error: JobError | null;
+  /** The attempts that have ended, oldest first: why a job was retried (absent on documents
+   * stored before this field existed). */
+  attempts?: AttemptRecord[];
   links: { self: string; events: string; result: string };
+}
+
+/** One ended attempt: `retrying` (failed, run again), `requeued` (its worker stopped), `lost` (its
+ * worker died), or the final status. */
+export interface AttemptRecord {
+  attempt: number;
+  started_at: string | null;
+  ended_at: string;
+  outcome: JobStatus | "retrying" | "requeued" | "lost";
+  error: JobError | null;
 }
 
 /** The answer to `POST /jobs`: the document with the job's watch token (the `token` option). */
 export interface SubmittedJob extends JobDocument {
   token: string;
+}
+
+/** A line of a job's log (`ctx.log` in the job, and the worker's word on each attempt). */
+export interface LogLine {
+  /** Counts the job's lines from 1, across attempts. */
+  seq: number;
+  /** ISO 8601, UTC. */
+  ts: string;
+  /** "INFO", "WARNING", "ERROR", ... */
+  level: string;
+  msg: string;
+  /** The record's extra fields. */
+  extra?: Record<string, unknown>;
+}
+
+/** Given to `onLog`: new lines of one job, oldest first, never one twice. */
+export interface LogLines {
+  job: string;
+  lines: LogLine[];
+}
+
+/** Given to `onLogGap`: lines `first`..`last` of a job the client skipped (it read too slowly, or
+ * they are no longer kept); `GET /jobs/{id}/logs?after=first-1` has those still kept. */
+export interface LogGap {
+  job: string;
+  first: number;
+  last: number;
 }
 
 /** Given to `onError`. */
@@ -76,6 +116,12 @@ export interface WatchOptions {
   transports?: readonly Transport[] | undefined;
   /** Milliseconds before a better transport is probed again after a fallback; default 30000. */
   upgradeAfter?: number | undefined;
+  /** The jobs' log lines too (`onLog`, `onLogGap`); each job then gets its own stream over SSE. */
+  logs?: boolean | undefined;
+  /** New log lines of a job, in order, all of them before the job's final document. */
+  onLog?: ((batch: LogLines) => void) | undefined;
+  /** Log lines skipped (see `LogGap`). */
+  onLogGap?: ((gap: LogGap) => void) | undefined;
 }
 
 /** What `watchJob` and `watchJobs` return. */

@@ -13,7 +13,9 @@
  * watchJobs([ids], opts) shares one connection (w.add(id, since, token), w.remove(id));
  * watchJobs("all", opts) is every job. More options: onError({job, status, message}), token as
  * {id: token}, ticket: async (ids | "all") => a fresh POST /tickets ticket per stream, base,
- * since: {id: seq}, transports: a subset of LEVELS, upgradeAfter: ms (30000).
+ * since: {id: seq}, transports: a subset of LEVELS, upgradeAfter: ms (30000), and logs: true
+ * with onLog({job, lines}) and onLogGap({job, first, last}) for the jobs' log lines (in order,
+ * never twice, all of a job's before its final document).
  * Transports in order: WebSocket, SSE, long poll, poll; one that is refused or keeps failing is
  * left for the next and better ones are probed again later. Each reconnect resumes from the last
  * seq, and deliver() drops any seq not above the last one shown: never a repeat, never backwards.
@@ -35,6 +37,7 @@
     var doc = root.document;
     var base = opts.base ? String(opts.base).replace(/\/+$/, "") : "";
     var seqs = new Map(); // job id -> last seq delivered
+    var logSeqs = new Map(); // job id -> last log seq delivered (opts.logs)
     var active = new Set(); // jobs not final yet (ids mode)
     var cursor = null; // resume cursor of the multi-job SSE stream
     var tokens = new Map(); // job id -> its watch token (from POST /jobs), for servers with API keys
@@ -105,6 +108,21 @@
         if (!all) changed();
       }
     }
+    // The one gate every batch of log lines goes through (opts.logs): in order, never twice.
+    function deliverLog(name, b) {
+      if (!opts.logs || !b || typeof b.job !== "string" || (!all && !active.has(b.job))) return;
+      var last = logSeqs.get(b.job) || 0;
+      if (name === "log-gap") {
+        if (b.last <= last) return;
+        logSeqs.set(b.job, b.last);
+        call(opts.onLogGap, { job: b.job, first: Math.max(b.first, last + 1), last: b.last });
+        return;
+      }
+      var lines = (b.lines || []).filter(function (l) { return l.seq > last; });
+      if (!lines.length) return;
+      logSeqs.set(b.job, lines[lines.length - 1].seq);
+      call(opts.onLog, { job: b.job, lines: lines });
+    }
     function jobError(id, status, message) {
       active.delete(id);
       call(opts.onError, { job: id, status: status, message: message || (status === 410 ? "job expired" : "job not found") });
@@ -124,14 +142,18 @@
           var add = [], since = {}, grant = {}, drop = [];
           active.forEach(function (id) { if (!subscribed.has(id)) add.push(id); });
           subscribed.forEach(function (id) { if (!active.has(id)) drop.push(id); });
+          var logAfter = {};
           add.forEach(function (id) {
             subscribed.add(id);
             if (seqs.has(id)) since[id] = seqs.get(id);
             if (tokens.has(id)) grant[id] = tokens.get(id);
+            if (logSeqs.has(id)) logAfter[id] = logSeqs.get(id);
           });
           drop.forEach(function (id) { subscribed.delete(id); });
           if (drop.length) send({ op: "unsubscribe", jobs: drop });
-          if (add.length) send({ op: "subscribe", jobs: add, since: since, tokens: grant });
+          var m = { op: "subscribe", jobs: add, since: since, tokens: grant };
+          if (opts.logs) { m.logs = true; m.log_after = logAfter; }
+          if (add.length) send(m);
           return true;
         }
         sock.onopen = function () { t.opened(); sync(); };
@@ -142,6 +164,8 @@
             if (typeof m.job === "string") { subscribed.delete(m.job); jobError(m.job, m.status, m.message); }
             else if (m.status === 503) sock.close();
             else call(opts.onError, { job: null, status: m.status, message: m.message });
+          } else if (m.event === "log" || m.event === "log-gap") {
+            deliverLog(m.event, m.log);
           } else if (m.job) {
             if (FINAL[m.job.status]) subscribed.delete(m.job.id); // the server drops it too
             t.doc(m.job);
@@ -154,8 +178,9 @@
 
       function sse(t) {
         var ids = Array.from(active), sources = [];
-        // A stream per job when each has its own token (a URL holds one credential); else /events.
-        var perJob = !all && (ids.length === 1 || (!t.ticket && ids.some(function (id) { return tokens.has(id); })));
+        // A stream per job when each has its own token (a URL holds one credential) or logs are
+        // wanted (only a job's own stream carries them); else /events.
+        var perJob = !all && (ids.length === 1 || opts.logs || (!t.ticket && ids.some(function (id) { return tokens.has(id); })));
         function open(url, single) {
           var es = new root.EventSource(url);
           function on(e) {
@@ -166,6 +191,11 @@
             t.doc(d);
           }
           EVENTS.forEach(function (n) { es.addEventListener(n, on); });
+          if (single && opts.logs) {
+            ["log", "log-gap"].forEach(function (n) {
+              es.addEventListener(n, function (e) { try { deliverLog(n, JSON.parse(e.data)); } catch (err) { /* not JSON */ } });
+            });
+          }
           es.onopen = function () { t.opened(); };
           // A browser retries some failures itself and gives up for good after others (a 502):
           // either way we close it and open a new one that resumes from our own seqs.
@@ -177,7 +207,9 @@
         if (perJob && ids.length > 4) { setTimeout(function () { t.lost(); }); return; } // ~6 connections per host: poll
         if (perJob) {
           ids.forEach(function (id) {
-            open(jobURL(id, "/events" + q(seqs.has(id) ? ["since=" + seqs.get(id)] : [], [id], t.ticket)), true);
+            var p = seqs.has(id) ? ["since=" + seqs.get(id)] : [];
+            if (opts.logs) p.push("logs=1", "log_after=" + (logSeqs.get(id) || 0));
+            open(jobURL(id, "/events" + q(p, [id], t.ticket)), true);
           });
         } else {
           var p = ids.map(function (id) { return "job=" + encodeURIComponent(id); });
@@ -220,6 +252,17 @@
           if (!r.res.ok) return t.lost(retryAfter(r.res));
           t.opened();
           t.healthy();
+          if (opts.logs) { // the lines written so far, before the document (so before a final one)
+            try {
+              var lg = await get(jobURL(id, "/logs" + q(["after=" + (logSeqs.get(id) || 0)], [id])));
+              if (lg.body) {
+                var page = lg.body;
+                if (page.dropped) deliverLog("log-gap", { job: id, first: (logSeqs.get(id) || 0) + 1, last: (logSeqs.get(id) || 0) + page.dropped });
+                deliverLog("log", { job: id, lines: page.items });
+              }
+            } catch (e) { return t.lost(); }
+            if (t.stopped) return;
+          }
           var before = seqs.get(id);
           t.doc(r.body);
           if (!lp) await pause(retryAfter(r.res) || 1000);

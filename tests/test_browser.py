@@ -450,6 +450,59 @@ def test_htmx_stream_cut_mid_job_resumes_from_the_last_event(page, own_server, r
     assert float(job.locator("progress").get_attribute("value")) >= before
 
 
+# -- the job page -------------------------------------------------------------------------------
+
+
+def submit_job(base: str, job_type: str, **params: Any) -> dict[str, Any]:
+    r = httpx.post(base + "/jobs", json={"type": job_type, "params": params}, timeout=10)
+    assert r.status_code == 202, r.text
+    return r.json()
+
+
+def log_seqs(page) -> list[int]:
+    return page.eval_on_selector_all("#log li[data-seq]", "els => els.map(e => Number(e.dataset.seq))")
+
+
+def test_job_page_shows_a_running_job_live_and_cancels_it(page, base):
+    """From a dashboard row to the job's page: bar and log move live, params shown, Cancel works,
+    and the timeline says how the attempt ended."""
+    job = submit_job(base, "chatty", lines=400, every=1, pause=0.05, report=True)  # about 20 s
+    page.goto(base + "/dashboard")
+    page.click(f'tr[data-job="{job["id"]}"] a.job-link')
+    expect(page).to_have_url(f"{base}/dashboard/jobs/{job['id']}")
+    expect(page.locator("#job")).to_have_attribute("data-status", "running")
+    expect(page.locator("#params")).to_contain_text('"lines": 400')
+    expect(page.locator("#log li[data-seq]").nth(4)).to_be_attached()  # lines arrive live
+    seq, first = page.locator("#job").get_attribute("data-seq"), page.locator("#bar").get_attribute("value")
+    expect(page.locator("#job")).not_to_have_attribute("data-seq", seq)  # and so does progress
+    assert float(page.locator("#bar").get_attribute("value")) > float(first or 0)
+    expect(page.locator("#log li").first).to_contain_text("attempt 1 started")
+    shot(page, "job-running")
+    page.get_by_role("button", name="Cancel").click()
+    expect(page.locator("#job")).to_have_attribute("data-status", "cancelled")
+    expect(page.locator("#timeline")).to_contain_text("attempt 1 cancelled")
+    expect(page.locator("#log li").last).to_have_text(re.compile(r"INFO cancelled$"))  # the worker's word, without the job id
+    seqs = log_seqs(page)
+    assert seqs == list(range(1, len(seqs) + 1)), "a log line missing or twice"
+    assert page.get_by_role("button", name="Cancel").is_hidden() and page.get_by_role("button", name="Retry").is_visible()
+    shot(page, "job-cancelled")
+
+
+def test_job_page_retries_a_failed_job(page, base):
+    job = submit_job(base, "demo", steps=2, interval=0, fail_at_step=1)
+    page.goto(f"{base}/dashboard/jobs/{job['id']}")
+    expect(page.locator("#job")).to_have_attribute("data-status", "failed")
+    expect(page.locator("#error-text")).to_have_text("DemoFailure: failed at step 1 of 2")
+    expect(page.locator('#log li[data-level="WARNING"]')).to_contain_text("failing, as fail_at_step asked")
+    page.get_by_role("button", name="Retry").click()
+    expect(page.locator("#timeline")).to_contain_text("attempt 2 failed")
+    expect(page.locator("#attempt")).to_have_text("2")
+    expect(page.locator('#log li[data-level="WARNING"]')).to_have_count(2)  # each attempt's, once
+    seqs = log_seqs(page)
+    assert seqs == sorted(set(seqs)) and seqs[0] == 1, seqs
+    shot(page, "job-retried")
+
+
 # -- /docs --------------------------------------------------------------------------------------
 
 
@@ -558,5 +611,9 @@ def test_pages_at_phone_width(browser, base):
         expect(page.locator(f'tr[data-job="{job_id}"]')).to_be_visible()
         assert page.evaluate("document.documentElement.scrollWidth") <= 390
         shot(page, "phone-dashboard", full_page=False)
+        page.goto(f"{base}/dashboard/jobs/{job_id}")
+        expect(page.locator("#job")).to_have_attribute("data-status", "succeeded")
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        shot(page, "phone-job", full_page=False)
     finally:
         context.close()

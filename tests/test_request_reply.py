@@ -131,6 +131,9 @@ async def test_failed_attempts_are_retried_and_visible(own_redis, tmp_path):
             assert retries[0]["error"]["message"] == "attempt 1 failed" and "retrying" in retries[0]["message"]
             assert {d["attempt"] for d in docs if d["status"] == "running"} == {1, 2, 3}
             assert docs[-1]["attempt"] == 3 and docs[-1]["error"] is None
+            history = [(a["attempt"], a["outcome"], a["error"] and a["error"]["message"]) for a in docs[-1]["attempts"]]
+            assert history == [(1, "retrying", "attempt 1 failed"), (2, "retrying", "attempt 2 failed"), (3, "succeeded", None)]
+            assert all(a["started_at"] <= a["ended_at"] for a in docs[-1]["attempts"])
             assert (await client.get(server.url + job["links"]["result"])).json() == {"attempt": 3}
     finally:
         for proc in (worker, server):
@@ -166,6 +169,7 @@ async def test_post_retry_reruns_a_failed_job_as_next_attempt(base):
         assert (r.json()["status"], r.json()["seq"], r.json()["error"]) == ("queued", job["seq"] + 1, None)
         again = [e.doc for e in await watch_sse(client, base + job["links"]["events"] + f"?since={job['seq']}")]
         assert again[-1]["status"] == "failed" and again[-1]["attempt"] == 2
+        assert [(a["attempt"], a["outcome"]) for a in again[-1]["attempts"]] == [(1, "failed"), (2, "failed")]
         assert again[0]["seq"] > job["seq"]
         running = await post(client, base, "demo", {"steps": 50, "interval": 0.1})
         refused = await client.post(base + f"/jobs/{running.json()['id']}/retry")
@@ -280,6 +284,7 @@ async def test_worker_killed_mid_job_is_rerun_within_the_lease(own_redis, tmp_pa
                         rerun_at = asyncio.get_running_loop().time()
         assert_stream_ok(docs, "succeeded")
         assert docs[-1]["attempt"] == 2
+        assert [(a["attempt"], a["outcome"]) for a in docs[-1]["attempts"]] == [(1, "lost"), (2, "succeeded")]
         assert killed_at is not None and rerun_at is not None
         assert rerun_at - killed_at < 5, f"re-run took {rerun_at - killed_at:.1f} s"
     finally:
@@ -309,6 +314,7 @@ async def test_worker_sigterm_requeues_running_job(own_redis, tmp_path):
         requeued = [d for d in docs if d["status"] == "queued" and d["attempt"] == 1]
         assert requeued and requeued[0]["message"] == "worker stopped; job re-queued"
         assert "failed" not in {d["status"] for d in docs}
+        assert [a["outcome"] for a in docs[-1]["attempts"]][-1] == "succeeded" and docs[-1]["attempts"][0]["outcome"] == "requeued"
     finally:
         for proc in (first, second, server):
             if proc:

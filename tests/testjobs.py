@@ -99,6 +99,7 @@ class Chatty(BaseModel):
     pause: float = Field(0, ge=0, le=10)
     hold: float = Field(0, ge=0, le=60)  # wait this long before the first line
     size: int = Field(0, ge=0, le=10_000)  # filler bytes per line
+    report: bool = False  # progress with each line too
 
 
 @job("chatty", params=Chatty, timeout=120)
@@ -109,6 +110,8 @@ async def chatty(ctx, params: Chatty) -> int:
     await asyncio.sleep(params.hold)
     for i in range(1, params.lines + 1):
         ctx.log.info("line %d%s", i, filler, extra={"i": i})
+        if params.report:
+            await ctx.progress(100 * i / params.lines, message=f"line {i} of {params.lines}")
         if i % params.every == 0:
             await asyncio.sleep(params.pause)
     return params.lines

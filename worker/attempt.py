@@ -88,7 +88,10 @@ class Attempts:
             return
         started = time.monotonic()
         ctx.note_start(attempt)
-        await ctx.write(status=contract.RUNNING, attempt=attempt, started_at=contract.now_iso(), message=None, error=None)
+        history = {}
+        if ctx.doc["status"] == contract.RUNNING:  # the last attempt's worker died mid-run (its lease lapsed)
+            history["attempts"] = contract.attempts_after(ctx.doc, "lost", contract.now_iso())
+        await ctx.write(status=contract.RUNNING, attempt=attempt, started_at=contract.now_iso(), message=None, error=None, **history)
         ctx.log.debug("job %s: running %s, attempt %d", job_id, job_type.name, attempt)
         try:
             parsed = job_type.params.model_validate(params)

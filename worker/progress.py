@@ -50,6 +50,7 @@ class JobLog(logging.LoggerAdapter):
         super().__init__(logger, extra)
         self.ctx, self.loop = ctx, loop
         self.worker_log = logging.LoggerAdapter(logger, extra)
+        self.own_prefix = f"job {ctx.id}: "
 
     def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
         if level >= logging.INFO:
@@ -59,6 +60,7 @@ class JobLog(logging.LoggerAdapter):
                 text = f"{msg} {args}"
             if kwargs.get("exc_info"):
                 text += "\n" + traceback.format_exc().rstrip()
+            text = text.removeprefix(self.own_prefix)  # the worker's "job <id>: ..." lines, in the job's own log
             line = contract.log_line(logging.getLevelName(level), text, kwargs.get("extra"))
             try:
                 here = asyncio.get_running_loop() is self.loop
@@ -244,6 +246,10 @@ class JobContext:
             self._pending = {}
             if status != contract.RUNNING:
                 changes.update(eta_s=None, stalled=False)
+            if self.doc["status"] == contract.RUNNING:  # this attempt ends: one entry in ``attempts``
+                outcome = status if status in contract.TERMINAL else "retrying" if changes.get("error") else "requeued"
+                ended = {**self.doc, "error": changes.get("error")}
+                changes["attempts"] = contract.attempts_after(ended, outcome, contract.now_iso())
             await self.write(result=result, result_ttl=result_ttl, after=after, due_ms=due_ms, **changes)
 
     async def write(self, result: Any = None, result_ttl: int | None = None, after: str = "", due_ms: int = 0, **changes: Any) -> None:

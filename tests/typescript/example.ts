@@ -5,6 +5,9 @@ import client, {
   watchJobs,
   type JobDocument,
   type JobStatus,
+  type LogGap,
+  type LogLine,
+  type LogLines,
   type SubmittedJob,
   type Transport,
   type TransportState,
@@ -48,6 +51,16 @@ export async function submitAndWatch(): Promise<Watcher> {
     base: "https://progress.example.com",
     transports: ["websocket", "sse", "long-poll", "poll"],
     upgradeAfter: 10_000,
+    logs: true,
+    onLog(batch: LogLines) {
+      for (const line of batch.lines) {
+        const l: LogLine = line;
+        console.log(batch.job, l.seq, l.ts, l.level, l.msg, l.extra?.["page"]);
+      }
+    },
+    onLogGap(gap: LogGap) {
+      console.log(`${gap.job}: lines ${gap.first} to ${gap.last} skipped`);
+    },
   });
 }
 
@@ -99,6 +112,8 @@ export function wrongUsage(): void {
   watchJob("j_a").transport = "sse";
   // @ts-expect-error: add's second argument is a seq
   watchJobs("all").add("j_a", "v1.a");
+  // @ts-expect-error: a batch holds lines, not one message
+  watchJob("j_a", { logs: true, onLog: (batch) => console.log(batch.msg) });
   // @ts-expect-error: a status, not a transport
   const status: JobStatus = "websocket";
   void status;
