@@ -11,7 +11,7 @@ real server, twice where a retry may send it twice.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from core.queue import AFTER_LUA, ENQUEUE_LUA
 
@@ -162,8 +162,8 @@ return 0
 # ``lease_ms``), its try counter counted up, and what running it needs, in one step (each job id's
 # keys are made here from the prefixes ``core.queue`` gives, as arq's own worker does: one Redis,
 # not a cluster). Jobs leased by any worker, and the ids in ``skip`` (space-separated), are passed
-# over. Returns {{job id, try, record, event, request id, cancelled (0/1)}, ...}; a missing
-# record or document is absent (nil) in its place.
+# over. Returns a row per job (``Claimed``: job id, try, record, event, request id, cancelled
+# (0/1), traceparent); a missing record, document or trace context is absent (nil) in its place.
 CLAIM = Script(
     keys=("queue",),
     args=("now_ms", "limit", "lease_ms", "owner", "skip", "lease_prefix", "tries_prefix", "tries_ttl", "record_prefix", "job_prefix", "cancel_prefix"),
@@ -182,14 +182,26 @@ while #out < want and offset < 1000 do
     if not skipped[id] and redis.call('SET', lease_prefix .. id, owner, 'PX', lease_ms, 'NX') then
       local try = redis.call('INCR', tries_prefix .. id)
       redis.call('EXPIRE', tries_prefix .. id, tries_ttl)
-      local doc = redis.call('HMGET', job_prefix .. id, 'ev', 'rid')
-      out[#out + 1] = {id, try, redis.call('GET', record_prefix .. id), doc[1], doc[2], redis.call('EXISTS', cancel_prefix .. id)}
+      local doc = redis.call('HMGET', job_prefix .. id, 'ev', 'rid', 'tp')
+      out[#out + 1] = {id, try, redis.call('GET', record_prefix .. id), doc[1], doc[2], redis.call('EXISTS', cancel_prefix .. id), doc[3]}
     end
   end
 end
 return out
 """,
 )
+
+
+class Claimed(NamedTuple):
+    """A row of ``CLAIM``'s answer: what running a claimed job needs."""
+
+    job_id: bytes
+    tries: int
+    record: bytes | None
+    event: bytes | None
+    request_id: bytes | None
+    cancelled: int
+    traceparent: bytes | None
 
 
 # A worker's running jobs keep their leases: each of ``ids`` (space-separated) whose lease is
@@ -266,7 +278,7 @@ CREATE = Script(
     args=(
         "job_id", "job_type", "event", "ttl", "now_us", "index_trim_below", "payload", "record_ttl_ms", "now_ms",
         "channel", "wake_channel", "params_json", "webhook_url", "idempotency_value", "idempotency_ttl",
-        "queue_cap", "queued_trim_below", "request_id", "rate_limit", "rate_window",
+        "queue_cap", "queued_trim_below", "request_id", "traceparent", "rate_limit", "rate_window",
     ),  # fmt: skip
     prefix=ENQUEUE_LUA,
     body="""
@@ -283,6 +295,7 @@ if tonumber(queue_cap) > 0 and redis.call('ZCARD', queued) >= tonumber(queue_cap
 if idempotency_value ~= '' then redis.call('SET', idempotency, idempotency_value, 'EX', idempotency_ttl) end
 redis.call('HSET', job, 'seq', 1, 'state', 'queued', 'type', job_type, 'ev', event, 'params', params_json, 'rid', request_id)
 if webhook_url ~= '' then redis.call('HSET', job, 'webhook', webhook_url) end
+if traceparent ~= '' then redis.call('HSET', job, 'tp', traceparent) end
 redis.call('EXPIRE', job, ttl)
 redis.call('ZADD', index, now_us, job_id)
 redis.call('ZREMRANGEBYSCORE', index, '-inf', index_trim_below)

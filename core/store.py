@@ -154,6 +154,7 @@ class Store:
         rate: tuple[str, int, int] = ("", 0, 0),
         params_json: bytes | None = None,
         message: str | None = None,
+        traceparent: str = "",
     ) -> tuple[dict[str, Any], bytes, bool]:
         """Store a queued job of ``tenant`` and enqueue it for arq, atomically (``scripts.CREATE``).
 
@@ -162,7 +163,8 @@ class Store:
         request raises ``IdempotencyConflict``. ``rate`` is ``(counter key, limit, window s)``
         of the caller's submits (``RateLimited`` over it); ``QueueFull`` past ``QUEUE_CAP``.
         ``params_json`` is ``contract.dumps(params)`` when the caller has it already; ``message``
-        is the new document's (e.g. that no live worker runs the type yet).
+        is the new document's (e.g. that no live worker runs the type yet); ``traceparent``, the
+        submit's trace context (``core.tracing``), which the worker's attempts continue.
         """
         job_id = contract.new_job_id()
         doc = contract.new_document(job_id, job_type, contract.now_iso(), message)
@@ -198,6 +200,7 @@ class Store:
             queue_cap=self.settings.queue_cap,
             queued_trim_below=now_us - self.settings.job_ttl * 1_000_000,
             request_id=request_id,
+            traceparent=traceparent,
             rate_limit=rate[1] if rate[0] else 1 << 62,
             rate_window=rate[2] or 1,
         )

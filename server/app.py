@@ -22,7 +22,7 @@ from starlette.routing import Match, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp
 
-from core import connections, contract, redischeck, workers
+from core import connections, contract, redischeck, tracing, workers
 from server import joblogs, jobs, jobtypes, openapi, problems, sse, streams, ws
 from core.fastpath import direct
 from server.auth import Auth, parse_keys, shared_secret
@@ -206,6 +206,7 @@ def create_app(settings: Settings | None = None) -> App:
         # That is safe for our writes: creation rewrites the same keys and a document write is a
         # compare-and-set, so a second attempt after a lost reply is refused, not applied twice.
         # No per-command timeout: each request bounds all its Redis calls (``redis_deadline``).
+        tracing.setup("progress-server")  # only with OTEL_EXPORTER_OTLP_ENDPOINT set
         redis = connections.client(settings.redis_url, retries=2)
         store = Store(redis, settings)
         # the hub's own client, without retries: it must see every lost connection to resync
@@ -237,6 +238,7 @@ def create_app(settings: Settings | None = None) -> App:
                     await task
             await redis.aclose()
             await hub_redis.aclose()
+            tracing.shutdown()
 
     errors = {
         Problem: problem,

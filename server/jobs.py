@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from core import contract, queue, webhooks, workers
+from core import contract, queue, tracing, webhooks, workers
 from core.logs import request_id
 from core.store import IdempotencyConflict, QueueFull, RateLimited, WriteRefused
 from server import ratelimit, wire
@@ -43,6 +43,13 @@ IDEMPOTENCY_KEY = re.compile(r"[!-~](?:[ -~]{0,253}[!-~])?")
 
 
 async def submit(request: Request) -> Response:
+    if tracing.tracer is None:  # (tracing off: nothing more on the submit path than this check)
+        return await _submit(request, None)
+    with tracing.submit_span(request.headers) as span:
+        return await _submit(request, span)
+
+
+async def _submit(request: Request, span: Any) -> Response:
     caller = await key_holder(request)
     settings = request.app.state.settings
     payload = await read_json(request)  # not under the Redis deadline: a slow upload is not Redis
@@ -82,7 +89,7 @@ async def submit(request: Request) -> Response:
         waiting = None if job_type in request.app.state.live_types else workers.waiting_message(job_type)
         async with redis_deadline():  # one round trip: rate counter, idempotency, cap, job, enqueue
             doc, doc_json, _ = await request.app.state.store.create(
-                job_type, params, caller.tenant, webhook, key, request_id.get(), rate, params_json, waiting
+                job_type, params, caller.tenant, webhook, key, request_id.get(), rate, params_json, waiting, tracing.traceparent(span)
             )
     except RateLimited:
         raise ratelimit.too_many("submit", settings.rate_submit) from None
@@ -97,6 +104,9 @@ async def submit(request: Request) -> Response:
             errors=[{"field": "Idempotency-Key", "message": "already used with a different request"}],
         ) from None
     headers = {"Location": doc["links"]["self"], "Retry-After": retry_after(doc)}
+    if span is not None:
+        span.set_attributes({"job.id": doc["id"], "job.type": job_type})
+        headers["X-Trace-Id"] = tracing.trace_id(span)
     token = request.app.state.auth.token(doc["id"], caller.tenant)
     return JSONAnswer(contract.with_field(doc_json, "token", token), 202, headers)
 

@@ -47,7 +47,7 @@ def create_fields(job_id: str, **over) -> dict:
         ttl=60, now_us=now_us, index_trim_below=0, payload=queue.payload("demo", ({},), now_us // 1000),
         record_ttl_ms=60_000, now_ms=now_us // 1000, channel=contract.channel(job_id), wake_channel="t-scripts-wake",
         params_json=b"{}", webhook_url="", idempotency_value="", idempotency_ttl=60, queue_cap=0, queued_trim_below=0,
-        request_id="r", rate_limit=100, rate_window=60,
+        request_id="r", traceparent="", rate_limit=100, rate_window=60,
     )  # fmt: skip
     return fields | over
 
@@ -226,7 +226,7 @@ async def test_claim_takes_due_jobs_once_with_what_running_them_needs(client):
     await client.set(contract.cancel_key(docs[1]["id"]), 1)
     first = await claim(client, 2, skip=docs[0]["id"])  # skipped: a job still under way here
     assert sorted(row[0].decode() for row in first) == sorted([docs[1]["id"], docs[2]["id"]])
-    job_id, tries, record, event, rid, cancelled = next(row for row in first if row[0].decode() == docs[1]["id"])
+    job_id, tries, record, event, rid, cancelled, traceparent = next(row for row in first if row[0].decode() == docs[1]["id"])
     assert (tries, rid, cancelled) == (1, b"r1", 1)
     assert queue.parse(record).args == ({"n": 1},)
     assert contract.unpack(event).seq == 1

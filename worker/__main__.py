@@ -14,7 +14,7 @@ from prometheus_client import start_http_server
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from core import connections
+from core import connections, tracing
 from core.logs import setup_logging
 from core.settings import Settings
 from worker.registry import load
@@ -31,6 +31,7 @@ def main() -> None:
     except ValueError as e:
         raise SystemExit(str(e)) from None
     registry = load(settings.jobs_module)
+    tracing.setup("progress-worker")  # only with OTEL_EXPORTER_OTLP_ENDPOINT set
     if settings.worker_metrics_port:
         start_http_server(settings.worker_metrics_port, addr=settings.host)
     delay = 0.5
@@ -39,6 +40,7 @@ def main() -> None:
         started = time.monotonic()
         try:
             worker.run()
+            tracing.shutdown()
             return  # stopped by a signal
         except (RedisConnectionError, RedisTimeoutError, OSError) as e:
             if worker.stopping:  # a signal stopped it, and Redis was away as it closed: stop all the same

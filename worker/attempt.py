@@ -22,7 +22,7 @@ from typing import Any
 from prometheus_client import Counter, Histogram
 from pydantic import ValidationError
 
-from core import contract, queue
+from core import contract, queue, scripts, tracing
 from core.settings import Settings
 from core.store import Store
 from worker.progress import JobContext, JobEnded, JobLog, ThreadJobContext
@@ -53,30 +53,40 @@ class Attempts:
     def timeout(self, job_type: JobType) -> float:
         return job_type.timeout if job_type.timeout is not None else self.settings.job_timeout
 
-    async def run(
-        self, job_type: JobType, job_id: str, attempt: int, params: Any, event: bytes | None, rid: bytes | None, cancelled: bool
-    ) -> None:
-        """Run one attempt, from what the claim read (``event``: the stored document)."""
-        if event is None:
+    async def run(self, job_type: JobType, job_id: str, attempt: int, params: Any, claimed: scripts.Claimed) -> None:
+        """Run one attempt, from what the claim read (the stored document, the request id, whether
+        a cancel is asked, the submit's trace context)."""
+        if claimed.event is None:
             raise JobEnded("missing")
-        packed = contract.unpack(event)
+        packed = contract.unpack(claimed.event)
         doc = json.loads(packed.doc)
         if doc["status"] in contract.TERMINAL:
             raise JobEnded(doc["status"])
         ctx = JobContext(self.store, doc, self.settings.progress_interval, packed.tenant)
         # every line about this job carries its id, attempt and the request id that submitted it;
         # ``ctx.log``'s lines at INFO and above are also the job's own log
+        rid = claimed.request_id
         extra = {"job_id": job_id, "attempt": attempt, "request_id": rid.decode() if rid else None}
         ctx.log = JobLog(log, extra, ctx, asyncio.get_running_loop())
-        ctx.cancel_requested = cancelled
+        ctx.cancel_requested = claimed.cancelled == 1
         self.running[job_id] = ctx
         started = time.monotonic()
         try:
-            await self._run(ctx, job_type, attempt, params)
+            if tracing.tracer is None:  # (tracing off: not even a context manager per attempt)
+                await self._run(ctx, job_type, attempt, params)
+            else:
+                await self._traced(ctx, job_type, attempt, params, claimed.traceparent)
         finally:
             self.running.pop(job_id, None)
             JOB_SECONDS.labels(job_type.name).observe(time.monotonic() - started)
             JOBS_FINISHED.labels(job_type.name, ctx.doc["status"]).inc()
+
+    async def _traced(self, ctx: JobContext, job_type: JobType, attempt: int, params: Any, parent: bytes | None) -> None:
+        """``_run`` in the attempt's span (``core.tracing``), which ends with the attempt's outcome."""
+        with tracing.attempt_span(parent.decode() if parent else "", job_type.name, ctx.id, attempt) as ctx.span:
+            await self._run(ctx, job_type, attempt, params)
+            ended = ctx.doc.get("attempts") or [{}]  # as its entry in ``attempts`` says, or the state it left
+            ctx.span.set_attribute("job.outcome", ended[-1]["outcome"] if ended[-1].get("attempt") == attempt else ctx.doc["status"])
 
     async def _run(self, ctx: JobContext, job_type: JobType, attempt: int, params: Any) -> None:
         job_id = ctx.id

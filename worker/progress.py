@@ -94,6 +94,7 @@ class JobContext:
         self._log_dropped = 0  # lines dropped unwritten (more than JOB_LOG_LINES waiting)
         self._log_base = -1  # the last seq stored, as far as we know (-1: not known yet)
         self._log_writing: asyncio.Task | None = None
+        self.span = None  # the attempt's span (``core.tracing``) when tracing is on
         self._log_start: tuple[int, float] | None = None  # (attempt, time): "attempt N started", with the first line
         self._logged_any = False
 
@@ -159,6 +160,8 @@ class JobContext:
                 changes, self._pending = self._pending, {}
                 self._last_publish, self._published = time.monotonic(), True
                 await self.write(**changes)
+                if self.span is not None:  # a progress publish is an event of the attempt's span
+                    self.span.add_event("progress", {k: v for k, v in changes.items() if v is not None and k != "eta_s"})
 
     def note(self, level: str, message: str) -> None:
         """A line for the job's log only (the worker's own word on the attempt)."""

@@ -168,9 +168,10 @@ class ProgressWorker:
             cancel_prefix=contract.cancel_key(""),
         )  # fmt: skip
         rows = await self._claim(keys=keys, args=args)
-        for job_id, tries, record, event, rid, cancelled in rows:
-            job_id = job_id.decode()
-            task = asyncio.create_task(self._attempt(job_id, int(tries), record, event, rid, cancelled == 1))
+        for row in rows:
+            claimed = scripts.Claimed(*row)
+            job_id = claimed.job_id.decode()
+            task = asyncio.create_task(self._attempt(job_id, claimed))
             self.tasks[job_id] = task
             task.add_done_callback(lambda _, job_id=job_id: self._done(job_id))
         return len(rows)
@@ -179,8 +180,9 @@ class ProgressWorker:
         self.tasks.pop(job_id, None)
         self._wake.set()  # a slot is free: look at the queue now
 
-    async def _attempt(self, job_id: str, tries: int, raw: bytes | None, event: bytes | None, rid: bytes | None, cancelled: bool) -> None:
+    async def _attempt(self, job_id: str, claimed: scripts.Claimed) -> None:
         """Run one claimed job, whatever it is, and leave the queue right however it ends."""
+        raw, tries = claimed.record, int(claimed.tries)
         try:
             if raw is None:
                 return await self._reject(job_id, "the job expired before it ran")
@@ -194,7 +196,7 @@ class ProgressWorker:
             job_type = self.registry.get(record.function)
             if job_type is not None:
                 try:
-                    await self.attempts.run(job_type, job_id, tries, record.args[0] if record.args else {}, event, rid, cancelled)
+                    await self.attempts.run(job_type, job_id, tries, record.args[0] if record.args else {}, claimed)
                 except JobEnded as e:
                     if not e.superseded:  # ended elsewhere (cancelled): off the queue
                         log.info("job %s: ended elsewhere (%s); not running it", job_id, e)

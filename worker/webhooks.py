@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from core import contract, queue
+from core import contract, queue, tracing
 from core import webhooks as guard
 from core.settings import Settings
 from core.store import Store
@@ -65,10 +65,14 @@ async def deliver(store: Store, settings: Settings, job_id: str, seq: int, attem
     """One delivery attempt of job ``job_id``'s final state ``seq``; raises ``queue.Requeue`` to try again."""
     delivery_id = contract.webhook_delivery_id(job_id, seq)
     started = time.monotonic()
-    try:
-        outcome = await _attempt(store, settings, job_id, seq, delivery_id)
-    except Exception as e:  # Redis blip or a bug: count it as a failed attempt
-        outcome = Outcome(detail=f"error {type(e).__name__}: {e}")
+    parent = (await store.field(job_id, "tp") or "") if tracing.tracer is not None else ""
+    with tracing.delivery_span(parent, job_id, delivery_id) as span:
+        try:
+            outcome = await _attempt(store, settings, job_id, seq, delivery_id)
+        except Exception as e:  # Redis blip or a bug: count it as a failed attempt
+            outcome = Outcome(detail=f"error {type(e).__name__}: {e}")
+        if span is not None:
+            span.set_attributes({"webhook.attempt": attempt, "webhook.delivered": outcome.delivered, "webhook.detail": outcome.detail})
     took = time.monotonic() - started
     what = f"webhook {delivery_id} (job {job_id}) attempt {attempt}"
     if outcome.delivered:
