@@ -138,18 +138,24 @@ def log_batch(job_id: str, lines: list[bytes]) -> bytes:
 
 def log_line(level: str, message: str, extra: dict[str, Any] | None = None, ts: str | None = None) -> bytes:
     """One log line's JSON without its ``seq`` (the Lua that appends it numbers it), cut to
-    ``LOG_LINE_BYTES``: a longer message is shortened (with "…"), then its extra fields dropped."""
+    ``LOG_LINE_BYTES``: first the extra fields go, then the message is shortened (with "…").
+    Never raises for what job code logs: extra fields JSON cannot hold become their ``repr``, and
+    text that is not valid UTF-8 (lone surrogates) is escaped."""
     line: dict[str, Any] = {"ts": ts or now_iso(), "level": level, "msg": message}
     if extra:
         line["extra"] = extra
-    raw = _LOG_ENCODER.encode(line).encode()
-    while len(raw) > LOG_LINE_BYTES - 16:  # room for '"seq":N,'
-        if "extra" in line and len(line["msg"]) < 64:
-            del line["extra"]
-        else:
-            over = len(raw) - (LOG_LINE_BYTES - 16)
-            line["msg"] = line["msg"][: max(0, len(line["msg"]) - over - 1)] + "…"
-        raw = _LOG_ENCODER.encode(line).encode()
+    try:
+        raw = _LOG_ENCODER.encode(line).encode("utf-8", "backslashreplace")
+    except (TypeError, ValueError):  # a circular structure, say
+        line["extra"] = repr(extra)[:LOG_LINE_BYTES]
+        raw = _LOG_ENCODER.encode(line).encode("utf-8", "backslashreplace")
+    limit = LOG_LINE_BYTES - 16  # room for '"seq":N,'
+    if len(raw) > limit and "extra" in line:
+        del line["extra"]
+        raw = _LOG_ENCODER.encode(line).encode("utf-8", "backslashreplace")
+    while len(raw) > limit:
+        line["msg"] = line["msg"][: max(0, len(line["msg"]) - (len(raw) - limit) - 1)] + "…"
+        raw = _LOG_ENCODER.encode(line).encode("utf-8", "backslashreplace")
     return raw
 
 
@@ -228,7 +234,7 @@ def event_name(status: str) -> str:
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 # log lines' extra fields are whatever job code passed: what JSON cannot say becomes its str()
-_LOG_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str)
+_LOG_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str, skipkeys=True)
 
 
 def dumps(obj: Any) -> bytes:

@@ -114,7 +114,9 @@ WRITE = Script(
 local cur = redis.call('HMGET', job, 'seq', 'state', 'webhook')
 local stored = tonumber(cur[1]) or 0
 local was = cur[2] or ''
-if stored == tonumber(seq) and redis.call('HGET', job, 'ev') == event then return {1, stored} end
+if stored == tonumber(seq) and redis.call('HGET', job, 'ev') == event then
+  return {1, stored, tonumber(redis.call('HGET', job, 'logseq') or '0')}
+end
 if stored ~= tonumber(expected) or was == 'succeeded' or was == 'failed' or was == 'cancelled' then
   return {0, stored, was}
 end
@@ -163,7 +165,7 @@ return 0
 # keys are made here from the prefixes ``core.queue`` gives, as arq's own worker does: one Redis,
 # not a cluster). Jobs leased by any worker, and the ids in ``skip`` (space-separated), are passed
 # over. Returns a row per job (``Claimed``: job id, try, record, event, request id, cancelled
-# (0/1), traceparent); a missing record, document or trace context is absent (nil) in its place.
+# (0/1), traceparent, last log seq); a missing record, document or trace context is absent (nil).
 CLAIM = Script(
     keys=("queue",),
     args=("now_ms", "limit", "lease_ms", "owner", "skip", "lease_prefix", "tries_prefix", "tries_ttl", "record_prefix", "job_prefix", "cancel_prefix"),
@@ -182,8 +184,9 @@ while #out < want and offset < 1000 do
     if not skipped[id] and redis.call('SET', lease_prefix .. id, owner, 'PX', lease_ms, 'NX') then
       local try = redis.call('INCR', tries_prefix .. id)
       redis.call('EXPIRE', tries_prefix .. id, tries_ttl)
-      local doc = redis.call('HMGET', job_prefix .. id, 'ev', 'rid', 'tp')
-      out[#out + 1] = {id, try, redis.call('GET', record_prefix .. id), doc[1], doc[2], redis.call('EXISTS', cancel_prefix .. id), doc[3]}
+      local doc = redis.call('HMGET', job_prefix .. id, 'ev', 'rid', 'tp', 'logseq')
+      out[#out + 1] = {id, try, redis.call('GET', record_prefix .. id), doc[1], doc[2], redis.call('EXISTS', cancel_prefix .. id), doc[3],
+        tonumber(doc[4] or '0')}
     end
   end
 end
@@ -202,6 +205,7 @@ class Claimed(NamedTuple):
     request_id: bytes | None
     cancelled: int
     traceparent: bytes | None
+    log_seq: int  # the job's log's last seq, where this attempt's lines go on from
 
 
 # A worker's running jobs keep their leases: each of ``ids`` (space-separated) whose lease is
@@ -242,7 +246,7 @@ return 0
 # Returns {1, seq} or {0, stored seq, stored state}; refused too while arq is still finishing
 # the last attempt (``lease`` exists: its cleanup would delete the job we enqueue).
 REOPEN = Script(
-    keys=("job", "tombstone", "result", "record", "queue", "queued", "lease"),
+    keys=("job", "tombstone", "result", "record", "queue", "queued", "lease", "log"),
     args=("expected", "seq", "event", "channel", "ttl", "payload", "record_ttl_ms", "now_ms", "wake_channel", "job_id", "now_us"),
     prefix=ENQUEUE_LUA,
     body="""
@@ -254,6 +258,7 @@ end
 if redis.call('EXISTS', lease) == 1 then return {0, stored, 'busy'} end
 redis.call('HSET', job, 'seq', seq, 'state', 'queued', 'ev', event)
 redis.call('EXPIRE', job, ttl)
+redis.call('EXPIRE', log, ttl)  -- the log lives as long as the document again
 redis.call('DEL', tombstone, result)
 enqueue(record, payload, record_ttl_ms, queue, now_ms, job_id)
 redis.call('ZADD', queued, now_us, job_id)

@@ -65,4 +65,6 @@ class Settings:
                 values[f.name] = raw.lower() in ("1", "true", "yes", "on") if kind is bool else kind(raw)
             except ValueError:
                 raise SystemExit(f"Setting {f.name.upper()}={raw!r} is not a valid {kind.__name__}") from None
+        if values.get("job_log_lines", 1) < 1:  # (0 would keep every line: LTRIM to -0)
+            raise SystemExit("Setting JOB_LOG_LINES must be at least 1")
         return cls(**values)

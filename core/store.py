@@ -284,7 +284,7 @@ class Store:
         if not ok:
             seq, state = stored
             raise WriteRefused(int(seq), _decode(state))
-        if log is not None and len(stored) > 1:  # (a pipeline sent again answers without it)
+        if log is not None:
             log.last = int(stored[1])
         if terminal:
             await self._replicated()
@@ -325,6 +325,7 @@ class Store:
         enqueued_ms = now_ms()
         keys, args = scripts.REOPEN.fields(
             job=contract.job_key(job_id),
+            log=contract.log_key(job_id),
             tombstone=contract.tombstone_key(job_id),
             result=contract.result_key(job_id),
             record=queue.record_key(job_id),

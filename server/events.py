@@ -112,13 +112,17 @@ class LogEntry:
 class LogQueue:
     """One connection's undelivered log lines, oldest first, for the jobs whose logs it watches.
     Lines at or below what the client has (``expect``, or already queued) are dropped, so a line
-    never repeats; past ``limit`` lines waiting, the oldest batches become one gap per job."""
+    never repeats. While a job's stored lines are being read (``start_snapshot``, until
+    ``put_snapshot``), its live batches are held back, so they go out after the stored ones. Past
+    ``limit`` lines waiting, the oldest become one gap per job (the client can page them in)."""
 
     def __init__(self, limit: int) -> None:
         self.entries: deque[LogEntry] = deque()
         self.seen: dict[str, int] = {}
         self.lines = 0
         self.limit = limit
+        self.gaps: dict[str, LogEntry] = {}  # each job's gap entry still queued
+        self.holding: dict[str, tuple[int, list[LogEntry]]] = {}  # job -> (after, live batches held)
 
     def __bool__(self) -> bool:
         return bool(self.entries)
@@ -126,8 +130,15 @@ class LogQueue:
     def expect(self, job_id: str, after: int) -> None:
         self.seen[job_id] = max(after, self.seen.get(job_id, 0))
 
+    def start_snapshot(self, job_id: str) -> None:
+        """The stored lines after what the client has will be read: hold live batches till then."""
+        self.holding[job_id] = (self.seen.get(job_id, 0), [])
+
+    def snapshot_after(self, job_id: str) -> int:
+        return self.holding[job_id][0] if job_id in self.holding else self.seen.get(job_id, 0)
+
     def put(self, job_id: str, data: bytes) -> bool:
-        """A batch as published; False if it held nothing new."""
+        """A batch as published; False if it held nothing new to send now."""
         first, last = contract.log_range(data)
         seen = self.seen.get(job_id, 0)
         if last <= seen:
@@ -136,36 +147,41 @@ class LogQueue:
             lines = [json.dumps(line, separators=(",", ":"), ensure_ascii=False).encode() for line in json.loads(data)["lines"]]
             data = contract.log_batch(job_id, [line for line in lines if contract.log_seq(line) > seen])
             first = seen + 1
-        self._append(LogEntry(job_id, first, last, data))
+        self.seen[job_id] = last
+        entry = LogEntry(job_id, first, last, data)
+        if job_id in self.holding:
+            self.holding[job_id][1].append(entry)
+            return False
+        self._append(entry)
         return True
 
-    def put_snapshot(self, job_id: str, after: int, stored: list[bytes], first_kept: int) -> None:
-        """Stored lines after ``after`` (``Store.read_log``), placed before any batch of the job
-        already queued (which arrived live meanwhile); lines no longer kept become a gap."""
-        queued = [e.first for e in self.entries if e.job_id == job_id and not e.gap]
-        until = min(queued) if queued else None
-        lines = [line for line in stored if until is None or contract.log_seq(line) < until]
-        entries = []
-        if first_kept > after + 1:
-            entries.append(LogEntry(job_id, after + 1, first_kept - 1, gap=True))
+    def put_snapshot(self, job_id: str, stored: list[bytes], first_kept: int) -> None:
+        """The stored lines after ``snapshot_after`` (``Store.read_log``: ``first_kept`` is the
+        oldest line still kept), then the live batches held meanwhile; lines no longer kept
+        become a gap."""
+        after, held = self.holding.pop(job_id, (self.seen.get(job_id, 0), []))
+        until = held[0].first if held else None
+        lines = [line for line in stored if after < contract.log_seq(line) and (until is None or contract.log_seq(line) < until)]
+        if first_kept > after + 1 and (until is None or until > after + 1):
+            self._append(LogEntry(job_id, after + 1, min(first_kept, until or first_kept) - 1, gap=True))
         if lines:
-            entries.append(LogEntry(job_id, contract.log_seq(lines[0]), contract.log_seq(lines[-1]), contract.log_batch(job_id, lines)))
-        for entry in reversed(entries):
-            self.entries.appendleft(entry)
-            self.lines += entry.last - entry.first + 1 if not entry.gap else 0
-        if entries:
-            self.seen[job_id] = max(self.seen.get(job_id, 0), entries[-1].last)
-        self._bound()
+            self._append(LogEntry(job_id, contract.log_seq(lines[0]), contract.log_seq(lines[-1]), contract.log_batch(job_id, lines)))
+        for entry in held:
+            self._append(entry)
+        if lines:
+            self.seen[job_id] = max(self.seen.get(job_id, 0), contract.log_seq(lines[-1]))
 
     def _append(self, entry: LogEntry) -> None:
+        if entry.gap:
+            self.gaps.setdefault(entry.job_id, entry)
+        else:
+            self.lines += entry.last - entry.first + 1
         self.entries.append(entry)
-        self.lines += entry.last - entry.first + 1
-        self.seen[entry.job_id] = entry.last
         self._bound()
 
     def _bound(self) -> None:
-        """Past ``limit`` lines, the oldest batches (the newest always stays) become gaps, one
-        per run of lines of a job."""
+        """Past ``limit`` lines, the oldest batches (the newest always stays) become gaps: one per
+        job, which grows, since all of a job's older lines are in it by then."""
         i = 0
         while self.lines > self.limit and i < len(self.entries) - 1:
             entry = self.entries[i]
@@ -173,25 +189,29 @@ class LogQueue:
                 i += 1
                 continue
             self.lines -= entry.last - entry.first + 1
-            before = self.entries[i - 1] if i else None
-            if before is not None and before.gap and before.job_id == entry.job_id and before.last == entry.first - 1:
-                before.last = entry.last
+            gap = self.gaps.get(entry.job_id)
+            if gap is not None:
+                gap.last = entry.last
                 del self.entries[i]
             else:
-                self.entries[i] = LogEntry(entry.job_id, entry.first, entry.last, gap=True)
+                self.entries[i] = self.gaps[entry.job_id] = LogEntry(entry.job_id, entry.first, entry.last, gap=True)
                 i += 1
 
     def pop(self) -> LogEntry:
         entry = self.entries.popleft()
-        if not entry.gap:
+        if entry.gap:
+            if self.gaps.get(entry.job_id) is entry:
+                del self.gaps[entry.job_id]
+        else:
             self.lines -= entry.last - entry.first + 1
         return entry
 
     def forget(self, job_id: str) -> None:
         self.seen.pop(job_id, None)
-        kept = [e for e in self.entries if e.job_id != job_id]
-        self.entries = deque(kept)
-        self.lines = sum(e.last - e.first + 1 for e in kept if not e.gap)
+        self.gaps.pop(job_id, None)
+        self.holding.pop(job_id, None)
+        self.entries = deque(e for e in self.entries if e.job_id != job_id)
+        self.lines = sum(e.last - e.first + 1 for e in self.entries if not e.gap)
 
 
 class MailboxClosed(Exception):
@@ -226,11 +246,19 @@ class Mailbox:
         if self.logs is not None and not self.gone and self.logs.put(job_id, batch):
             self._wake()
 
-    def log_snapshot(self, job_id: str, after: int, stored: list[bytes], first_kept: int) -> None:
-        """The stored lines after ``after`` (``LogQueue.put_snapshot``; after ``watch_logs``)."""
-        self.logs.put_snapshot(job_id, after, stored, first_kept)
+    def log_snapshot(self, job_id: str, stored: list[bytes], first_kept: int) -> None:
+        """The stored lines of a job (``LogQueue.put_snapshot``); nothing once the client has gone."""
+        if self.logs is None:
+            return
+        self.logs.put_snapshot(job_id, stored, first_kept)
         if self.logs:
             self._wake()
+
+    def put_final(self, event: Event) -> None:
+        """A job's final event that the client has already: a stream that must end on it (a job's
+        stream sending only log lines the client missed) gets it again."""
+        self._pending[event.job_id] = event
+        self._wake()
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
@@ -299,8 +327,9 @@ class Mailbox:
             self.logs.forget(job_id)
 
     async def get(self) -> Event | Notice | LogEntry:
-        """The next log lines if any (they were written before any event now pending), else the
-        next event; raises ``MailboxClosed`` once closed and empty."""
+        """The next log lines if any, else the next event: lines written before an event go out
+        before it (a line logged after a pending event may too); raises ``MailboxClosed`` once
+        closed and empty."""
         while not self._pending:
             if self.logs:
                 return self.logs.pop()

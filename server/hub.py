@@ -94,6 +94,7 @@ class Watch:
         queue = self.mailbox.watch_logs(self.hub.store.settings.job_log_lines)
         for job_id in new:
             queue.expect(job_id, after.get(job_id, 0))
+            queue.start_snapshot(job_id)  # live lines wait for the stored ones
         try:
             await self.hub._watch_logs(self.mailbox, new)
         except BaseException:
@@ -178,9 +179,9 @@ class Hub:
         for job_id in job_ids:
             if mailbox.logs is None:  # (closed meanwhile: the client has gone)
                 return
-            after = mailbox.logs.seen.get(job_id, 0)
+            after = mailbox.logs.snapshot_after(job_id)
             last, first, lines = await self.store.read_log(job_id, after, self.store.settings.job_log_lines)
-            mailbox.log_snapshot(job_id, after, lines, first)
+            mailbox.log_snapshot(job_id, lines, first)
 
     def _unwatch(self, mailbox: Mailbox, job_ids: Iterable[str]) -> None:
         for job_id in job_ids:
@@ -308,6 +309,10 @@ class Hub:
                 log.warning("pub/sub connection lost (%s); reconnecting in %.1f s", e, delay)
             finally:
                 self._pubsub = None
+                for job_id, mailboxes in self._log_watchers.items():  # lines missed while away: read them
+                    for mailbox in mailboxes:  # again on resync, and hold the live ones till then
+                        if mailbox.logs is not None:
+                            mailbox.logs.start_snapshot(job_id)
                 for name, fut in list(self._ready.items()):
                     if fut.done():  # must be confirmed again on the next connection
                         self._ready[name] = asyncio.get_running_loop().create_future()
@@ -331,7 +336,7 @@ class Hub:
                 continue
             self._unheard = 0
             kind = msg["type"]
-            if log_watchers and kind == "message" and msg["channel"].startswith(log_prefix):
+            if kind == "message" and msg["channel"].startswith(log_prefix):  # (also after its last watcher left)
                 job_id = msg["channel"][prefix:].decode()
                 for mailbox in log_watchers.get(job_id, ()):
                     mailbox.put_log(job_id, msg["data"])

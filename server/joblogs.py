@@ -29,7 +29,7 @@ async def job_log(request: Request) -> Response:
     await load(request, job_id, caller)  # 404 / 410 as for the job itself
     last, first, lines = await request.app.state.store.read_log(job_id, after, limit)
     start = max(after + 1, first)
-    following = start + len(lines) - 1 if lines else after
+    following = start + len(lines) - 1 if lines else max(after, min(first - 1, last))  # past lines gone
     dropped = max(0, first - 1 - after)
     headers = {"Cache-Control": "no-store"}
     accept = request.headers.get("accept", "")

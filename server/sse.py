@@ -151,8 +151,10 @@ async def job_events(request: Request) -> Response:
         snapshot = await load(request, job_id, caller)
         if logs:
             await watch.add_logs([job_id], {job_id: log_after})
-        if snapshot.terminal and snapshot.seq <= since and not mailbox.logs:
-            return Response(status_code=204)  # the client has the end already: EventSource stops
+        if snapshot.terminal and snapshot.seq <= since:
+            if not mailbox.logs:
+                return Response(status_code=204)  # the client has the end already: EventSource stops
+            mailbox.put_final(snapshot)  # only log lines it missed: they, then the end again
         watch.on_exit = admit(request, caller, "text" if wants_text(request) else "sse")
         mailbox.put(snapshot)
         watch = watch.hand_over()  # the response ends it

@@ -168,6 +168,13 @@ def test_log_line_is_json_without_seq_and_cut_to_its_bound():
     assert line["extra"]["when"].startswith("<class")  # what JSON cannot say: its str()
     long = contract.log_line("INFO", "x" * 10_000, {"k": "v" * 5_000})
     assert len(long) <= contract.LOG_LINE_BYTES - 16 and json.loads(long)["msg"].endswith("…")
+    big_extra = json.loads(contract.log_line("INFO", "a message of 100 characters " * 4, {"k": "v" * 10_000}))
+    assert "extra" not in big_extra and big_extra["msg"] == "a message of 100 characters " * 4  # the extra goes first
+    loop: dict = {}
+    loop["self"] = loop
+    odd = [json.loads(contract.log_line("INFO", m, e)) for m, e in [("bad \udc80 bytes", None), ("keys", {1: "a", (2, 3): "b"}), ("loop", loop)]]
+    assert odd[0]["msg"] == "bad \udc80 bytes"  # as a JSON escape: valid UTF-8 on the wire, the text round-trips
+    assert odd[1]["extra"] == {"1": "a"} and odd[2]["extra"].startswith("{'self'")
 
 
 def batch(job_id: str, first: int, last: int) -> bytes:
@@ -207,9 +214,29 @@ async def test_a_slow_readers_log_lines_are_bounded_and_the_oldest_become_one_ga
 @pytest.mark.anyio
 async def test_stored_log_lines_go_before_live_ones_that_raced_them():
     mailbox = Mailbox()
-    mailbox.watch_logs(100).expect("j_a", 2)
-    mailbox.put_log("j_a", batch("j_a", 7, 8))  # live, arrived before the stored lines were read
+    queue = mailbox.watch_logs(100)
+    queue.expect("j_a", 2)
+    queue.start_snapshot("j_a")
+    mailbox.put_log("j_a", batch("j_a", 7, 8))  # live, arrived before the stored lines were read: held
+    assert not queue  # nothing to send before the stored lines
     stored = json.loads(batch("j_a", 4, 8))["lines"]  # lines 1-3 no longer kept
-    mailbox.log_snapshot("j_a", 2, [json.dumps(line, separators=(",", ":")).encode() for line in stored], 4)
+    mailbox.log_snapshot("j_a", [json.dumps(line, separators=(",", ":")).encode() for line in stored], 4)
     got = [await mailbox.get() for _ in range(3)]
     assert [(e.name, e.first, e.last) for e in got] == [("log-gap", 3, 3), ("log", 4, 6), ("log", 7, 8)]
+    mailbox.put_log("j_a", batch("j_a", 8, 9))  # then only what is new
+    assert [(e.first, e.last) for e in [await mailbox.get()]] == [(9, 9)]
+
+
+@pytest.mark.anyio
+async def test_a_slow_readers_gaps_are_one_per_job_however_jobs_interleave():
+    mailbox = Mailbox()
+    queue = mailbox.watch_logs(10)
+    for n in range(1, 61, 2):  # two jobs' batches of two lines, interleaved
+        mailbox.put_log("j_a", batch("j_a", n, n + 1))
+        mailbox.put_log("j_b", batch("j_b", n, n + 1))
+    gaps = [e for e in queue.entries if e.gap]
+    assert len(gaps) == 2 and len(queue.entries) <= 2 + 10 // 2 + 1 and queue.lines <= 10
+    got = [await mailbox.get() for _ in range(len(queue.entries))]
+    for job in ("j_a", "j_b"):  # each job's lines: a gap from 1, then contiguous batches to 60
+        mine = [(e.first, e.last) for e in got if e.job_id == job]
+        assert mine[0][0] == 1 and mine[-1][1] == 60 and all(a[1] + 1 == b[0] for a, b in zip(mine, mine[1:])), mine

@@ -119,6 +119,21 @@ async def test_ten_thousand_lines_at_full_speed_reach_a_reader_across_a_reconnec
         assert covered == set(range(1, last + 1)), "a line neither arrived nor was announced as skipped"
 
 
+async def test_a_finished_jobs_stream_sends_the_lines_a_client_missed_then_ends(base, worker):
+    """A client with the final event but not the last lines (a reconnect with ``seq:log seq``) gets
+    those lines and the final event again, and the stream ends; with every line, ``204``."""
+    async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+        job = await run_job(client, "chatty", lines=5)
+        final = await finished(client, job)
+        last = (await client.get(f"/jobs/{job['id']}/logs")).json()["last"]
+        url = f"/jobs/{job['id']}/events?logs=1"
+        async with asyncio.timeout(10):  # ends by itself
+            seqs, gaps, end, last_id = await read_logged_stream(client, url, {"Last-Event-ID": f"{final['seq']}:{last - 2}"})
+        assert seqs == [last - 1, last] and not gaps and end.event == "succeeded" and last_id == f"{final['seq']}:{last}"
+        done = await client.get(url, headers={"Last-Event-ID": f"{final['seq']}:{last}"})
+        assert done.status_code == 204
+
+
 async def test_a_stalled_reader_gets_a_gap_not_unbounded_memory(redis_server, worker, tmp_path):
     """A reader that stops reading while a job logs 30 MB: the server keeps at most
     JOB_LOG_LINES lines for it and tells it which it skipped; it still gets the end."""

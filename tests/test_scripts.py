@@ -154,7 +154,7 @@ async def test_write_sent_twice_writes_once(client):
     doc, _, _ = await store.create("demo", {}, "t-scripts")
     fields = write_fields(store, doc, "t-scripts")
     assert await run(client, scripts.WRITE, **fields) == [1, 2, -1]
-    assert await run(client, scripts.WRITE, **fields) == [1, 2]
+    assert await run(client, scripts.WRITE, **fields) == [1, 2, 0]  # (and the log's last seq)
     assert await run(client, scripts.WRITE, **fields | {"event": fields["event"] + b" "}) == [0, 2, b"running"]
 
 
@@ -226,7 +226,8 @@ async def test_claim_takes_due_jobs_once_with_what_running_them_needs(client):
     await client.set(contract.cancel_key(docs[1]["id"]), 1)
     first = await claim(client, 2, skip=docs[0]["id"])  # skipped: a job still under way here
     assert sorted(row[0].decode() for row in first) == sorted([docs[1]["id"], docs[2]["id"]])
-    job_id, tries, record, event, rid, cancelled, traceparent = next(row for row in first if row[0].decode() == docs[1]["id"])
+    job_id, tries, record, event, rid, cancelled, traceparent, log_seq = next(row for row in first if row[0].decode() == docs[1]["id"])
+    assert (traceparent, log_seq) == (None, 0)
     assert (tries, rid, cancelled) == (1, b"r1", 1)
     assert queue.parse(record).args == ({"n": 1},)
     assert contract.unpack(event).seq == 1

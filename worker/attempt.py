@@ -62,7 +62,7 @@ class Attempts:
         doc = json.loads(packed.doc)
         if doc["status"] in contract.TERMINAL:
             raise JobEnded(doc["status"])
-        ctx = JobContext(self.store, doc, self.settings.progress_interval, packed.tenant)
+        ctx = JobContext(self.store, doc, self.settings.progress_interval, packed.tenant, int(claimed.log_seq))
         # every line about this job carries its id, attempt and the request id that submitted it;
         # ``ctx.log``'s lines at INFO and above are also the job's own log
         rid = claimed.request_id

@@ -7,14 +7,14 @@ Each publish is one ``Store.write``: document stored and event published atomica
 
 ``ctx.log`` (``JobLog``) is a logger whose records at INFO and above also become lines of the
 job's own log. Lines wait in the context (the newest ``JOB_LOG_LINES``) and go out with the
-next document write, or on their own (``Store.append_log``) once per loop turn; never two
-batches at once, so their seqs follow the order they were logged in.
+next document write, or on their own (``Store.append_log``) once per loop turn. One lock keeps
+it to one batch at a time (a document write with lines counts as one), so their seqs follow the
+order they were logged in, and a pipeline sent again never writes a batch twice.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import traceback
@@ -74,7 +74,7 @@ class JobLog(logging.LoggerAdapter):
 
 
 class JobContext:
-    def __init__(self, store: Store, doc: dict[str, Any], interval: float, tenant: str = "") -> None:
+    def __init__(self, store: Store, doc: dict[str, Any], interval: float, tenant: str = "", log_seq: int = -1) -> None:
         self.store = store
         self.doc = doc
         self.tenant = tenant
@@ -92,8 +92,9 @@ class JobContext:
         self.log: logging.Logger | logging.LoggerAdapter = log
         self._log_lines: list[bytes] = []  # not yet written
         self._log_dropped = 0  # lines dropped unwritten (more than JOB_LOG_LINES waiting)
-        self._log_base = -1  # the last seq stored, as far as we know (-1: not known yet)
+        self._log_base = log_seq  # the last seq stored, as far as we know (-1: not known)
         self._log_writing: asyncio.Task | None = None
+        self._log_lock: asyncio.Lock | None = None  # once the job has a line: one batch at a time
         self.span = None  # the attempt's span (``core.tracing``) when tracing is on
         self._log_start: tuple[int, float] | None = None  # (attempt, time): "attempt N started", with the first line
         self._logged_any = False
@@ -187,6 +188,8 @@ class JobContext:
         if len(self._log_lines) > keep:  # Redis is slower than this job's logging: keep the newest
             self._log_dropped += len(self._log_lines) - keep + 1
             del self._log_lines[: len(self._log_lines) - keep + 1]
+        if self._log_lock is None:
+            self._log_lock = asyncio.Lock()
         if self._log_writing is None:
             self._log_writing = asyncio.ensure_future(self._write_log())
             self._log_writing.add_done_callback(_log_failure)
@@ -209,27 +212,23 @@ class JobContext:
         """Write the waiting lines (and those logged meanwhile) on their own, one batch at a time;
         Redis being away is waited out as for a document write."""
         try:
-            await asyncio.sleep(0)  # the rest of this loop turn's lines, or the write that takes them
-            delay, waited = 0.1, 0.0
-            while (batch := self._take_log()) is not None:
-                while True:
-                    try:
-                        await self.store.append_log(self.id, batch)
-                        break
-                    except (RedisConnectionError, RedisTimeoutError, OSError):
-                        if waited >= REDIS_OUTAGE:
-                            raise
-                        await asyncio.sleep(delay)
-                        waited += delay
-                        delay = min(delay * 2, 2.0)
-                self._logged(batch)
+            await asyncio.sleep(0)  # the rest of this loop turn's lines, or a document write that takes them
+            async with self._log_lock:
+                delay, waited = 0.1, 0.0
+                while (batch := self._take_log()) is not None:
+                    while True:
+                        try:
+                            await self.store.append_log(self.id, batch)
+                            break
+                        except (RedisConnectionError, RedisTimeoutError, OSError):
+                            if waited >= REDIS_OUTAGE:
+                                raise
+                            await asyncio.sleep(delay)
+                            waited += delay
+                            delay = min(delay * 2, 2.0)
+                    self._logged(batch)
         finally:
             self._log_writing = None
-
-    async def flush_log(self) -> None:
-        """Wait until the lines logged so far are written (a batch under way included)."""
-        while self._log_writing is not None:
-            await asyncio.shield(self._log_writing)
 
     async def mark_stalled(self) -> None:
         async with self._lock:
@@ -262,13 +261,17 @@ class JobContext:
         (up to ``REDIS_OUTAGE`` seconds). If a later attempt of this job has started elsewhere
         (our lease lapsed meanwhile), this copy stops with ``JobEnded`` instead of writing over it.
         """
+        if self._log_lock is None:  # a job without a log line (most writes)
+            return await self._write(None, result, result_ttl, after, due_ms, changes)
+        async with self._log_lock:  # after a batch under way; the lines logged so far go with this write
+            return await self._write(self._take_log(), result, result_ttl, after, due_ms, changes)
+
+    async def _write(
+        self, lines: LogBatch | None, result: Any, result_ttl: int | None, after: str, due_ms: int, changes: dict[str, Any]
+    ) -> None:
         attempt = changes.get("attempt", self.doc["attempt"])
         delay, waited = 0.1, 0.0
         conflicts = 0
-        if self._log_writing is not None:  # a batch of lines under way: ours come after it
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self._log_writing)
-        lines = self._take_log()  # the lines logged so far go with this write, before its event
         while True:
             try:
                 self.doc = await self.store.write(

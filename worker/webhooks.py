@@ -25,6 +25,7 @@ The schedule comes from the settings (``WEBHOOK_*``), so tests can make it fast.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import ssl
@@ -65,7 +66,10 @@ async def deliver(store: Store, settings: Settings, job_id: str, seq: int, attem
     """One delivery attempt of job ``job_id``'s final state ``seq``; raises ``queue.Requeue`` to try again."""
     delivery_id = contract.webhook_delivery_id(job_id, seq)
     started = time.monotonic()
-    parent = (await store.field(job_id, "tp") or "") if tracing.tracer is not None else ""
+    parent = ""
+    if tracing.tracer is not None:
+        with contextlib.suppress(Exception):  # (a Redis blip costs the span its link, not the delivery)
+            parent = await store.field(job_id, "tp") or ""
     with tracing.delivery_span(parent, job_id, delivery_id) as span:
         try:
             outcome = await _attempt(store, settings, job_id, seq, delivery_id)
