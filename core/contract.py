@@ -208,6 +208,7 @@ def new_document(job_id: str, job_type: str, created_at: str, message: str | Non
         "started_at": None,
         "updated_at": created_at,
         "finished_at": None,
+        "expires_at": None,
         "eta_s": None,
         "stalled": False,
         "error": None,

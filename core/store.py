@@ -240,10 +240,12 @@ class Store:
         Redis as one pipeline (``Batched``)."""
         new = {**doc, **changes, "seq": doc["seq"] + 1, "updated_at": contract.now_iso()}
         terminal = new["status"] in contract.TERMINAL
-        if terminal and new["finished_at"] is None:
-            new["finished_at"] = new["updated_at"]
-        job_id = new["id"]
         s = self.settings
+        if terminal:
+            if new["finished_at"] is None:
+                new["finished_at"] = new["updated_at"]
+            new["expires_at"] = contract.iso(time.time() + (result_ttl or s.result_ttl))  # with the document's TTL below
+        job_id = new["id"]
         delivery = contract.webhook_delivery_id(job_id, new["seq"])
         enqueued_ms = now_ms()
         lines = self._no_log if log is None else {f"log_{k}": v for k, v in log.fields(self.settings.job_log_lines).items()}
@@ -315,6 +317,7 @@ class Store:
             "seq": doc["seq"] + 1,
             "updated_at": contract.now_iso(),
             "finished_at": None,
+            "expires_at": None,
             "progress": None,
             "eta_s": None,
             "error": None,

@@ -161,6 +161,7 @@ SCHEMAS: dict[str, Any] = {
             "started_at": NULLABLE_TIME,
             "updated_at": {"type": "string", "format": "date-time"},
             "finished_at": NULLABLE_TIME,
+            "expires_at": NULLABLE_TIME | {"description": "a finished job's: when its document and result are gone (then 410, then 404)"},
             "eta_s": {"type": ["number", "null"], "minimum": 0, "description": "estimated seconds left while running"},
             "stalled": {"type": "boolean", "description": "running without progress for STALL_AFTER seconds"},
             "error": {"oneOf": [schema("JobError"), {"type": "null"}]},

@@ -43,6 +43,7 @@ function newCard(job) {
     status: q(".status"), bar: q(".bar"), pct: q(".pct"), message: q(".message"),
     stage: q(".stage"), stageRow: q(".meta-stage"), eta: q(".eta"), etaRow: q(".meta-eta"),
     attempt: q(".attempt"), error: q(".error-text"), cancel: q(".cancel"), result: q(".result"),
+    expires: q(".expires"), expiresRow: q(".meta-expires"),
   };
   li.dataset.job = job.id;
   q(".type").textContent = job.type;
@@ -84,6 +85,8 @@ function render(job, transport) {
   els.etaRow.hidden = !eta;
   els.eta.textContent = eta;
   els.attempt.textContent = String(job.attempt);
+  els.expiresRow.hidden = !job.expires_at; // a finished job's document and result go then
+  els.expires.textContent = job.expires_at ? F.time(job.expires_at) : "";
   if (job.error) showError(card, `${job.error.type}: ${job.error.message}`);
   els.result.hidden = job.status !== "succeeded";
   if (final) {

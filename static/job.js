@@ -60,6 +60,8 @@
     $("eta-row").hidden = !eta;
     $("eta").textContent = eta;
     $("attempt").textContent = String(job.attempt);
+    $("expires-row").hidden = !job.expires_at; // a finished job's document, result and log go then
+    $("expires").textContent = job.expires_at ? new Date(job.expires_at).toLocaleString() : "";
     $("error").hidden = !job.error;
     $("error-text").textContent = job.error ? job.error.type + ": " + job.error.message : "";
     $("traceback").hidden = !(job.error && job.error.traceback);

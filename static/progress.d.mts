@@ -35,6 +35,8 @@ export interface JobDocument {
   started_at: string | null;
   updated_at: string;
   finished_at: string | null;
+  /** A finished job's: when its document and result are gone (then 410 Gone). */
+  expires_at?: string | null;
   /** Seconds left, estimated, while running. */
   eta_s: number | null;
   /** A running job that has reported nothing for STALL_AFTER seconds. */

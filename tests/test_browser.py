@@ -118,6 +118,7 @@ def test_demo_job_rises_through_intermediate_values_to_100(page, base):
     expect(card(page, job_id).locator(".pct")).to_have_text("100%")
     expect(card(page, job_id).locator(".result")).to_be_visible()
     expect(card(page, job_id).locator(".cancel")).to_be_hidden()
+    expect(card(page, job_id).locator(".meta-expires")).to_contain_text("Kept until")  # its expires_at
     shot(page, "demo-succeeded")
 
     docs = renders(page, job_id)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 
+from datetime import datetime
+
 import httpx
 import pytest
 from websockets.asyncio.client import connect
@@ -73,6 +75,9 @@ async def test_status_redirects_to_result_once_succeeded(base):
         assert done.status_code == 303
         assert done.headers["location"] == f"/jobs/{job['id']}/result"
         assert done.json()["status"] == "succeeded"
+        kept = datetime.fromisoformat(done.json()["expires_at"]) - datetime.fromisoformat(done.json()["finished_at"])
+        assert abs(kept.total_seconds() - 3600) < 5  # RESULT_TTL after it ended
+        assert job["expires_at"] is None  # (until then)
         assert (await client.get(url + "?redirect=0")).status_code == 200
         result = await client.get(url, follow_redirects=True)
         assert result.status_code == 200 and result.json() == {"steps": 3}

@@ -166,7 +166,8 @@ async def test_post_retry_reruns_a_failed_job_as_next_attempt(base):
         assert job["status"] == "failed"
         r = await client.post(base + f"/jobs/{job['id']}/retry")
         assert r.status_code == 202
-        assert (r.json()["status"], r.json()["seq"], r.json()["error"]) == ("queued", job["seq"] + 1, None)
+        assert (r.json()["status"], r.json()["seq"], r.json()["error"], r.json()["expires_at"]) == ("queued", job["seq"] + 1, None, None)
+        assert job["expires_at"] is not None
         again = [e.doc for e in await watch_sse(client, base + job["links"]["events"] + f"?since={job['seq']}")]
         assert again[-1]["status"] == "failed" and again[-1]["attempt"] == 2
         assert [(a["attempt"], a["outcome"]) for a in again[-1]["attempts"]] == [(1, "failed"), (2, "failed")]
