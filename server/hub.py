@@ -149,29 +149,33 @@ class Hub:
     async def _watch(self, mailbox: Mailbox, job_ids: Iterable[str]) -> None:
         if self.draining:
             mailbox.close()
-        waits = []
-        for job_id in job_ids:
-            watchers = self._watchers.setdefault(job_id, set())
-            watchers.add(mailbox)
-            waits.append(self._want(contract.channel(job_id), pattern=False))
-        await self._confirmed(waits)
+        await self._route(self._watchers, contract.channel, mailbox, job_ids)
 
     async def _watch_logs(self, mailbox: Mailbox, job_ids: Iterable[str]) -> None:
-        waits = []
-        for job_id in job_ids:
-            self._log_watchers.setdefault(job_id, set()).add(mailbox)
-            waits.append(self._want(contract.log_channel(job_id), pattern=False))
-        await self._confirmed(waits)
+        await self._route(self._log_watchers, contract.log_channel, mailbox, job_ids)
 
     def _unwatch_logs(self, mailbox: Mailbox, job_ids: Iterable[str]) -> None:
         for job_id in job_ids:
-            watchers = self._log_watchers.get(job_id)
-            if watchers is None:
-                continue
-            watchers.discard(mailbox)
-            if not watchers:
-                del self._log_watchers[job_id]
-                self._drop(contract.log_channel(job_id), pattern=False)
+            self._unroute(self._log_watchers, contract.log_channel, mailbox, job_id)
+
+    async def _route(self, routes: dict[str, set[Mailbox]], channel: Callable[[str], str], mailbox: Mailbox, job_ids: Iterable[str]) -> None:
+        """``job_ids``' messages on ``channel(job)`` to ``mailbox`` too; returns once Redis confirmed
+        the subscriptions (the first watcher of a job in this process subscribes)."""
+        waits = []
+        for job_id in job_ids:
+            routes.setdefault(job_id, set()).add(mailbox)
+            waits.append(self._want(channel(job_id), pattern=False))
+        await self._confirmed(waits)
+
+    def _unroute(self, routes: dict[str, set[Mailbox]], channel: Callable[[str], str], mailbox: Mailbox, job_id: str) -> None:
+        """No more of ``job_id``'s messages to ``mailbox``; its channel dropped after its last watcher."""
+        watchers = routes.get(job_id)
+        if watchers is None:
+            return
+        watchers.discard(mailbox)
+        if not watchers:
+            del routes[job_id]
+            self._drop(channel(job_id), pattern=False)
 
     async def send_stored_logs(self, mailbox: Mailbox, job_ids: Iterable[str]) -> None:
         """The stored lines of each job after what the mailbox has of it (a new watcher, or a
@@ -185,14 +189,8 @@ class Hub:
 
     def _unwatch(self, mailbox: Mailbox, job_ids: Iterable[str]) -> None:
         for job_id in job_ids:
-            watchers = self._watchers.get(job_id)
-            if watchers is None:
-                continue
-            watchers.discard(mailbox)
+            self._unroute(self._watchers, contract.channel, mailbox, job_id)
             mailbox.forget(job_id)
-            if not watchers:
-                del self._watchers[job_id]
-                self._drop(contract.channel(job_id), pattern=False)
 
     async def _watch_all(self, mailbox: Mailbox, tenant: str) -> None:
         if self.draining:

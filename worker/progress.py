@@ -31,6 +31,24 @@ log = logging.getLogger("worker")
 REDIS_OUTAGE = 60.0  # seconds a progress or final write waits for Redis to come back
 
 
+class RedisAway:
+    """Waits out Redis being away for a write: 0.1 s, doubling up to 2 s, until ``REDIS_OUTAGE``
+    seconds have passed, when ``wait()`` answers False and the caller gives up (re-raises)."""
+
+    __slots__ = ("delay", "waited")
+
+    def __init__(self) -> None:
+        self.delay, self.waited = 0.1, 0.0
+
+    async def wait(self) -> bool:
+        if self.waited >= REDIS_OUTAGE:
+            return False
+        await asyncio.sleep(self.delay)
+        self.waited += self.delay
+        self.delay = min(self.delay * 2, 2.0)
+        return True
+
+
 class JobEnded(Exception):
     """The stored job is already terminal (cancelled while queued): stop, write nothing. With
     ``superseded``, a later attempt runs elsewhere (this worker's lease lapsed): leave it be."""
@@ -214,18 +232,15 @@ class JobContext:
         try:
             await asyncio.sleep(0)  # the rest of this loop turn's lines, or a document write that takes them
             async with self._log_lock:
-                delay, waited = 0.1, 0.0
+                away = RedisAway()
                 while (batch := self._take_log()) is not None:
                     while True:
                         try:
                             await self.store.append_log(self.id, batch)
                             break
                         except (RedisConnectionError, RedisTimeoutError, OSError):
-                            if waited >= REDIS_OUTAGE:
+                            if not await away.wait():
                                 raise
-                            await asyncio.sleep(delay)
-                            waited += delay
-                            delay = min(delay * 2, 2.0)
                     self._logged(batch)
         finally:
             self._log_writing = None
@@ -270,7 +285,7 @@ class JobContext:
         self, lines: LogBatch | None, result: Any, result_ttl: int | None, after: str, due_ms: int, changes: dict[str, Any]
     ) -> None:
         attempt = changes.get("attempt", self.doc["attempt"])
-        delay, waited = 0.1, 0.0
+        away = RedisAway()
         conflicts = 0
         while True:
             try:
@@ -292,11 +307,8 @@ class JobContext:
                 if conflicts >= 3:
                     raise RuntimeError(f"job {self.id}: document keeps changing under this worker") from None
             except (RedisConnectionError, RedisTimeoutError, OSError):
-                if waited >= REDIS_OUTAGE:
+                if not await away.wait():
                     raise
-                await asyncio.sleep(delay)
-                waited += delay
-                delay = min(delay * 2, 2.0)
 
 
 def _log_failure(task: asyncio.Future) -> None:
