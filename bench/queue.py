@@ -86,7 +86,7 @@ class Ours:
         asyncio.run(enqueue(url, self.job_type, self.params, n))
 
     def remaining(self, client: redis_sync.Redis) -> int:
-        return client.zcard(queue.QUEUE)
+        return client.zcard(queue.queue_key(queue.DEFAULT))
 
     def worker(self, url: str, concurrency: int) -> tuple[list[str], dict[str, str], Path]:
         env = {"REDIS_URL": url, "JOBS_MODULE": "worker.demo,bench.jobs", "PYTHONPATH": str(ROOT),

@@ -593,9 +593,9 @@ class Bench:
                     await self.each("http_start", host="127.0.0.1", port=self.ports, requests=[req], per_agent=[{"conns": c} for c in per])
                     await asyncio.sleep(self.cfg.warm)
                     await self.each("reset")
-                    depth0, s0 = client.zcard(queue.QUEUE), self.snapshot()
+                    depth0, s0 = client.zcard(queue.queue_key(queue.DEFAULT)), self.snapshot()
                     await asyncio.sleep(self.cfg.measure)
-                    depth1, s1 = client.zcard(queue.QUEUE), self.snapshot()
+                    depth1, s1 = client.zcard(queue.queue_key(queue.DEFAULT)), self.snapshot()
                     cpu = self.cpu_fields(s0, s1)  # while the workers are still there to count
                     replies = await self.each("stats", stop=True)
                     await self.each("http_stop", timeout=30)

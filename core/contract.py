@@ -7,8 +7,9 @@ Everything here is pure (no I/O) and is the single definition of each fact:
 * the event as stored and published: ``b"<seq> <event> <tenant>\\n" + <document JSON>``. The
   short header lets a server route, order and authorise an event without parsing the JSON,
   and the document bytes are relayed to every client untouched;
-* the Redis keys and channels, all under the ``progress:`` prefix (arq keeps ``arq:*``, see
-  ``core.queue``); the Lua scripts that write them are in ``core.scripts``;
+* the Redis keys and channels, all under the ``progress:`` prefix (arq keeps ``arq:*``; the
+  queues' own, ``progress:order:*`` and ``progress:waiting:*``, are in ``core.queue``); the Lua
+  scripts that write them are in ``core.scripts``;
 * a job's log: lines (``log_line``) kept in ``log_key``, published in batches on ``log_channel``.
 """
 
@@ -193,11 +194,15 @@ def links(job_id: str) -> dict[str, str]:
     return {"self": base, "events": base + "/events", "result": base + "/result"}
 
 
-def new_document(job_id: str, job_type: str, created_at: str, message: str | None = None) -> dict[str, Any]:
+def new_document(
+    job_id: str, job_type: str, created_at: str, message: str | None = None, queue: str = "default", priority: int = 0
+) -> dict[str, Any]:
     """A queued job's document: every field of the public shape, in its public order."""
     return {
         "id": job_id,
         "type": job_type,
+        "queue": queue,
+        "priority": priority,
         "status": QUEUED,
         "progress": None,
         "message": message,

@@ -97,16 +97,20 @@ return {last, first, redis.call('LRANGE', log, from - first, from - first + tonu
 # Safe to run twice: a write whose exact event is already stored (its reply was lost) answers
 # as written. A final state of a job that has a webhook enqueues its delivery in the same step and
 # captures what it will send (URL and event) for as long as the delivery may run
-# (``contract.webhook_key``). ``queued``: the tenant's set of queued jobs (the queue cap counts it).
+# (``contract.webhook_key``), next in line on the job's queue (``order``: ``queue.order_key``).
+# ``queued``: the tenant's set of queued jobs (the queue cap counts it); ``waiting``, the queue's.
 # ``after``: what the worker's attempt does to the queue in the same step ('' nothing;
 # ``queue.FINISH``, ``queue.REQUEUE`` at ``due_ms``, ``queue.RELEASE``: ``queue.AFTER_LUA``).
 # ``log_lines`` (may be ''): log lines appended in the same step, before the event is published
 # (``LOG_LUA``); a final state gives the job's log the result's TTL.
 WRITE = Script(
-    keys=("job", "tombstone", "result", "queue", "delivery_record", "queued", "webhook", "record", "lease", "tries", "log", "log_channel"),
+    keys=(
+        "job", "tombstone", "result", "queue", "delivery_record", "queued", "webhook", "record", "lease", "tries", "log",
+        "log_channel", "order", "waiting",
+    ),  # fmt: skip
     args=(
         "expected", "seq", "state", "event", "channel", "ttl", "terminal", "tombstone_ttl", "result_json",
-        "delivery_payload", "delivery_ttl_ms", "now_ms", "delivery_id", "wake_channel", "job_id", "now_us", "tenant",
+        "delivery_payload", "delivery_ttl_ms", "delivery_id", "wake_channel", "job_id", "now_us", "tenant",
         "after", "due_ms", "log_base", "log_lines", "log_max",
     ),  # fmt: skip
     prefix=ENQUEUE_LUA + AFTER_LUA + LOG_LUA,
@@ -124,8 +128,10 @@ redis.call('HSET', job, 'seq', seq, 'state', state, 'ev', event)
 redis.call('EXPIRE', job, ttl)
 if state == 'queued' then
   redis.call('ZADD', queued, now_us, job_id)
-else
+  redis.call('ZADD', waiting, now_us, job_id)
+elseif was == 'queued' then
   redis.call('ZREM', queued, job_id)
+  redis.call('ZREM', waiting, job_id)
 end
 local logseq = -1
 if log_lines ~= '' then logseq = append_log(job, log, log_channel, job_id, log_base, log_lines, log_max) end
@@ -136,7 +142,7 @@ if terminal == '1' then
   if cur[3] then
     redis.call('HSET', webhook, 'seq', seq, 'url', cur[3], 'ev', event)
     redis.call('PEXPIRE', webhook, delivery_ttl_ms)
-    enqueue(delivery_record, delivery_payload, delivery_ttl_ms, queue, now_ms, delivery_id)
+    enqueue(delivery_record, delivery_payload, delivery_ttl_ms, queue, clock(order), delivery_id)
     redis.call('PUBLISH', wake_channel, delivery_id)
   end
 end
@@ -160,35 +166,61 @@ return 0
 )
 
 
-# A worker takes up to ``limit`` due jobs from the queue: for each, its lease (``owner`` for
-# ``lease_ms``), its try counter counted up, and what running it needs, in one step (each job id's
-# keys are made here from the prefixes ``core.queue`` gives, as arq's own worker does: one Redis,
-# not a cluster). Jobs leased by any worker, and the ids in ``skip`` (space-separated), are passed
-# over. Returns a row per job (``Claimed``: job id, try, record, event, request id, cancelled
-# (0/1), traceparent, last log seq); a missing record, document or trace context is absent (nil).
+# A worker takes up to ``limit`` due jobs from its queues: ``queues`` holds, space-separated, a queue
+# key, its order key (``queue.order_key``) and how many jobs at most to take from it, for each
+# queue in the order to look at them. In each queue, deferred jobs that are now due (scores from
+# ``DEFERRED`` up) first get their place in line (``core.queue``), then the first due jobs in line
+# are taken, and the queue's virtual clock moves up to the last place taken. For each job: its
+# lease (``owner`` for ``lease_ms``), its try counter counted up, and what running it needs, in one
+# step (each job id's keys are made here from the prefixes ``core.queue`` gives, as arq's own
+# worker does: one Redis, not a cluster). Jobs leased by any worker, and the ids in ``skip``
+# (space-separated), are passed over. Returns a row per job (``Claimed``: job id, try, record,
+# event, request id, cancelled (0/1), traceparent, last log seq, queue key); a missing record,
+# document or trace context is absent (nil).
 CLAIM = Script(
-    keys=("queue",),
-    args=("now_ms", "limit", "lease_ms", "owner", "skip", "lease_prefix", "tries_prefix", "tries_ttl", "record_prefix", "job_prefix", "cancel_prefix"),
+    keys=(),
+    args=(
+        "now_ms", "limit", "queues", "step", "lease_ms", "owner", "skip", "lease_prefix", "tries_prefix",
+        "tries_ttl", "record_prefix", "job_prefix", "cancel_prefix",
+    ),  # fmt: skip
+    prefix=ENQUEUE_LUA,
     body="""
 local skipped = {}
 for id in string.gmatch(skip, '%S+') do skipped[id] = true end
-local want = tonumber(limit)
+local words = {}
+for word in string.gmatch(queues, '%S+') do words[#words + 1] = word end
+local left = tonumber(limit)
 local out = {}
-local offset = 0
-while #out < want and offset < 1000 do
-  local ids = redis.call('ZRANGEBYSCORE', queue, '-inf', now_ms, 'LIMIT', offset, want + 20)
-  if #ids == 0 then break end
-  offset = offset + #ids
-  for _, id in ipairs(ids) do
-    if #out >= want then break end
-    if not skipped[id] and redis.call('SET', lease_prefix .. id, owner, 'PX', lease_ms, 'NX') then
-      local try = redis.call('INCR', tries_prefix .. id)
-      redis.call('EXPIRE', tries_prefix .. id, tries_ttl)
-      local doc = redis.call('HMGET', job_prefix .. id, 'ev', 'rid', 'tp', 'logseq')
-      out[#out + 1] = {id, try, redis.call('GET', record_prefix .. id), doc[1], doc[2], redis.call('EXISTS', cancel_prefix .. id), doc[3],
-        tonumber(doc[4] or '0')}
+for q = 1, #words, 3 do
+  if left <= 0 then break end
+  local queue, order, want = words[q], words[q + 1], math.min(tonumber(words[q + 2]), left)
+  local v = clock(order)
+  local moved = false
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', queue, DEFERRED, now_ms, 'LIMIT', 0, 100)) do
+    local priority = tonumber(redis.call('HGET', job_prefix .. id, 'pri') or '0')
+    redis.call('ZADD', queue, v - priority * tonumber(step), id)
+  end
+  local taken, offset = 0, 0
+  while taken < want and offset < 1000 do
+    local found = redis.call('ZRANGEBYSCORE', queue, '-inf', now_ms, 'WITHSCORES', 'LIMIT', offset, want - taken + 20)
+    if #found == 0 then break end
+    offset = offset + #found / 2
+    for i = 1, #found, 2 do
+      if taken >= want then break end
+      local id, score = found[i], tonumber(found[i + 1])
+      if not skipped[id] and redis.call('SET', lease_prefix .. id, owner, 'PX', lease_ms, 'NX') then
+        local try = redis.call('INCR', tries_prefix .. id)
+        redis.call('EXPIRE', tries_prefix .. id, tries_ttl)
+        local doc = redis.call('HMGET', job_prefix .. id, 'ev', 'rid', 'tp', 'logseq')
+        out[#out + 1] = {id, try, redis.call('GET', record_prefix .. id), doc[1], doc[2], redis.call('EXISTS', cancel_prefix .. id),
+          doc[3], tonumber(doc[4] or '0'), queue}
+        taken = taken + 1
+        if score > v and score < DEFERRED then v, moved = score, true end
+      end
     end
   end
+  left = left - taken
+  if moved then redis.call('HSET', order, 'v', v) end
 end
 return out
 """,
@@ -206,16 +238,18 @@ class Claimed(NamedTuple):
     cancelled: int
     traceparent: bytes | None
     log_seq: int  # the job's log's last seq, where this attempt's lines go on from
+    queue: bytes  # the key of the queue it was taken from
 
 
-# A worker's running jobs keep their leases: each of ``ids`` (space-separated) whose lease is
-# ``owner``'s is renewed; one whose lease lapsed (a Redis outage) is taken back if the job is still
-# due in the queue (not finished, not re-queued for later) and no other worker took it meanwhile.
+# A worker's running jobs keep their leases: ``jobs`` holds, space-separated, a queue key and a job
+# id for each. A job whose lease is ``owner``'s is renewed; one whose lease lapsed (a Redis outage)
+# is taken back if the job is still due in its queue (not finished, not re-queued for later) and no
+# other worker took it meanwhile.
 RENEW = Script(
-    keys=("queue",),
-    args=("now_ms", "lease_ms", "owner", "lease_prefix", "ids"),
+    keys=(),
+    args=("now_ms", "lease_ms", "owner", "lease_prefix", "jobs"),
     body="""
-for id in string.gmatch(ids, '%S+') do
+for queue, id in string.gmatch(jobs, '(%S+) (%S+)') do
   local lease = lease_prefix .. id
   local holder = redis.call('GET', lease)
   if holder == owner then
@@ -246,8 +280,11 @@ return 0
 # Returns {1, seq} or {0, stored seq, stored state}; refused too while arq is still finishing
 # the last attempt (``lease`` exists: its cleanup would delete the job we enqueue).
 REOPEN = Script(
-    keys=("job", "tombstone", "result", "record", "queue", "queued", "lease", "log"),
-    args=("expected", "seq", "event", "channel", "ttl", "payload", "record_ttl_ms", "now_ms", "wake_channel", "job_id", "now_us"),
+    keys=("job", "tombstone", "result", "record", "queue", "queued", "lease", "log", "order", "waiting"),
+    args=(
+        "expected", "seq", "event", "channel", "ttl", "payload", "record_ttl_ms", "wake_channel", "job_id", "now_us",
+        "tenant", "priority", "step",
+    ),  # fmt: skip
     prefix=ENQUEUE_LUA,
     body="""
 local cur = redis.call('HMGET', job, 'seq', 'state')
@@ -260,8 +297,9 @@ redis.call('HSET', job, 'seq', seq, 'state', 'queued', 'ev', event)
 redis.call('EXPIRE', job, ttl)
 redis.call('EXPIRE', log, ttl)  -- the log lives as long as the document again
 redis.call('DEL', tombstone, result)
-enqueue(record, payload, record_ttl_ms, queue, now_ms, job_id)
+enqueue(record, payload, record_ttl_ms, queue, place(order, tenant, priority, step), job_id)
 redis.call('ZADD', queued, now_us, job_id)
+redis.call('ZADD', waiting, now_us, job_id)
 redis.call('PUBLISH', channel, event)
 redis.call('PUBLISH', wake_channel, job_id)
 return {1, tonumber(seq)}
@@ -269,7 +307,8 @@ return {1, tonumber(seq)}
 )
 
 
-# Creating a job: the document, the index entry and arq's job + queue entry, all or nothing.
+# Creating a job: the document, the index entry and arq's job + queue entry (at its place in line,
+# ``place`` in ``queue.ENQUEUE_LUA``; a priority above 0 is kept in the job's field ``pri``), all or nothing.
 # Safe to run twice (a retry after a lost reply changes nothing: the job is there, and that is
 # checked first, before the rate counter). With an idempotency key (``idempotency_value`` not
 # ''), a key seen before returns what it remembers ("<job id> <request hash>") instead of creating
@@ -277,13 +316,14 @@ return {1, tonumber(seq)}
 # there), -1 (the tenant has ``queue_cap`` jobs queued; 0: no cap), -2 (over the submit rate
 # ``rate_limit`` per ``rate_window`` s, counted in ``rate``), or the remembered value.
 # ``index_trim_below`` drops index entries older than the tombstones; ``queued_trim_below`` the
-# queued-set entries of jobs that expired while queued.
+# queued and waiting sets' entries of jobs that expired while queued.
 CREATE = Script(
-    keys=("job", "index", "record", "queue", "idempotency", "queued", "rate"),
+    keys=("job", "index", "record", "queue", "idempotency", "queued", "rate", "order", "waiting"),
     args=(
-        "job_id", "job_type", "event", "ttl", "now_us", "index_trim_below", "payload", "record_ttl_ms", "now_ms",
+        "job_id", "job_type", "event", "ttl", "now_us", "index_trim_below", "payload", "record_ttl_ms",
         "channel", "wake_channel", "params_json", "webhook_url", "idempotency_value", "idempotency_ttl",
         "queue_cap", "queued_trim_below", "request_id", "traceparent", "rate_limit", "rate_window",
+        "tenant", "priority", "step",
     ),  # fmt: skip
     prefix=ENQUEUE_LUA,
     body="""
@@ -301,11 +341,14 @@ if idempotency_value ~= '' then redis.call('SET', idempotency, idempotency_value
 redis.call('HSET', job, 'seq', 1, 'state', 'queued', 'type', job_type, 'ev', event, 'params', params_json, 'rid', request_id)
 if webhook_url ~= '' then redis.call('HSET', job, 'webhook', webhook_url) end
 if traceparent ~= '' then redis.call('HSET', job, 'tp', traceparent) end
+if priority ~= '0' then redis.call('HSET', job, 'pri', priority) end
 redis.call('EXPIRE', job, ttl)
 redis.call('ZADD', index, now_us, job_id)
 redis.call('ZREMRANGEBYSCORE', index, '-inf', index_trim_below)
 redis.call('ZADD', queued, now_us, job_id)
-enqueue(record, payload, record_ttl_ms, queue, now_ms, job_id)
+redis.call('ZREMRANGEBYSCORE', waiting, '-inf', queued_trim_below)
+redis.call('ZADD', waiting, now_us, job_id)
+enqueue(record, payload, record_ttl_ms, queue, place(order, tenant, priority, step), job_id)
 redis.call('PUBLISH', channel, event)
 redis.call('PUBLISH', wake_channel, job_id)
 return 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, fields
 
@@ -42,6 +43,10 @@ class Settings:
     max_body_bytes: int = 1 << 20
     progress_interval: float = 0.05  # worker: at most one progress publish per job per interval
     worker_concurrency: int = 10  # jobs run at once by one worker process
+    worker_queues: str = ""  # worker: queues it takes jobs from, in turn ("heavy:2,default": at most 2 heavy at once); empty: its types' queues
+    priority_step: int = 10_000  # turns of a queue's line that one priority level jumps (core.queue)
+    max_priority: int = 9  # the highest priority a submit may ask for (0-9)
+    tenant_max_priority: str = ""  # per-tenant exceptions to MAX_PRIORITY: "acme:9,globex:2"
     worker_metrics_port: int = 0  # worker: serve Prometheus metrics on this port (0: off)
     sse_ping: float = 15.0  # heartbeat comment on idle SSE streams, seconds
     sse_retry_ms: int = 2000  # the SSE `retry:` hint
@@ -67,4 +72,28 @@ class Settings:
                 raise SystemExit(f"Setting {f.name.upper()}={raw!r} is not a valid {kind.__name__}") from None
         if values.get("job_log_lines", 1) < 1:  # (0 would keep every line: LTRIM to -0)
             raise SystemExit("Setting JOB_LOG_LINES must be at least 1")
-        return cls(**values)
+        settings = cls(**values)
+        if not 0 < settings.priority_step <= 10**9:  # (nine steps stay within ``queue.LINE``)
+            raise SystemExit("Setting PRIORITY_STEP must be from 1 to 1000000000")
+        try:
+            settings.max_priority_of("")
+        except ValueError as e:
+            raise SystemExit(f"Setting {e}") from None
+        return settings
+
+    def max_priority_of(self, tenant: str) -> int:
+        """The highest priority ``tenant`` may submit at (``MAX_PRIORITY``, ``TENANT_MAX_PRIORITY``)."""
+        return _priority_caps(self.max_priority, self.tenant_max_priority).get(tenant, self.max_priority)
+
+
+@functools.lru_cache(maxsize=8)
+def _priority_caps(default: int, per_tenant: str) -> dict[str, int]:
+    if default not in range(10):
+        raise ValueError(f"MAX_PRIORITY={default} must be 0 to 9")
+    caps = {}
+    for item in filter(None, (part.strip() for part in per_tenant.split(","))):
+        tenant, _, cap = item.rpartition(":")
+        if not tenant or not cap.isdigit() or int(cap) > 9:
+            raise ValueError(f"TENANT_MAX_PRIORITY entry {item!r} must be tenant:N, N from 0 to 9")
+        caps[tenant] = int(cap)
+    return caps

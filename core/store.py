@@ -57,8 +57,9 @@ class IdempotencyConflict(Exception):
     """The Idempotency-Key was used before with a different request."""
 
 
-def request_hash(job_type: str, params: dict[str, Any], webhook: str | None) -> str:
-    canonical = json.dumps([job_type, params, webhook], sort_keys=True, separators=(",", ":"))
+def request_hash(job_type: str, params: dict[str, Any], webhook: str | None, priority: int = 0) -> str:
+    request = [job_type, params, webhook] + ([priority] if priority else [])  # (as before priorities, for 0)
+    canonical = json.dumps(request, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
@@ -155,6 +156,8 @@ class Store:
         params_json: bytes | None = None,
         message: str | None = None,
         traceparent: str = "",
+        queue_name: str = queue.DEFAULT,
+        priority: int = 0,
     ) -> tuple[dict[str, Any], bytes, bool]:
         """Store a queued job of ``tenant`` and enqueue it for arq, atomically (``scripts.CREATE``).
 
@@ -164,24 +167,27 @@ class Store:
         of the caller's submits (``RateLimited`` over it); ``QueueFull`` past ``QUEUE_CAP``.
         ``params_json`` is ``contract.dumps(params)`` when the caller has it already; ``message``
         is the new document's (e.g. that no live worker runs the type yet); ``traceparent``, the
-        submit's trace context (``core.tracing``), which the worker's attempts continue.
+        submit's trace context (``core.tracing``), which the worker's attempts continue. The job
+        waits in ``queue_name`` at the place in line of ``tenant``'s next job of ``priority``.
         """
         job_id = contract.new_job_id()
-        doc = contract.new_document(job_id, job_type, contract.now_iso(), message)
+        doc = contract.new_document(job_id, job_type, contract.now_iso(), message, queue_name, priority)
         event = contract.pack(doc, tenant)
         enqueued_ms = now_ms()
         now_us = time.time_ns() // 1000
-        fingerprint = request_hash(job_type, params, webhook) if idempotency_key else ""
+        fingerprint = request_hash(job_type, params, webhook, priority) if idempotency_key else ""
         idem_key = contract.idempotency_key(tenant, idempotency_key or "")
         index = contract.jobs_index(tenant)
         answer = await self._create(
             job=contract.job_key(job_id),
             index=index,
             record=queue.record_key(job_id),
-            queue=queue.QUEUE,
+            queue=queue.queue_key(queue_name),
             idempotency=idem_key,
             queued=contract.queued_set(tenant),
             rate=rate[0] or contract.rate_key("submit", "-", 0),
+            order=queue.order_key(queue_name),
+            waiting=queue.waiting_key(queue_name),
             job_id=job_id,
             job_type=job_type,
             event=event,
@@ -190,7 +196,6 @@ class Store:
             index_trim_below=now_us - self.settings.tombstone_ttl * 1_000_000,
             payload=queue.payload(job_type, (params,), enqueued_ms),
             record_ttl_ms=queue.RECORD_TTL_MS,
-            now_ms=enqueued_ms,
             channel=contract.channel(job_id),
             wake_channel=contract.WAKE_CHANNEL,
             params_json=params_json if params_json is not None else contract.dumps(params),
@@ -203,6 +208,9 @@ class Store:
             traceparent=traceparent,
             rate_limit=rate[1] if rate[0] else 1 << 62,
             rate_window=rate[2] or 1,
+            tenant=tenant,
+            priority=priority,
+            step=self.settings.priority_step,
         )
         if answer == -2:
             raise RateLimited()
@@ -246,6 +254,7 @@ class Store:
                 new["finished_at"] = new["updated_at"]
             new["expires_at"] = contract.iso(time.time() + (result_ttl or s.result_ttl))  # with the document's TTL below
         job_id = new["id"]
+        queue_name = new.get("queue", queue.DEFAULT)  # (a document from before named queues has none)
         delivery = contract.webhook_delivery_id(job_id, new["seq"])
         enqueued_ms = now_ms()
         lines = self._no_log if log is None else {f"log_{k}": v for k, v in log.fields(self.settings.job_log_lines).items()}
@@ -255,7 +264,9 @@ class Store:
             log_channel=contract.log_channel(job_id),
             tombstone=contract.tombstone_key(job_id),
             result=contract.result_key(job_id),
-            queue=queue.QUEUE,
+            queue=queue.queue_key(queue_name),
+            order=queue.order_key(queue_name),
+            waiting=queue.waiting_key(queue_name),
             delivery_record=queue.record_key(delivery),
             queued=contract.queued_set(tenant),
             webhook=contract.webhook_key(job_id),
@@ -273,7 +284,6 @@ class Store:
             result_json=contract.dumps(result) if terminal and result is not None else b"",
             delivery_payload=queue.webhook_payload(job_id, new["seq"], enqueued_ms) if terminal else b"",
             delivery_ttl_ms=queue.RECORD_TTL_MS,
-            now_ms=enqueued_ms,
             delivery_id=delivery,
             wake_channel=contract.WAKE_CHANNEL,
             job_id=job_id,
@@ -326,13 +336,16 @@ class Store:
         }
         params = json.loads(await self.field(job_id, "params") or "{}")
         enqueued_ms = now_ms()
+        queue_name = doc.get("queue", queue.DEFAULT)
         keys, args = scripts.REOPEN.fields(
             job=contract.job_key(job_id),
             log=contract.log_key(job_id),
             tombstone=contract.tombstone_key(job_id),
             result=contract.result_key(job_id),
             record=queue.record_key(job_id),
-            queue=queue.QUEUE,
+            queue=queue.queue_key(queue_name),
+            order=queue.order_key(queue_name),
+            waiting=queue.waiting_key(queue_name),
             queued=contract.queued_set(tenant),
             lease=queue.lease_key(job_id),
             expected=doc["seq"],
@@ -342,10 +355,12 @@ class Store:
             ttl=self.settings.job_ttl,
             payload=queue.payload(doc["type"], (params,), enqueued_ms, job_try=doc["attempt"] + 1),
             record_ttl_ms=queue.RECORD_TTL_MS,
-            now_ms=enqueued_ms,
             wake_channel=contract.WAKE_CHANNEL,
             job_id=job_id,
             now_us=time.time_ns() // 1000,
+            tenant=tenant,
+            priority=doc.get("priority", 0),
+            step=self.settings.priority_step,
         )
         ok, *stored = await self._reopen(keys=keys, args=args)
         if not ok:

@@ -23,7 +23,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp
 
 from core import connections, contract, redischeck, tracing, workers
-from server import joblogs, jobs, jobtypes, openapi, problems, sse, streams, ws
+from server import joblogs, jobs, jobtypes, openapi, problems, queues, sse, streams, ws
 from core.fastpath import direct
 from server.auth import Auth, parse_keys, shared_secret
 from server.hub import Hub, SubscribeTimeout
@@ -120,9 +120,11 @@ async def list_workers(request: Request) -> Response:
 
 
 async def read_live_types(app: Starlette) -> None:
-    """``app.state.live_types``: the job types that some live worker runs."""
+    """``app.state.live_workers`` and ``live_types``: the live workers, and the job types that some
+    live worker runs."""
     try:
-        app.state.live_types = {t for w in await workers.live(app.state.store.redis) for t in w["types"]}
+        app.state.live_workers = await workers.live(app.state.store.redis)
+        app.state.live_types = {t for w in app.state.live_workers for t in w["types"]}
     except Exception as e:  # noqa: BLE001 - Redis blip: keep the last answer
         log.debug("reading the live workers failed: %s", e)
 
@@ -221,7 +223,7 @@ def create_app(settings: Settings | None = None) -> App:
             log.warning("no API_KEYS set: keyless dev mode, every caller may submit, list and cancel any job")
         app.state.reaper = streams.SlowClientReaper(settings.send_timeout)
         app.state.heartbeat = streams.Heartbeat(settings.sse_ping)
-        app.state.live_types = set()
+        app.state.live_types, app.state.live_workers = set(), []
         await redischeck.check(redis, "server")
         await read_live_types(app)
         reaper = asyncio.create_task(app.state.reaper.run())
@@ -262,6 +264,7 @@ def create_app(settings: Settings | None = None) -> App:
         Route("/tickets", jobs.ticket, methods=["POST"]),
         Route("/job-types", jobtypes.list_types),
         Route("/workers", list_workers),
+        Route("/queues", queues.list_queues),
         Route("/jobs/{job_id}/events", job_events, methods=["GET"], name="job_events"),  # GET: App.stream_for
         Route("/events", events, methods=["GET"], name="events"),
         Route("/ws", upgrade_required),  # a handshake goes to ``App.websocket_app``, past the router

@@ -55,7 +55,7 @@ async def _submit(request: Request, span: Any) -> Response:
     payload = await read_json(request)  # not under the Redis deadline: a slow upload is not Redis
     if not isinstance(payload, dict):
         raise invalid("body", "must be a JSON object")
-    unknown = set(payload) - {"type", "params", "webhook"}
+    unknown = set(payload) - {"type", "params", "webhook", "priority"}
     if unknown:
         raise invalid(sorted(unknown)[0], "unknown field")
     registry = request.app.state.registry
@@ -75,6 +75,10 @@ async def _submit(request: Request, span: Any) -> Response:
     except ValidationError as e:
         errors = [{"field": ".".join(["params", *map(str, err["loc"])]), "message": err["msg"]} for err in e.errors()]
         raise Problem(422, "Invalid params", errors[0]["field"] + ": " + errors[0]["message"], errors=errors) from None
+    cap = settings.max_priority_of(caller.tenant)
+    priority = payload.get("priority", min(registry[job_type].priority, cap))
+    if type(priority) is not int or not 0 <= priority <= cap:  # (not True, not 5.0)
+        raise invalid("priority", f"must be an integer from 0 to {cap}")
     webhook = payload.get("webhook")
     if "webhook" in payload:  # a URL; null is not "no webhook" (the schema says string)
         problem = await webhooks.check_submitted(webhook, request.app.state.settings)
@@ -89,8 +93,9 @@ async def _submit(request: Request, span: Any) -> Response:
         waiting = None if job_type in request.app.state.live_types else workers.waiting_message(job_type)
         async with redis_deadline():  # one round trip: rate counter, idempotency, cap, job, enqueue
             doc, doc_json, _ = await request.app.state.store.create(
-                job_type, params, caller.tenant, webhook, key, request_id.get(), rate, params_json, waiting, tracing.traceparent(span)
-            )
+                job_type, params, caller.tenant, webhook, key, request_id.get(), rate, params_json, waiting,
+                tracing.traceparent(span), registry[job_type].queue, priority,
+            )  # fmt: skip
     except RateLimited:
         raise ratelimit.too_many("submit", settings.rate_submit) from None
     except QueueFull:
@@ -228,7 +233,7 @@ async def cancel(request: Request) -> Response:
                 doc = await store.write(doc, event.tenant, status=contract.CANCELLED, eta_s=None)
             except WriteRefused:
                 continue  # a worker took it, or it changed: look again
-            await queue.dequeue(redis, job_id)
+            await queue.dequeue(redis, doc.get("queue", queue.DEFAULT), job_id)
             return JSONAnswer(contract.dumps(doc), 200)
         async with redis.pipeline(transaction=True) as tx:
             tx.set(contract.cancel_key(job_id), b"1", ex=store.settings.job_ttl)
@@ -293,7 +298,7 @@ async def ticket(request: Request) -> Response:
 
 @deadline
 async def list_jobs(request: Request) -> Response:
-    """Newest first; ``status`` and ``type`` filters; ``cursor`` from the previous page's ``next``.
+    """Newest first; ``status``, ``type`` and ``queue`` filters; ``cursor`` from the previous page's ``next``.
     Needs the API key, or a ticket for the whole feed (a dashboard in a browser)."""
     caller = await reader(request)
     if not (caller.by_key or caller.all_jobs):
@@ -303,6 +308,7 @@ async def list_jobs(request: Request) -> Response:
     cursor = int_param(request, "cursor", 0, 0) or "+inf"
     want_status = choice_param(request, "status", ("", *contract.STATES))  # empty, like type=: any
     want_type = request.query_params.get("type")
+    want_queue = request.query_params.get("queue")
     store = request.app.state.store
     items: list[bytes] = []
     upper: Any = f"({cursor}" if cursor != "+inf" else cursor
@@ -318,7 +324,7 @@ async def list_jobs(request: Request) -> Response:
             last_score = int(score)
             upper = f"({last_score}"
             doc = raw and contract.unpack(raw).doc
-            if doc and _matches(doc, want_status, want_type):
+            if doc and _matches(doc, want_status, want_type, want_queue):
                 items.append(doc)
                 if len(items) == limit:
                     break
@@ -327,8 +333,12 @@ async def list_jobs(request: Request) -> Response:
     return JSONAnswer(body, 200)
 
 
-def _matches(doc: bytes, status: str | None, job_type: str | None) -> bool:
-    if not (status or job_type):
+def _matches(doc: bytes, status: str | None, job_type: str | None, queue_name: str | None) -> bool:
+    if not (status or job_type or queue_name):
         return True
     parsed = json.loads(doc)
-    return (not status or parsed["status"] == status) and (not job_type or parsed["type"] == job_type)
+    return (
+        (not status or parsed["status"] == status)
+        and (not job_type or parsed["type"] == job_type)
+        and (not queue_name or parsed.get("queue", queue.DEFAULT) == queue_name)
+    )

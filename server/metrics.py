@@ -15,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.requests import Request
 from starlette.responses import Response
 
-from core import fastpath, queue
+from core import fastpath
 from core.fastpath import direct
 
 TRANSPORTS = ("sse", "ws", "text")
@@ -42,8 +42,8 @@ FANOUT_DELAY = Histogram(
 
 
 class StatsCollector:
-    def __init__(self, queue_depth: list[int]) -> None:
-        self.queue_depth = queue_depth
+    def __init__(self, queue_report: list[list[dict]]) -> None:
+        self.queue_report = queue_report  # [``queues.report()``], read at the last scrape
 
     def collect(self):
         connections = GaugeMetricFamily("progress_connections", "Open streaming connections.", labels=["transport"])
@@ -65,15 +65,26 @@ class StatsCollector:
         yield CounterMetricFamily("progress_events_received", "Events heard from Redis pub/sub.", value=STATS.received)
         yield CounterMetricFamily("progress_events_conflated", "Intermediate updates skipped for slow clients.", value=STATS.conflated)
         yield CounterMetricFamily("progress_redis_reconnects", "Pub/sub reconnections.", value=STATS.reconnects)
-        yield GaugeMetricFamily("progress_queue_depth", "Jobs waiting in arq's queue.", value=self.queue_depth[0])
+        waiting = GaugeMetricFamily("progress_queue_waiting", "Queued jobs, by queue.", labels=["queue"])
+        oldest = GaugeMetricFamily("progress_queue_oldest_waiting_seconds", "How long the oldest queued job has waited.", labels=["queue"])
+        running = GaugeMetricFamily("progress_queue_running", "Jobs running, as the live workers report.", labels=["queue"])
+        for item in self.queue_report[0]:
+            waiting.add_metric([item["name"]], item["waiting"])
+            oldest.add_metric([item["name"]], item["oldest_waiting_s"] or 0.0)
+            running.add_metric([item["name"]], item["running"])
+        yield waiting
+        yield oldest
+        yield running
 
 
-_queue_depth = [0]
-REGISTRY.register(StatsCollector(_queue_depth))
+_queue_report: list[list[dict]] = [[]]
+REGISTRY.register(StatsCollector(_queue_report))
 
 
 async def metrics(request: Request) -> Response:
+    from server import queues  # (here: it imports the request helpers, which import this module)
+
     with contextlib.suppress(Exception):  # metrics still answer while Redis is away
         async with asyncio.timeout(2.0):
-            _queue_depth[0] = await queue.depth(request.app.state.store.redis)
+            _queue_report[0] = await queues.report(request.app)
     return Response(generate_latest(REGISTRY), media_type="text/plain; version=0.0.4; charset=utf-8")

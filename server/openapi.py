@@ -151,6 +151,8 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "id": {"type": "string", "pattern": JOB_ID},
             "type": {"type": "string", "description": "the job type"},
+            "queue": {"type": "string", "description": "the named queue it waits in (its type's)"},
+            "priority": {"type": "integer", "minimum": 0, "maximum": 9, "description": "higher starts first within its queue"},
             "status": {"enum": list(contract.STATES)},
             "progress": {"type": ["number", "null"], "minimum": 0, "maximum": 100, "description": "percent; null until reported (or when not measurable)"},
             "message": {"type": ["string", "null"]},
@@ -270,6 +272,20 @@ SCHEMAS: dict[str, Any] = {
             "max_tries": {"type": "integer", "minimum": 1},
             "backoff": {"type": "number", "minimum": 0},
             "result_ttl": {"type": "integer", "minimum": 0},
+            "queue": {"type": "string", "description": "the named queue its jobs wait in"},
+            "priority": {"type": "integer", "minimum": 0, "maximum": 9, "description": "of a submit that asks for none"},
+        },
+    },
+    "Queue": {
+        "type": "object",
+        "required": ["name", "waiting", "oldest_waiting_s", "running", "limit", "workers"],
+        "properties": {
+            "name": {"type": "string"},
+            "waiting": {"type": "integer", "minimum": 0, "description": "its queued jobs (retries waiting out their back-off among them)"},
+            "oldest_waiting_s": {"type": ["number", "null"], "minimum": 0, "description": "how long the oldest of them has waited"},
+            "running": {"type": "integer", "minimum": 0, "description": "its jobs running, as the live workers report"},
+            "limit": {"type": "integer", "minimum": 0, "description": "how many of its jobs the live workers would run at once"},
+            "workers": {"type": "integer", "minimum": 0, "description": "live workers that serve it"},
         },
     },
     "Worker": {
@@ -282,6 +298,15 @@ SCHEMAS: dict[str, Any] = {
             "types": {"type": "array", "items": {"type": "string"}},
             "concurrency": {"type": "integer", "minimum": 1},
             "running": {"type": "integer", "minimum": 0},
+            "queues": {
+                "type": "object",
+                "description": "the queues it takes jobs from (WORKER_QUEUES): how many of each it runs at most, and now",
+                "additionalProperties": {
+                    "type": "object",
+                    "required": ["limit", "running"],
+                    "properties": {"limit": {"type": "integer", "minimum": 1}, "running": {"type": "integer", "minimum": 0}},
+                },
+            },
             "started_at": {"type": "string", "format": "date-time"},
             "beat_at": {"type": "string", "format": "date-time"},
         },
@@ -438,7 +463,7 @@ WEBSOCKET = {
 }
 
 
-def params_schemas(registry: dict[str, JobType]) -> tuple[dict[str, Any], dict[str, Any]]:
+def params_schemas(registry: dict[str, JobType], max_priority: int = 9) -> tuple[dict[str, Any], dict[str, Any]]:
     """Each job type's params model as a component (``<type>.Params``, its nested models beside
     it), and the submission body: one branch per type, ``params`` required when the model has
     required fields."""
@@ -456,7 +481,17 @@ def params_schemas(registry: dict[str, JobType]) -> tuple[dict[str, Any], dict[s
             "title": name,
             "required": ["type", "params"] if params.get("required") else ["type"],
             "additionalProperties": False,
-            "properties": {"type": {"const": name}, "params": schema(prefix + "Params")},
+            "properties": {
+                "type": {"const": name},
+                "params": schema(prefix + "Params"),
+                "priority": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "maximum": max_priority,
+                    "default": min(registry[name].priority, max_priority),
+                    "description": "higher starts first within the type's queue (MAX_PRIORITY; TENANT_MAX_PRIORITY may set a tenant's lower)",
+                },
+            },
         }
         branches.append(branch)
     return components, {"oneOf": branches} if branches else {"not": {}}
@@ -484,7 +519,7 @@ def build(settings: Settings, registry: dict[str, JobType]) -> dict[str, Any]:
     key = [{"bearer": []}, *anonymous]  # submit, cancel, retry, types, workers
     read = [{"bearer": []}, {"token": []}, {"ticket": []}, *anonymous]  # status, result, streams, tickets
     listing = [{"bearer": []}, {"ticket": []}, *anonymous]  # GET /jobs: the key, or a ticket for every job
-    params_components, submission = params_schemas(registry)
+    params_components, submission = params_schemas(registry, settings.max_priority)
     if settings.webhook_secret:
         webhook = {
             "type": "string",
@@ -555,6 +590,7 @@ def build(settings: Settings, registry: dict[str, JobType]) -> dict[str, Any]:
                 "parameters": [
                     {"name": "status", "in": "query", "schema": {"enum": ["", *contract.STATES]}, "description": "only jobs in this status (empty: any)"},
                     {"name": "type", "in": "query", "schema": {"type": "string"}, "description": "only jobs of this type (empty: any)"},
+                    {"name": "queue", "in": "query", "schema": {"type": "string"}, "description": "only jobs of this queue (empty: any)"},
                     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": 20}},
                     {"name": "cursor", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": MAX_INT}, "description": "the previous page's `next` (0: the first page)"},
                 ],
@@ -789,6 +825,21 @@ def build(settings: Settings, registry: dict[str, JobType]) -> dict[str, Any]:
                     "200": answer(
                         "The workers, by id",
                         json_body({"type": "object", "required": ["items"], "properties": {"items": {"type": "array", "items": schema("Worker")}}}),
+                        Cache_Control=ref("headers", "Cache-Control"),
+                    ),
+                    **problems(401, 503),
+                },
+            }
+        },
+        "/queues": {
+            "get": {
+                "operationId": "listQueues",
+                "summary": "Each named queue: its waiting jobs, how long the oldest has waited, its running jobs",
+                "security": key,
+                "responses": {
+                    "200": answer(
+                        "The queues, by name",
+                        json_body({"type": "object", "required": ["items"], "properties": {"items": {"type": "array", "items": schema("Queue")}}}),
                         Cache_Control=ref("headers", "Cache-Control"),
                     ),
                     **problems(401, 503),

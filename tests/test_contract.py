@@ -10,7 +10,7 @@ from core import contract
 from server.events import Event, Mailbox
 
 PUBLIC_FIELDS = [
-    "id", "type", "status", "progress", "message", "stage", "seq", "attempt", "created_at",
+    "id", "type", "queue", "priority", "status", "progress", "message", "stage", "seq", "attempt", "created_at",
     "started_at", "updated_at", "finished_at", "expires_at", "eta_s", "stalled", "error", "attempts", "links",
 ]  # fmt: skip
 

@@ -42,7 +42,8 @@ async def test_server_and_worker_metrics(tmp_path):
             assert metric(text, 'progress_events_delivered_total{transport="ws"}') >= 1
             assert metric(text, "progress_events_received_total") >= len(events) - 1
             assert metric(text, "progress_publish_to_server_seconds_count") >= 1
-            assert metric(text, "progress_queue_depth") == 0
+            assert metric(text, 'progress_queue_waiting{queue="default"}') == 0
+            assert metric(text, 'progress_queue_running{queue="default"}') == 0
             worker_text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
             assert metric(worker_text, 'progress_jobs_finished_total{status="succeeded",type="demo"}') == 1
             assert metric(worker_text, 'progress_job_duration_seconds_count{type="demo"}') == 1

@@ -56,7 +56,7 @@ async def test_what_the_adapter_enqueues_a_stock_arq_worker_runs(tmp_path):
         assert await queue.depth(client) == 0
         # a cancelled queued job leaves the queue
         other, _, _ = await store.create("roundtrip", {"n": 1}, "t")
-        await queue.dequeue(client, other["id"])
+        await queue.dequeue(client, queue.DEFAULT, other["id"])
         assert await queue.depth(client) == 0 and await queue.enqueued_at(client, other["id"]) is None
     finally:
         await client.aclose()

@@ -15,6 +15,7 @@ from core.settings import Settings
 from core.store import Store, WriteRefused
 
 pytestmark = pytest.mark.anyio
+QUEUE = queue.queue_key(queue.DEFAULT)
 
 
 @pytest.fixture(scope="module")
@@ -42,12 +43,13 @@ def create_fields(job_id: str, **over) -> dict:
     doc = contract.new_document(job_id, "demo", contract.now_iso())
     fields = dict(
         job=contract.job_key(job_id), index=contract.jobs_index("t-scripts"), record=queue.record_key(job_id),
-        queue=queue.QUEUE, idempotency=contract.idempotency_key("t-scripts", job_id), queued=contract.queued_set("t-scripts"),
+        queue=QUEUE, idempotency=contract.idempotency_key("t-scripts", job_id), queued=contract.queued_set("t-scripts"),
         rate=contract.rate_key("submit", job_id, 0), job_id=job_id, job_type="demo", event=contract.pack(doc, "t-scripts"),
         ttl=60, now_us=now_us, index_trim_below=0, payload=queue.payload("demo", ({},), now_us // 1000),
-        record_ttl_ms=60_000, now_ms=now_us // 1000, channel=contract.channel(job_id), wake_channel="t-scripts-wake",
+        record_ttl_ms=60_000, channel=contract.channel(job_id), wake_channel="t-scripts-wake",
         params_json=b"{}", webhook_url="", idempotency_value="", idempotency_ttl=60, queue_cap=0, queued_trim_below=0,
-        request_id="r", traceparent="", rate_limit=100, rate_window=60,
+        request_id="r", traceparent="", rate_limit=100, rate_window=60, order=queue.order_key(queue.DEFAULT),
+        waiting=queue.waiting_key(queue.DEFAULT), tenant="t-scripts", priority=0, step=10_000,
     )  # fmt: skip
     return fields | over
 
@@ -66,7 +68,8 @@ async def test_create_twice_creates_once(client):
     assert await run(client, scripts.CREATE, **fields) == 1
     assert await run(client, scripts.CREATE, **fields) == 0  # a pipeline sent again: nothing changes
     assert await client.get(fields["rate"]) == b"1"  # counted once
-    assert await client.zscore(queue.QUEUE, job_id) == fields["now_ms"]
+    assert await client.zscore(QUEUE, job_id) < queue.DEFERRED  # a place in line, due at once
+    assert await client.zscore(queue.waiting_key(queue.DEFAULT), job_id) == fields["now_us"]
     assert await client.get(queue.record_key(job_id)) == fields["payload"]
     assert await client.hget(contract.job_key(job_id), "type") == b"demo"
 
@@ -94,7 +97,7 @@ async def test_write_is_a_compare_and_set_and_a_final_state_enqueues_its_webhook
     assert (refused.value.seq, refused.value.state) == (2, "running")
     final = await store.write(running, "t-scripts", status=contract.SUCCEEDED, result={"ok": 1})
     delivery = contract.webhook_delivery_id(doc["id"], final["seq"])
-    assert await client.zscore(queue.QUEUE, delivery) is not None
+    assert await client.zscore(QUEUE, delivery) is not None
     assert await store.webhook_payload(doc["id"]) == (3, "https://example.com/hook", await store.read(doc["id"]))
     assert await store.result(doc["id"]) == b'{"ok":1}'
     settings = store.settings  # 410 for TOMBSTONE_TTL once the result has expired
@@ -110,7 +113,7 @@ async def test_write_is_a_compare_and_set_and_a_final_state_enqueues_its_webhook
 async def test_reopen_twice_reopens_once(client):
     store = Store(client, Settings())
     doc, _, _ = await store.create("demo", {"steps": 1}, "t-scripts")
-    await client.zrem(queue.QUEUE, doc["id"])
+    await client.zrem(QUEUE, doc["id"])
     failed = await store.write(doc, "t-scripts", status=contract.FAILED, attempt=1)
     again = await store.reopen(failed, "t-scripts")
     assert (again["status"], again["seq"]) == ("queued", failed["seq"] + 1)
@@ -136,14 +139,14 @@ def write_fields(store: Store, doc: dict, tenant: str, **over) -> dict:
     job_id = doc["id"]
     fields = dict(
         job=contract.job_key(job_id), tombstone=contract.tombstone_key(job_id), result=contract.result_key(job_id),
-        queue=queue.QUEUE, delivery_record=queue.record_key("d-" + job_id), queued=contract.queued_set(tenant),
+        queue=QUEUE, delivery_record=queue.record_key("d-" + job_id), queued=contract.queued_set(tenant),
         webhook=contract.webhook_key(job_id), record=queue.record_key(job_id), lease=queue.lease_key(job_id),
         tries=queue.tries_key(job_id), expected=doc["seq"], seq=new["seq"], state=new["status"],
         event=contract.pack(new, tenant), channel=contract.channel(job_id), ttl=60, terminal=0, tombstone_ttl=60,
-        result_json=b"", delivery_payload=b"", delivery_ttl_ms=60_000, now_ms=0, delivery_id="d-" + job_id,
+        result_json=b"", delivery_payload=b"", delivery_ttl_ms=60_000, delivery_id="d-" + job_id,
         wake_channel="t-scripts-wake", job_id=job_id, now_us=0, tenant=tenant, after="", due_ms=0,
         log=contract.log_key(job_id), log_channel=contract.log_channel(job_id), log_base=-1, log_lines=b"",
-        log_max=1000,
+        log_max=1000, order=queue.order_key(queue.DEFAULT), waiting=queue.waiting_key(queue.DEFAULT),
     )  # fmt: skip
     return fields | over
 
@@ -211,23 +214,29 @@ async def test_write_appends_its_log_lines_before_the_event_and_a_final_state_ex
     assert 0 < await client.ttl(contract.log_key(job_id)) <= 30
 
 
-async def claim(client, limit: int, owner: str = "w1", skip: str = "", lease_ms: int = 10_000) -> list:
+async def claim(
+    client, limit: int, owner: str = "w1", skip: str = "", lease_ms: int = 10_000, queues: dict[str, int] | None = None,
+    now_ms: int = 0, step: int = 10_000,
+) -> list:
+    """``CLAIM`` from ``queues`` ({name: most}, in that order; default: the default queue)."""
+    wanted = " ".join(f"{queue.queue_key(name)} {queue.order_key(name)} {most}" for name, most in (queues or {queue.DEFAULT: limit}).items())
     return await run(
-        client, scripts.CLAIM, queue=queue.QUEUE, now_ms=int(time.time() * 1000), limit=limit, lease_ms=lease_ms, owner=owner,
-        skip=skip, lease_prefix=queue.LEASE_PREFIX, tries_prefix=queue.TRIES_PREFIX, tries_ttl=queue.TRIES_TTL,
-        record_prefix=queue.RECORD_PREFIX, job_prefix=contract.job_key(""), cancel_prefix=contract.cancel_key(""),
+        client, scripts.CLAIM, now_ms=now_ms or int(time.time() * 1000), limit=limit, queues=wanted,
+        step=step, lease_ms=lease_ms, owner=owner, skip=skip, lease_prefix=queue.LEASE_PREFIX, tries_prefix=queue.TRIES_PREFIX,
+        tries_ttl=queue.TRIES_TTL, record_prefix=queue.RECORD_PREFIX, job_prefix=contract.job_key(""),
+        cancel_prefix=contract.cancel_key(""),
     )  # fmt: skip
 
 
 async def test_claim_takes_due_jobs_once_with_what_running_them_needs(client):
-    await client.delete(queue.QUEUE)  # only this test's jobs
+    await client.delete(QUEUE)  # only this test's jobs
     store = Store(client, Settings())
     docs = [(await store.create("demo", {"n": i}, "t-claim", request_id=f"r{i}"))[0] for i in range(3)]
     await client.set(contract.cancel_key(docs[1]["id"]), 1)
     first = await claim(client, 2, skip=docs[0]["id"])  # skipped: a job still under way here
     assert sorted(row[0].decode() for row in first) == sorted([docs[1]["id"], docs[2]["id"]])
-    job_id, tries, record, event, rid, cancelled, traceparent, log_seq = next(row for row in first if row[0].decode() == docs[1]["id"])
-    assert (traceparent, log_seq) == (None, 0)
+    job_id, tries, record, event, rid, cancelled, traceparent, log_seq, in_queue = next(row for row in first if row[0].decode() == docs[1]["id"])
+    assert (traceparent, log_seq, in_queue) == (None, 0, QUEUE.encode())
     assert (tries, rid, cancelled) == (1, b"r1", 1)
     assert queue.parse(record).args == ({"n": 1},)
     assert contract.unpack(event).seq == 1
@@ -235,14 +244,16 @@ async def test_claim_takes_due_jobs_once_with_what_running_them_needs(client):
     assert [row[0].decode() for row in await claim(client, 5, owner="w2")] == [docs[0]["id"]]  # leased ones passed over
     assert await claim(client, 5, owner="w3") == []
     # the attempt ends (the worker's AFTER): finished, re-queued for later, released
-    for job_id, after, due in ((docs[0]["id"], queue.FINISH, 0), (docs[1]["id"], queue.REQUEUE, 1), (docs[2]["id"], queue.RELEASE, 0)):
-        await run(client, scripts.AFTER, queue=queue.QUEUE, record=queue.record_key(job_id), lease=queue.lease_key(job_id),
-                  tries=queue.tries_key(job_id), after=after, job_id=job_id, due_ms=due)  # fmt: skip
-    assert await client.zscore(queue.QUEUE, docs[0]["id"]) is None and not await client.exists(queue.record_key(docs[0]["id"]))
-    assert await client.zscore(queue.QUEUE, docs[1]["id"]) == 1 and await client.get(queue.tries_key(docs[1]["id"])) == b"1"
-    again = await claim(client, 5, owner="w3")  # the released one, and the re-queued one (due at 1 ms)
-    assert sorted(row[0].decode() for row in again) == sorted([docs[1]["id"], docs[2]["id"]])
-    assert {row[0].decode(): row[1] for row in again}[docs[2]["id"]] == 2  # its second try
+    due = int(time.time() * 1000) + 60_000
+    for job_id, after, due_ms in ((docs[0]["id"], queue.FINISH, 0), (docs[1]["id"], queue.REQUEUE, due), (docs[2]["id"], queue.RELEASE, 0)):
+        await run(client, scripts.AFTER, queue=QUEUE, record=queue.record_key(job_id), lease=queue.lease_key(job_id),
+                  tries=queue.tries_key(job_id), after=after, job_id=job_id, due_ms=due_ms)  # fmt: skip
+    assert await client.zscore(QUEUE, docs[0]["id"]) is None and not await client.exists(queue.record_key(docs[0]["id"]))
+    assert await client.zscore(QUEUE, docs[1]["id"]) == due and await client.get(queue.tries_key(docs[1]["id"])) == b"1"
+    released = await claim(client, 5, owner="w3")  # the released one, on its second try; the re-queued one is not due
+    assert [(row[0].decode(), row[1]) for row in released] == [(docs[2]["id"], 2)]
+    again = await claim(client, 5, owner="w4", now_ms=due)  # the re-queued one once due: given a place in line
+    assert [row[0].decode() for row in again] == [docs[1]["id"]] and await client.zscore(QUEUE, docs[1]["id"]) < queue.DEFERRED
 
 
 async def test_renew_keeps_own_leases_and_takes_back_a_lapsed_one(client):
@@ -251,12 +262,60 @@ async def test_renew_keeps_own_leases_and_takes_back_a_lapsed_one(client):
     now = int(time.time() * 1000)
     await client.set(queue.lease_key(mine), b"w1", px=50)
     await client.set(queue.lease_key(theirs), b"w2", px=50)
-    await client.zrem(queue.QUEUE, done)  # finished meanwhile: its lease is not made again
-    await run(client, scripts.RENEW, queue=queue.QUEUE, now_ms=now, lease_ms=10_000, owner="w1", lease_prefix=queue.LEASE_PREFIX,
-              ids=f"{mine} {theirs} {done}")  # fmt: skip
+    await client.zrem(QUEUE, done)  # finished meanwhile: its lease is not made again
+    await run(client, scripts.RENEW, now_ms=now, lease_ms=10_000, owner="w1", lease_prefix=queue.LEASE_PREFIX,
+              jobs=f"{QUEUE} {mine} {QUEUE} {theirs} {QUEUE} {done}")  # fmt: skip
     assert await client.pttl(queue.lease_key(mine)) > 5_000
     assert await client.get(queue.lease_key(theirs)) == b"w2" and await client.pttl(queue.lease_key(theirs)) <= 50
     assert not await client.exists(queue.lease_key(done))
     await client.delete(queue.lease_key(mine))  # lapsed in an outage: taken back, the job still due
-    await run(client, scripts.RENEW, queue=queue.QUEUE, now_ms=now, lease_ms=10_000, owner="w1", lease_prefix=queue.LEASE_PREFIX, ids=mine)
+    await run(client, scripts.RENEW, now_ms=now, lease_ms=10_000, owner="w1", lease_prefix=queue.LEASE_PREFIX, jobs=f"{QUEUE} {mine}")
     assert await client.get(queue.lease_key(mine)) == b"w1"
+
+
+async def claimed_ids(client, limit: int, **over) -> list[str]:
+    return [row[0].decode() for row in await claim(client, limit, **over)]
+
+
+async def test_the_line_keeps_order_puts_priorities_first_and_takes_tenants_in_turn(client):
+    """``core.queue``'s place in line, on a queue of this test's own."""
+    name = "t-line"
+    store = Store(client, Settings(priority_step=100))
+    own = {name: 100}
+
+    async def submit(tenant: str, priority: int = 0) -> str:
+        return (await store.create("demo", {}, tenant, queue_name=name, priority=priority))[0]["id"]
+
+    burst = [await submit("a") for _ in range(30)]  # tenant a's burst
+    urgent = await submit("a", priority=1)
+    b_first, b_second = await submit("b"), await submit("b")
+    lower = await submit("c", priority=0)
+    taken = await claimed_ids(client, 4, queues={name: 4})
+    # the priority-1 job first; then one job of each waiting tenant in turn (in any order among them)
+    assert taken[0] == urgent and set(taken[1:]) == {burst[0], b_first, lower}
+    rest = await claimed_ids(client, 100, queues=own)
+    assert rest.index(b_second) <= 1 and [i for i in rest if i in burst] == burst[1:]  # b's next at once; a's in order
+    assert await claimed_ids(client, 100, queues=own) == []
+
+
+async def test_a_priority_level_is_worth_priority_step_places_so_low_priorities_still_run(client):
+    name = "t-aging"
+    store = Store(client, Settings(priority_step=10))
+    low = [(await store.create("demo", {}, "a", queue_name=name))[0]["id"] for _ in range(25)]
+    high = (await store.create("demo", {}, "a", queue_name=name, priority=1))[0]["id"]  # 10 places ahead of its own
+    taken = await claimed_ids(client, 100, queues={name: 100}, step=10)
+    assert taken.index(high) == 15 and [i for i in taken if i != high] == low
+
+
+async def test_a_worker_takes_only_from_its_queues_and_at_most_each_queues_limit(client):
+    store = Store(client, Settings())
+    heavy = [(await store.create("demo", {}, "t", queue_name="t-heavy"))[0]["id"] for _ in range(3)]
+    light = [(await store.create("demo", {}, "t", queue_name="t-light"))[0]["id"] for _ in range(3)]
+    assert await claimed_ids(client, 10, queues={"t-heavy": 2}) == heavy[:2]
+    assert await claimed_ids(client, 3, queues={"t-heavy": 2, "t-light": 10}) == heavy[2:] + light[:2]
+    assert await claimed_ids(client, 10, queues={"t-other": 10}) == []
+    doc = json.loads(contract.unpack(await store.read(light[2])).doc)
+    assert (doc["queue"], doc["priority"]) == ("t-light", 0)
+    assert await client.zscore(queue.waiting_key("t-light"), light[2]) is not None  # until a write says otherwise
+    await store.write(doc, "t", status=contract.RUNNING)
+    assert await client.zscore(queue.waiting_key("t-light"), light[2]) is None

@@ -24,6 +24,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from core import queue as queues
+
 
 @dataclass(frozen=True)
 class JobType:
@@ -34,6 +36,8 @@ class JobType:
     max_tries: int = 1  # runs on errors (1: no retry); crashed or stopped workers add up to 2 more
     backoff: float = 1.0  # seconds before the first retry, doubled each time, with jitter
     result_ttl: int | None = None  # seconds; None: the RESULT_TTL setting
+    queue: str = queues.DEFAULT  # the named queue its jobs wait in (workers choose queues: WORKER_QUEUES)
+    priority: int = 0  # of a submit that asks for none (0-9, higher first; capped by the tenant's MAX_PRIORITY)
 
 
 class Retry(Exception):
@@ -55,17 +59,23 @@ def job(
     max_tries: int = 1,
     backoff: float = 1.0,
     result_ttl: int | None = None,
+    queue: str = queues.DEFAULT,
+    priority: int = 0,
 ) -> Callable:
     """Register the decorated function as job type ``name``."""
     if not name or name.startswith("_"):
         raise ValueError(f"job type name {name!r} must not be empty or start with '_'")
     if max_tries < 1:
         raise ValueError("max_tries must be >= 1")
+    if not queues.QUEUE_NAME.fullmatch(queue):
+        raise ValueError(f"queue {queue!r} must be 1 to 32 of a-z, 0-9, '_' and '-', starting with a letter or digit")
+    if priority not in queues.PRIORITIES:
+        raise ValueError("priority must be 0 to 9")
 
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in REGISTRY and REGISTRY[name].fn is not fn:
             raise ValueError(f"job type {name!r} is registered twice")
-        REGISTRY[name] = JobType(name, fn, params, timeout, max_tries, backoff, result_ttl)
+        REGISTRY[name] = JobType(name, fn, params, timeout, max_tries, backoff, result_ttl, queue, priority)
         return fn
 
     return register

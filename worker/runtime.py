@@ -4,8 +4,10 @@ The queue is arq's (``core.queue``: its keys and records; a stock ``arq.Worker``
 what the server enqueues), but the loop is ours, because arq's costs eleven round trips per job
 and ours three, shared by the jobs of one event-loop turn:
 
-1. ``claim``: one ``scripts.CLAIM`` call takes up to as many due jobs as there are free slots,
-   with each one's lease, try count, record, document, request id and cancel flag;
+1. ``claim``: one ``scripts.CLAIM`` call takes up to as many due jobs as there are free slots
+   from the queues this worker serves (``WORKER_QUEUES``; each queue at most its own limit, and
+   the first queue looked at turns with each call, so none waits behind another), with each
+   one's lease, try count, record, document, request id and cancel flag;
 2. each job's ``running`` write (``Store.write``; the writes of one loop turn go as one pipeline);
 3. its last write, which also finishes, re-queues or releases it in the queue (``queue.FINISH``,
    ``REQUEUE``, ``RELEASE``) in the same step.
@@ -29,6 +31,7 @@ Also:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -62,12 +65,29 @@ UNKNOWN_TYPE_RETRY = 5.0  # a job of a type this worker does not run goes back f
 REDIS_LOST = (RedisConnectionError, RedisTimeoutError, WatchError, OSError)
 
 
+def served_queues(setting: str, registry: dict[str, JobType], concurrency: int) -> dict[str, int]:
+    """``WORKER_QUEUES`` (``heavy:2,default``) as {queue name: most of its jobs run at once},
+    in the order given; empty: every queue the registered types name, up to ``concurrency``."""
+    if not setting.strip():
+        return {name: concurrency for name in sorted({t.queue for t in registry.values()})}
+    served = {}
+    for item in filter(None, (part.strip() for part in setting.split(","))):
+        name, _, most = item.partition(":")
+        if not queue.QUEUE_NAME.fullmatch(name) or (most and not (most.isdigit() and int(most) > 0)) or name in served:
+            raise SystemExit(f"WORKER_QUEUES entry {item!r} must be a queue name, once, optionally with :N (N >= 1)")
+        served[name] = min(int(most or concurrency), concurrency)
+    return served
+
+
 class ProgressWorker:
     def __init__(self, settings: Settings, registry: dict[str, JobType]) -> None:
         self.settings = settings
         self.registry = registry
         self.concurrency = settings.worker_concurrency
+        self.queues = served_queues(settings.worker_queues, registry, self.concurrency)  # name -> most at once
         self.tasks: dict[str, asyncio.Task] = {}  # every claimed job under way here, by id
+        self.queue_of: dict[str, bytes] = {}  # the queue key of each of them
+        self._turn = 0  # which queue a claim looks at first
         self.bounced: dict[str, float] = {}  # job id -> until when: a type we do not run, left for others
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
         self.started_at = contract.now_iso()
@@ -109,7 +129,7 @@ class ProgressWorker:
             await redischeck.check(self.redis, "worker")
             helpers = [asyncio.create_task(self._listen()), asyncio.create_task(self._beat())]
             announcer = asyncio.create_task(self._announce())
-            log.info("worker ready for job types: %s", ", ".join(self.registry))
+            log.info("worker ready for job types: %s; queues: %s", ", ".join(self.registry), ", ".join(self.queues))
             self._main = asyncio.current_task()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poll()
@@ -161,11 +181,21 @@ class ProgressWorker:
             self.bounced = {job_id: until for job_id, until in self.bounced.items() if until > now}
         # a job still under way here is not claimed again, even when its lease lapsed in an outage
         skip = " ".join([*self.tasks, *self.bounced])
+        running = collections.Counter(self.queue_of.values())
+        names = list(self.queues)
+        self._turn = (self._turn + 1) % len(names)
+        wanted = []
+        for name in names[self._turn :] + names[: self._turn]:
+            key = queue.queue_key(name)
+            if self.queues[name] > running[key.encode()]:
+                wanted.append(f"{key} {queue.order_key(name)} {self.queues[name] - running[key.encode()]}")
+        if not wanted:
+            return 0
         keys, args = scripts.CLAIM.fields(
-            queue=queue.QUEUE, now_ms=int(time.time() * 1000), limit=free, lease_ms=int(self.settings.lease * 1000),
-            owner=self.worker_id, skip=skip, lease_prefix=queue.LEASE_PREFIX, tries_prefix=queue.TRIES_PREFIX,
-            tries_ttl=queue.TRIES_TTL, record_prefix=queue.RECORD_PREFIX, job_prefix=contract.job_key(""),
-            cancel_prefix=contract.cancel_key(""),
+            now_ms=int(time.time() * 1000), limit=free, queues=" ".join(wanted),
+            step=self.settings.priority_step, lease_ms=int(self.settings.lease * 1000), owner=self.worker_id, skip=skip,
+            lease_prefix=queue.LEASE_PREFIX, tries_prefix=queue.TRIES_PREFIX, tries_ttl=queue.TRIES_TTL,
+            record_prefix=queue.RECORD_PREFIX, job_prefix=contract.job_key(""), cancel_prefix=contract.cancel_key(""),
         )  # fmt: skip
         rows = await self._claim(keys=keys, args=args)
         for row in rows:
@@ -173,23 +203,25 @@ class ProgressWorker:
             job_id = claimed.job_id.decode()
             task = asyncio.create_task(self._attempt(job_id, claimed))
             self.tasks[job_id] = task
+            self.queue_of[job_id] = claimed.queue
             task.add_done_callback(lambda _, job_id=job_id: self._done(job_id))
         return len(rows)
 
     def _done(self, job_id: str) -> None:
         self.tasks.pop(job_id, None)
+        self.queue_of.pop(job_id, None)
         self._wake.set()  # a slot is free: look at the queue now
 
     async def _attempt(self, job_id: str, claimed: scripts.Claimed) -> None:
         """Run one claimed job, whatever it is, and leave the queue right however it ends."""
-        raw, tries = claimed.record, int(claimed.tries)
+        raw, tries, in_queue = claimed.record, int(claimed.tries), claimed.queue.decode()
         try:
             if raw is None:
-                return await self._reject(job_id, "the job expired before it ran")
+                return await self._reject(job_id, in_queue, "the job expired before it ran")
             try:
                 record = queue.parse(raw)
             except ValueError as e:
-                return await self._reject(job_id, str(e))
+                return await self._reject(job_id, in_queue, str(e))
             if record.job_try and record.job_try > tries:  # a retry asked for (POST /jobs/{id}/retry)
                 tries = record.job_try
                 await self.redis.set(queue.tries_key(job_id), tries, ex=queue.TRIES_TTL)
@@ -200,37 +232,37 @@ class ProgressWorker:
                 except JobEnded as e:
                     if not e.superseded:  # ended elsewhere (cancelled): off the queue
                         log.info("job %s: ended elsewhere (%s); not running it", job_id, e)
-                        await self._leave(job_id, queue.FINISH)
+                        await self._leave(job_id, in_queue, queue.FINISH)
             elif record.function == contract.WEBHOOK_FUNCTION:
                 try:
-                    await self._deliver_webhook(job_id, *record.args, attempt=tries)
+                    await self._deliver_webhook(job_id, in_queue, *record.args, attempt=tries)
                 except asyncio.CancelledError:  # the worker stops: due again at once elsewhere
-                    await self._leave(job_id, queue.RELEASE)
+                    await self._leave(job_id, in_queue, queue.RELEASE)
                     raise
             else:
-                await self._unknown_type(job_id, record)
+                await self._unknown_type(job_id, in_queue, record)
         except queue.Requeue as again:
-            await self._leave(job_id, queue.REQUEUE, due_ms=queue.due_in(again.defer))
+            await self._leave(job_id, in_queue, queue.REQUEUE, due_ms=queue.due_in(again.defer))
         except REDIS_LOST as e:
             # losing Redis in our own bookkeeping around a job is not the job's failure: it goes
             # back to the queue (or, if Redis is still away, runs again when its lease lapses)
             log.warning("job %s: lost Redis around the job (%s); back to the queue", job_id, e)
             with contextlib.suppress(*REDIS_LOST):
-                await self._leave(job_id, queue.REQUEUE, due_ms=queue.due_in(1.0))
+                await self._leave(job_id, in_queue, queue.REQUEUE, due_ms=queue.due_in(1.0))
         except Exception:  # a bug of ours around the job (the job's own errors are its result)
             log.exception("job %s: the worker failed around the job; back to the queue", job_id)
             with contextlib.suppress(*REDIS_LOST):
-                await self._leave(job_id, queue.REQUEUE, due_ms=queue.due_in(UNKNOWN_TYPE_RETRY))
+                await self._leave(job_id, in_queue, queue.REQUEUE, due_ms=queue.due_in(UNKNOWN_TYPE_RETRY))
 
-    async def _leave(self, job_id: str, after: str, due_ms: int = 0) -> None:
-        """What a claimed job leaves to the queue when no document write carried it."""
+    async def _leave(self, job_id: str, in_queue: str, after: str, due_ms: int = 0) -> None:
+        """What a claimed job leaves to its queue (key ``in_queue``) when no document write carried it."""
         keys, args = scripts.AFTER.fields(
-            queue=queue.QUEUE, record=queue.record_key(job_id), lease=queue.lease_key(job_id), tries=queue.tries_key(job_id),
+            queue=in_queue, record=queue.record_key(job_id), lease=queue.lease_key(job_id), tries=queue.tries_key(job_id),
             after=after, job_id=job_id, due_ms=due_ms,
         )  # fmt: skip
         await asyncio.shield(self._after(keys=keys, args=args))
 
-    async def _reject(self, job_id: str, why: str) -> None:
+    async def _reject(self, job_id: str, in_queue: str, why: str) -> None:
         """A job that cannot run (its record expired or is unreadable): its document ends
         ``failed`` too, so no watcher waits forever and nothing in the record runs."""
         loaded = await self.store.load(job_id)
@@ -240,9 +272,9 @@ class ProgressWorker:
             with contextlib.suppress(WriteRefused):
                 await self.store.write(*loaded, status=contract.FAILED, eta_s=None, message=None, error=failure, after=queue.FINISH)
                 return
-        await self._leave(job_id, queue.FINISH)
+        await self._leave(job_id, in_queue, queue.FINISH)
 
-    async def _deliver_webhook(self, delivery_id: str, job_id: str, seq: int, attempt: int) -> None:
+    async def _deliver_webhook(self, delivery_id: str, in_queue: str, job_id: str, seq: int, attempt: int) -> None:
         try:
             async with asyncio.timeout(WEBHOOK_TIMEOUT):
                 await webhooks.deliver(self.store, self.settings, job_id, seq, attempt)
@@ -254,16 +286,16 @@ class ProgressWorker:
             WEBHOOK_ATTEMPTS.labels("retry").inc()
             raise queue.Requeue(webhooks.backoff(self.settings, attempt)) from None
         WEBHOOK_ATTEMPTS.labels("done").inc()
-        await self._leave(delivery_id, queue.FINISH)
+        await self._leave(delivery_id, in_queue, queue.FINISH)
 
-    async def _unknown_type(self, job_id: str, record: queue.Record) -> None:
+    async def _unknown_type(self, job_id: str, in_queue: str, record: queue.Record) -> None:
         """A job whose type this worker does not run: back to the queue for another worker
         (its try given back, so it is not an attempt), or, after ``UNKNOWN_TYPE_GRACE``
         without a taker, ``failed``. The document says it waits."""
         await self.redis.decr(queue.tries_key(job_id))
         loaded = await self.store.load(job_id)
         if loaded is None or loaded[0]["status"] in contract.TERMINAL:
-            return await self._leave(job_id, queue.FINISH)
+            return await self._leave(job_id, in_queue, queue.FINISH)
         doc, tenant = loaded
         waited = time.time() - record.enqueued_ms / 1000
         try:
@@ -277,11 +309,11 @@ class ProgressWorker:
             if doc["message"] != workers.waiting_message(doc["type"]):
                 await self.store.write(doc, tenant, message=workers.waiting_message(doc["type"]))
         except WriteRefused:  # cancelled meanwhile
-            return await self._leave(job_id, queue.FINISH)
+            return await self._leave(job_id, in_queue, queue.FINISH)
         if any(doc["type"] in w["types"] for w in await workers.live(self.redis)):
             # a worker that runs it is up: due at once for it (woken now), skipped here for a while
             self.bounced[job_id] = time.monotonic() + UNKNOWN_TYPE_RETRY
-            await self._leave(job_id, queue.RELEASE)
+            await self._leave(job_id, in_queue, queue.RELEASE)
             await self.redis.publish(contract.WAKE_CHANNEL, job_id)
             return
         # none is: look again later (jittered, so that no worker's polling phase wins every time)
@@ -300,8 +332,10 @@ class ProgressWorker:
             "started_at": self.started_at,
         }
         while True:
+            running = collections.Counter(self.queue_of.values())
+            serving = {name: {"limit": most, "running": running[queue.queue_key(name).encode()]} for name, most in self.queues.items()}
             try:
-                await workers.beat(self.redis, {**record, "running": len(self.attempts.running)})
+                await workers.beat(self.redis, {**record, "running": len(self.attempts.running), "queues": serving})
             except Exception as e:  # Redis blip: the next beat tries again
                 log.warning("worker heartbeat failed: %s", e)
             await asyncio.sleep(workers.BEAT)
@@ -314,9 +348,9 @@ class ProgressWorker:
             await asyncio.sleep(self.settings.lease / 3)
             try:
                 if self.tasks:
+                    jobs = " ".join(f"{in_queue.decode()} {job_id}" for job_id, in_queue in self.queue_of.items())
                     keys, args = scripts.RENEW.fields(
-                        queue=queue.QUEUE, now_ms=int(time.time() * 1000), lease_ms=lease_ms, owner=self.worker_id,
-                        lease_prefix=queue.LEASE_PREFIX, ids=" ".join(self.tasks),
+                        now_ms=int(time.time() * 1000), lease_ms=lease_ms, owner=self.worker_id, lease_prefix=queue.LEASE_PREFIX, jobs=jobs,
                     )  # fmt: skip
                     await self._renew(keys=keys, args=args)
                 now = time.monotonic()
