@@ -57,8 +57,11 @@ class IdempotencyConflict(Exception):
     """The Idempotency-Key was used before with a different request."""
 
 
-def request_hash(job_type: str, params: dict[str, Any], webhook: str | None) -> str:
-    canonical = json.dumps([job_type, params, webhook], sort_keys=True, separators=(",", ":"))
+def request_hash(job_type: str, params: dict[str, Any], webhook: str | None, unwatched: float | None = None) -> str:
+    """What an ``Idempotency-Key`` remembers of a submit: its type, params, webhook and the
+    ``cancel_when_unwatched`` that applies (left out when none, so as before that option existed)."""
+    request = [job_type, params, webhook] if unwatched is None else [job_type, params, webhook, unwatched]
+    canonical = json.dumps(request, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
@@ -155,6 +158,7 @@ class Store:
         params_json: bytes | None = None,
         message: str | None = None,
         traceparent: str = "",
+        cancel_when_unwatched: float | None = None,
     ) -> tuple[dict[str, Any], bytes, bool]:
         """Store a queued job of ``tenant`` and enqueue it for arq, atomically (``scripts.CREATE``).
 
@@ -165,13 +169,15 @@ class Store:
         ``params_json`` is ``contract.dumps(params)`` when the caller has it already; ``message``
         is the new document's (e.g. that no live worker runs the type yet); ``traceparent``, the
         submit's trace context (``core.tracing``), which the worker's attempts continue.
+        ``cancel_when_unwatched``: seconds without a watcher after which a worker cancels the job
+        (None: never; ``contract.WATCH_BEAT``).
         """
         job_id = contract.new_job_id()
-        doc = contract.new_document(job_id, job_type, contract.now_iso(), message)
+        doc = contract.new_document(job_id, job_type, contract.now_iso(), message, cancel_when_unwatched)
         event = contract.pack(doc, tenant)
         enqueued_ms = now_ms()
         now_us = time.time_ns() // 1000
-        fingerprint = request_hash(job_type, params, webhook) if idempotency_key else ""
+        fingerprint = request_hash(job_type, params, webhook, cancel_when_unwatched) if idempotency_key else ""
         idem_key = contract.idempotency_key(tenant, idempotency_key or "")
         index = contract.jobs_index(tenant)
         answer = await self._create(
@@ -203,6 +209,7 @@ class Store:
             traceparent=traceparent,
             rate_limit=rate[1] if rate[0] else 1 << 62,
             rate_window=rate[2] or 1,
+            unwatched="" if cancel_when_unwatched is None else cancel_when_unwatched,
         )
         if answer == -2:
             raise RateLimited()

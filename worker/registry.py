@@ -24,6 +24,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from core import contract
+
 
 @dataclass(frozen=True)
 class JobType:
@@ -34,6 +36,7 @@ class JobType:
     max_tries: int = 1  # runs on errors (1: no retry); crashed or stopped workers add up to 2 more
     backoff: float = 1.0  # seconds before the first retry, doubled each time, with jitter
     result_ttl: int | None = None  # seconds; None: the RESULT_TTL setting
+    cancel_when_unwatched: float | None = None  # seconds nobody may watch it before it is cancelled; None: never
 
 
 class Retry(Exception):
@@ -55,17 +58,23 @@ def job(
     max_tries: int = 1,
     backoff: float = 1.0,
     result_ttl: int | None = None,
+    cancel_when_unwatched: float | None = None,
 ) -> Callable:
-    """Register the decorated function as job type ``name``."""
+    """Register the decorated function as job type ``name``. ``cancel_when_unwatched=S``: a job
+    nobody watches (no stream, WebSocket subscription or poll) for S seconds is cancelled, unless
+    it has a webhook; a submit may ask for less (README, "Abandoned work")."""
     if not name or name.startswith("_"):
         raise ValueError(f"job type name {name!r} must not be empty or start with '_'")
     if max_tries < 1:
         raise ValueError("max_tries must be >= 1")
+    low, high = contract.UNWATCHED_MIN, contract.UNWATCHED_MAX
+    if cancel_when_unwatched is not None and not low <= cancel_when_unwatched <= high:
+        raise ValueError(f"cancel_when_unwatched must be between {low:g} and {high:g} seconds")
 
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in REGISTRY and REGISTRY[name].fn is not fn:
             raise ValueError(f"job type {name!r} is registered twice")
-        REGISTRY[name] = JobType(name, fn, params, timeout, max_tries, backoff, result_ttl)
+        REGISTRY[name] = JobType(name, fn, params, timeout, max_tries, backoff, result_ttl, cancel_when_unwatched)
         return fn
 
     return register
