@@ -5,7 +5,7 @@ Answers ``{"items": [...]}``, one item per registered type, sorted by name::
     {"name": "demo",
      "description": "first paragraph of the job function's docstring on one line, or null",
      "params_schema": {...the params model's JSON Schema (pydantic model_json_schema())...},
-     "timeout": 300.0, "max_tries": 1, "backoff": 1.0, "result_ttl": 3600}
+     "timeout": 300.0, "max_tries": 1, "backoff": 1.0, "result_ttl": 3600, "cancel_when_unwatched": null}
 
 ``timeout`` and ``result_ttl`` are the values that apply (the type's own, else the
 ``JOB_TIMEOUT`` / ``RESULT_TTL`` settings), in seconds.
@@ -41,6 +41,7 @@ def describe(job_type: JobType, default_timeout: float, default_result_ttl: int)
         "max_tries": job_type.max_tries,
         "backoff": float(job_type.backoff),
         "result_ttl": job_type.result_ttl if job_type.result_ttl is not None else default_result_ttl,
+        "cancel_when_unwatched": job_type.cancel_when_unwatched,
     }
 
 

@@ -162,6 +162,12 @@ SCHEMAS: dict[str, Any] = {
             "updated_at": {"type": "string", "format": "date-time"},
             "finished_at": NULLABLE_TIME,
             "expires_at": NULLABLE_TIME | {"description": "a finished job's: when its document and result are gone (then 410, then 404)"},
+            "cancel_when_unwatched": {
+                "type": ["number", "null"],
+                "minimum": contract.UNWATCHED_MIN,
+                "maximum": contract.UNWATCHED_MAX,
+                "description": "seconds nobody may watch the job (stream, WebSocket subscription, poll) before it is cancelled (error `Unwatched`); null: never",
+            },
             "eta_s": {"type": ["number", "null"], "minimum": 0, "description": "estimated seconds left while running"},
             "stalled": {"type": "boolean", "description": "running without progress for STALL_AFTER seconds"},
             "error": {"oneOf": [schema("JobError"), {"type": "null"}]},
@@ -195,7 +201,7 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "required": ["type", "message"],
         "properties": {
-            "type": {"type": "string", "description": "the exception's class, or TimeoutError, InvalidParams, UnknownJobType, JobRejected, ResultNotJSON"},
+            "type": {"type": "string", "description": "the exception's class, or TimeoutError, InvalidParams, UnknownJobType, JobRejected, ResultNotJSON, Unwatched (a cancelled job's)"},
             "message": {"type": "string"},
             "traceback": {"type": "string", "description": "only with DEBUG=true"},
         },
@@ -261,7 +267,7 @@ SCHEMAS: dict[str, Any] = {
     },
     "JobType": {
         "type": "object",
-        "required": ["name", "description", "params_schema", "timeout", "max_tries", "backoff", "result_ttl"],
+        "required": ["name", "description", "params_schema", "timeout", "max_tries", "backoff", "result_ttl", "cancel_when_unwatched"],
         "properties": {
             "name": {"type": "string"},
             "description": {"type": ["string", "null"]},
@@ -270,6 +276,12 @@ SCHEMAS: dict[str, Any] = {
             "max_tries": {"type": "integer", "minimum": 1},
             "backoff": {"type": "number", "minimum": 0},
             "result_ttl": {"type": "integer", "minimum": 0},
+            "cancel_when_unwatched": {
+                "type": ["number", "null"],
+                "minimum": contract.UNWATCHED_MIN,
+                "maximum": contract.UNWATCHED_MAX,
+                "description": "seconds its jobs may go unwatched before they are cancelled, and the most a submit may ask; null: never (a submit may ask)",
+            },
         },
     },
     "Worker": {
@@ -456,10 +468,22 @@ def params_schemas(registry: dict[str, JobType]) -> tuple[dict[str, Any], dict[s
             "title": name,
             "required": ["type", "params"] if params.get("required") else ["type"],
             "additionalProperties": False,
-            "properties": {"type": {"const": name}, "params": schema(prefix + "Params")},
+            "properties": {"type": {"const": name}, "params": schema(prefix + "Params"), "cancel_when_unwatched": unwatched(registry[name])},
         }
         branches.append(branch)
     return components, {"oneOf": branches} if branches else {"not": {}}
+
+
+def unwatched(job_type: JobType) -> dict[str, Any]:
+    """A submit's ``cancel_when_unwatched`` for ``job_type`` (``server.jobs.cancel_when_unwatched``)."""
+    own = job_type.cancel_when_unwatched
+    default = f"default {own:g}, the most this type allows" if own else "default: never"
+    return {
+        "type": "number",
+        "minimum": contract.UNWATCHED_MIN,
+        "maximum": own or contract.UNWATCHED_MAX,
+        "description": f"cancel the job once nobody has watched it (stream, WebSocket subscription, poll) for this many seconds ({default}); not with a webhook",
+    }
 
 
 def examples(registry: dict[str, JobType]) -> dict[str, Any]:
@@ -495,6 +519,7 @@ def build(settings: Settings, registry: dict[str, JobType]) -> dict[str, Any]:
         }
         for branch in submission.get("oneOf", []):
             branch["properties"]["webhook"] = webhook
+            branch["not"] = {"required": ["webhook", "cancel_when_unwatched"]}  # a webhook receives the result
     job_id = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string", "pattern": JOB_ID}}
     location = ref("headers", "Location")
     retry_after = ref("headers", "Retry-After")
