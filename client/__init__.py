@@ -316,10 +316,12 @@ def _auth_headers(api_key: str | None, token: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {credential}"} if credential else {}
 
 
-def _submit_body(job_type: str, params: dict[str, Any] | None, webhook: str | None) -> dict[str, Any]:
+def _submit_body(job_type: str, params: dict[str, Any] | None, webhook: str | None, unwatched: float | None) -> dict[str, Any]:
     body: dict[str, Any] = {"type": job_type, "params": params if params is not None else {}}
     if webhook is not None:
         body["webhook"] = webhook
+    if unwatched is not None:
+        body["cancel_when_unwatched"] = unwatched
     return body
 
 
@@ -350,11 +352,19 @@ class Client:
         self.close()
 
     def submit(
-        self, type: str, params: dict[str, Any] | None = None, *, idempotency_key: str | None = None, webhook: str | None = None
+        self,
+        type: str,
+        params: dict[str, Any] | None = None,
+        *,
+        idempotency_key: str | None = None,
+        webhook: str | None = None,
+        cancel_when_unwatched: float | None = None,
     ) -> dict[str, Any]:
-        """``POST /jobs``: the new (queued) document, with ``token`` for watching it."""
+        """``POST /jobs``: the new (queued) document, with ``token`` for watching it.
+        ``cancel_when_unwatched``: seconds nobody may watch it before it is cancelled."""
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key is not None else {}
-        return _expect(self.http.post("/jobs", json=_submit_body(type, params, webhook), headers=headers), 202)
+        body = _submit_body(type, params, webhook, cancel_when_unwatched)
+        return _expect(self.http.post("/jobs", json=body, headers=headers), 202)
 
     def status(self, job_id: str) -> dict[str, Any]:
         """The job's current document (also once succeeded: no redirect to the result)."""
@@ -460,11 +470,19 @@ class AsyncClient:
         await self.aclose()
 
     async def submit(
-        self, type: str, params: dict[str, Any] | None = None, *, idempotency_key: str | None = None, webhook: str | None = None
+        self,
+        type: str,
+        params: dict[str, Any] | None = None,
+        *,
+        idempotency_key: str | None = None,
+        webhook: str | None = None,
+        cancel_when_unwatched: float | None = None,
     ) -> dict[str, Any]:
-        """``POST /jobs``: the new (queued) document, with ``token`` for watching it."""
+        """``POST /jobs``: the new (queued) document, with ``token`` for watching it.
+        ``cancel_when_unwatched``: seconds nobody may watch it before it is cancelled."""
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key is not None else {}
-        return _expect(await self.http.post("/jobs", json=_submit_body(type, params, webhook), headers=headers), 202)
+        body = _submit_body(type, params, webhook, cancel_when_unwatched)
+        return _expect(await self.http.post("/jobs", json=body, headers=headers), 202)
 
     async def status(self, job_id: str) -> dict[str, Any]:
         """The job's current document (also once succeeded: no redirect to the result)."""

@@ -34,8 +34,27 @@ CANCEL_CHANNEL = PREFIX + "cancel"  # payload: job id; the worker running it sto
 
 def job_key(job_id: str) -> str:
     """Hash with fields ``seq``, ``state``, ``type``, ``ev`` (the packed event), ``params``
-    (JSON), ``webhook`` and ``rid`` (the submitting request's id)."""
+    (JSON), ``webhook`` and ``rid`` (the submitting request's id); for a job with
+    ``cancel_when_unwatched``, also ``unwatched`` (those seconds) and ``seen`` (when someone last
+    watched it: Redis's clock, unix ms; see ``WATCH_BEAT``)."""
     return f"{PREFIX}job:{job_id}"
+
+
+# -- abandoned work (``cancel_when_unwatched``) ----------------------------------------------------
+# A job with the option is watched while a server has a client on it (a job stream, a WebSocket
+# subscription, a long poll; not a dashboard's every-job feed), or someone polls it. Its hash's
+# ``seen`` is set to Redis's TIME (one clock for every replica and worker) by the submit
+# (``scripts.CREATE``), a retry (``REOPEN``), and every ``WATCH_BEAT`` by each server for the jobs
+# its clients watch or polled since its last beat (``scripts.SEEN``, ``server.watched``), and once
+# more after the last one left. A worker cancels a job whose ``seen`` is more than ``unwatched`` seconds old
+# (``scripts.UNWATCHED``): when it claims it, and at each lease renewal while it runs. Only time
+# while the servers beat counts (``WATCHING``): after Redis was away, or while no server runs,
+# nobody could watch, so no job is taken for abandoned then.
+WATCH_BEAT = 1.0  # seconds between a server's marks of the jobs its clients watch
+WATCH_GAP = 3 * WATCH_BEAT  # no server beat for this long: nobody could watch (Redis away, no server)
+WATCHING = PREFIX + "watching"  # hash: ``last`` (ms) any server's beat, ``since`` (ms) the beats go on unbroken
+UNWATCHED_MIN = 3.0  # the shortest cancel_when_unwatched: a few beats, so a watched job is never taken for abandoned
+UNWATCHED_MAX = 86400.0  # the longest, when the job type sets none
 
 
 def jobs_index(tenant: str) -> str:
@@ -195,7 +214,13 @@ def links(job_id: str) -> dict[str, str]:
 
 
 def new_document(
-    job_id: str, job_type: str, created_at: str, message: str | None = None, queue: str = "default", priority: int = 0
+    job_id: str,
+    job_type: str,
+    created_at: str,
+    message: str | None = None,
+    queue: str = "default",
+    priority: int = 0,
+    cancel_when_unwatched: float | None = None,
 ) -> dict[str, Any]:
     """A queued job's document: every field of the public shape, in its public order."""
     return {
@@ -214,6 +239,7 @@ def new_document(
         "updated_at": created_at,
         "finished_at": None,
         "expires_at": None,
+        "cancel_when_unwatched": cancel_when_unwatched,
         "eta_s": None,
         "stalled": False,
         "error": None,

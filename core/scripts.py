@@ -40,6 +40,16 @@ class Script:
         raise TypeError(f"script fields: missing {sorted(names - set(values))}, unknown {sorted(set(values) - names)}")
 
 
+# Redis's clock in unix ms: every replica and worker reads one clock for ``seen`` (when someone last
+# watched a job with ``cancel_when_unwatched``: ``contract.WATCH_BEAT``).
+TIME_LUA = r"""
+local function time_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"""
+
+
 # Appends lines to a job's log (``contract.log_key``): ``lines`` holds one JSON object per line
 # (``contract.log_line``, without "seq"), "\n" between them; they are numbered on from the job's
 # stored ``logseq`` (so seqs have no holes), the newest ``max`` kept, the list given the job
@@ -285,7 +295,7 @@ REOPEN = Script(
         "expected", "seq", "event", "channel", "ttl", "payload", "record_ttl_ms", "wake_channel", "job_id", "now_us",
         "tenant", "priority", "step",
     ),  # fmt: skip
-    prefix=ENQUEUE_LUA,
+    prefix=ENQUEUE_LUA + TIME_LUA,
     body="""
 local cur = redis.call('HMGET', job, 'seq', 'state')
 local stored = tonumber(cur[1]) or 0
@@ -300,6 +310,7 @@ redis.call('DEL', tombstone, result)
 enqueue(record, payload, record_ttl_ms, queue, place(order, tenant, priority, step), job_id)
 redis.call('ZADD', queued, now_us, job_id)
 redis.call('ZADD', waiting, now_us, job_id)
+if redis.call('HEXISTS', job, 'unwatched') == 1 then redis.call('HSET', job, 'seen', time_ms()) end  -- a retry is watched
 redis.call('PUBLISH', channel, event)
 redis.call('PUBLISH', wake_channel, job_id)
 return {1, tonumber(seq)}
@@ -317,15 +328,17 @@ return {1, tonumber(seq)}
 # ``rate_limit`` per ``rate_window`` s, counted in ``rate``), or the remembered value.
 # ``index_trim_below`` drops index entries older than the tombstones; ``queued_trim_below`` the
 # queued and waiting sets' entries of jobs that expired while queued.
+# ``unwatched``: the job's ``cancel_when_unwatched`` in seconds ('' : none); the submit counts as
+# watching it (``contract.WATCH_BEAT``).
 CREATE = Script(
     keys=("job", "index", "record", "queue", "idempotency", "queued", "rate", "order", "waiting"),
     args=(
         "job_id", "job_type", "event", "ttl", "now_us", "index_trim_below", "payload", "record_ttl_ms",
         "channel", "wake_channel", "params_json", "webhook_url", "idempotency_value", "idempotency_ttl",
         "queue_cap", "queued_trim_below", "request_id", "traceparent", "rate_limit", "rate_window",
-        "tenant", "priority", "step",
+        "tenant", "priority", "step", "unwatched",
     ),  # fmt: skip
-    prefix=ENQUEUE_LUA,
+    prefix=ENQUEUE_LUA + TIME_LUA,
     body="""
 if redis.call('EXISTS', job) == 1 then return 0 end
 local submits = redis.call('INCR', rate)
@@ -342,6 +355,7 @@ redis.call('HSET', job, 'seq', 1, 'state', 'queued', 'type', job_type, 'ev', eve
 if webhook_url ~= '' then redis.call('HSET', job, 'webhook', webhook_url) end
 if traceparent ~= '' then redis.call('HSET', job, 'tp', traceparent) end
 if priority ~= '0' then redis.call('HSET', job, 'pri', priority) end
+if unwatched ~= '' then redis.call('HSET', job, 'unwatched', unwatched, 'seen', time_ms()) end  -- the submit watches
 redis.call('EXPIRE', job, ttl)
 redis.call('ZADD', index, now_us, job_id)
 redis.call('ZREMRANGEBYSCORE', index, '-inf', index_trim_below)
@@ -367,5 +381,58 @@ local n = redis.call('INCR', counter)
 if n == 1 then redis.call('EXPIRE', counter, window) end
 if job ~= '' then return {n, redis.call('HGET', job, 'ev')} end
 return {n}
+""",
+)
+
+
+# A server's beat (``server.watched``, every ``contract.WATCH_BEAT``, also with no ``ids``): each
+# job of ``ids`` (space-separated) with ``cancel_when_unwatched`` gets ``seen`` = now, and the
+# servers' beat (``contract.WATCHING``) is recorded: ``last`` = now, and ``since`` = now when no
+# server beat for ``gap_ms`` (Redis was away, or no server ran). Returns the ids that have no such
+# option (or no document), which the server then leaves out while they stay watched.
+SEEN = Script(
+    keys=("watching",),
+    args=("job_prefix", "ids", "gap_ms"),
+    prefix=TIME_LUA,
+    body="""
+local now = time_ms()
+if now - tonumber(redis.call('HGET', watching, 'last') or '0') > tonumber(gap_ms) then
+  redis.call('HSET', watching, 'since', now)
+end
+redis.call('HSET', watching, 'last', now)
+redis.call('EXPIRE', watching, 86400)
+local without = {}
+for id in string.gmatch(ids, '%S+') do
+  local job = job_prefix .. id
+  if redis.call('HEXISTS', job, 'unwatched') == 1 then
+    redis.call('HSET', job, 'seen', now)
+  else
+    without[#without + 1] = id
+  end
+end
+return without
+""",
+)
+
+
+# A worker's look at its jobs with ``cancel_when_unwatched`` (``ids`` space-separated): returns the
+# ids nobody watched for more than ``unwatched`` seconds, by Redis's clock (the one ``seen`` is in).
+# Only the time while servers beat counts: none if no server beat within ``gap_ms`` (Redis is just
+# back, or no server runs), and not before their beat's ``since`` (``contract.WATCHING``).
+UNWATCHED = Script(
+    keys=("watching",),
+    args=("job_prefix", "ids", "gap_ms"),
+    prefix=TIME_LUA,
+    body="""
+local now = time_ms()
+local beat = redis.call('HMGET', watching, 'last', 'since')
+if now - tonumber(beat[1] or '0') > tonumber(gap_ms) then return {} end
+local since = tonumber(beat[2] or '0')
+local out = {}
+for id in string.gmatch(ids, '%S+') do
+  local job = redis.call('HMGET', job_prefix .. id, 'unwatched', 'seen')
+  if job[1] and job[2] and now - math.max(tonumber(job[2]), since) > tonumber(job[1]) * 1000 then out[#out + 1] = id end
+end
+return out
 """,
 )

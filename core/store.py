@@ -57,8 +57,17 @@ class IdempotencyConflict(Exception):
     """The Idempotency-Key was used before with a different request."""
 
 
-def request_hash(job_type: str, params: dict[str, Any], webhook: str | None, priority: int = 0) -> str:
-    request = [job_type, params, webhook] + ([priority] if priority else [])  # (as before priorities, for 0)
+def request_hash(
+    job_type: str, params: dict[str, Any], webhook: str | None, priority: int = 0, unwatched: float | None = None
+) -> str:
+    """What an ``Idempotency-Key`` remembers of a submit: its type, params, webhook, priority and
+    the ``cancel_when_unwatched`` that applies (each option left out at its default, so that such
+    a request hashes as before the option existed)."""
+    request = [job_type, params, webhook]
+    if priority:
+        request.append(priority)
+    if unwatched is not None:
+        request.append({"cancel_when_unwatched": unwatched})
     canonical = json.dumps(request, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
@@ -158,6 +167,7 @@ class Store:
         traceparent: str = "",
         queue_name: str = queue.DEFAULT,
         priority: int = 0,
+        cancel_when_unwatched: float | None = None,
     ) -> tuple[dict[str, Any], bytes, bool]:
         """Store a queued job of ``tenant`` and enqueue it for arq, atomically (``scripts.CREATE``).
 
@@ -169,13 +179,15 @@ class Store:
         is the new document's (e.g. that no live worker runs the type yet); ``traceparent``, the
         submit's trace context (``core.tracing``), which the worker's attempts continue. The job
         waits in ``queue_name`` at the place in line of ``tenant``'s next job of ``priority``.
+        ``cancel_when_unwatched``: seconds without a watcher after which a worker cancels the job
+        (None: never; ``contract.WATCH_BEAT``).
         """
         job_id = contract.new_job_id()
-        doc = contract.new_document(job_id, job_type, contract.now_iso(), message, queue_name, priority)
+        doc = contract.new_document(job_id, job_type, contract.now_iso(), message, queue_name, priority, cancel_when_unwatched)
         event = contract.pack(doc, tenant)
         enqueued_ms = now_ms()
         now_us = time.time_ns() // 1000
-        fingerprint = request_hash(job_type, params, webhook, priority) if idempotency_key else ""
+        fingerprint = request_hash(job_type, params, webhook, priority, cancel_when_unwatched) if idempotency_key else ""
         idem_key = contract.idempotency_key(tenant, idempotency_key or "")
         index = contract.jobs_index(tenant)
         answer = await self._create(
@@ -211,6 +223,7 @@ class Store:
             tenant=tenant,
             priority=priority,
             step=self.settings.priority_step,
+            unwatched="" if cancel_when_unwatched is None else cancel_when_unwatched,
         )
         if answer == -2:
             raise RateLimited()

@@ -32,6 +32,7 @@ from server.middleware import RequestContext
 from server.requests import JSONAnswer, key_holder, redis_deadline
 from server.problems import Problem
 from server.ratelimit import RateLimiter
+from server.watched import Watched
 from core.settings import Settings
 from core.store import Store
 from worker.registry import load
@@ -224,17 +225,19 @@ def create_app(settings: Settings | None = None) -> App:
         app.state.reaper = streams.SlowClientReaper(settings.send_timeout)
         app.state.heartbeat = streams.Heartbeat(settings.sse_ping)
         app.state.live_types, app.state.live_workers = set(), []
+        app.state.watched = Watched(redis, hub.watched)  # for cancel_when_unwatched
         await redischeck.check(redis, "server")
         await read_live_types(app)
         reaper = asyncio.create_task(app.state.reaper.run())
         heartbeat = asyncio.create_task(app.state.heartbeat.run())
         reader = asyncio.create_task(hub.run())
         follower = asyncio.create_task(follow_workers(app))
+        marker = asyncio.create_task(app.state.watched.run())
         drain_on_signals(hub)
         try:
             yield
         finally:
-            for task in (reader, reaper, heartbeat, follower):
+            for task in (reader, reaper, heartbeat, follower, marker):
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task

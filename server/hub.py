@@ -146,6 +146,11 @@ class Hub:
         """``with hub.watching(mailbox) as watch: await watch.add(job_ids) ...``"""
         return Watch(self, mailbox)
 
+    def watched(self) -> Iterable[str]:
+        """The jobs some client of this process watches by id (not the dashboards' every-job feed):
+        ``server.watched`` marks them for ``cancel_when_unwatched``."""
+        return self._watchers.keys()
+
     async def _watch(self, mailbox: Mailbox, job_ids: Iterable[str]) -> None:
         if self.draining:
             mailbox.close()

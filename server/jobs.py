@@ -32,6 +32,7 @@ from server.requests import (
     reader,
     redis_deadline,
 )
+from worker.registry import JobType
 
 MAX_PAGE = 100
 MAX_PARAMS_DEPTH = 32
@@ -55,7 +56,7 @@ async def _submit(request: Request, span: Any) -> Response:
     payload = await read_json(request)  # not under the Redis deadline: a slow upload is not Redis
     if not isinstance(payload, dict):
         raise invalid("body", "must be a JSON object")
-    unknown = set(payload) - {"type", "params", "webhook", "priority"}
+    unknown = set(payload) - {"type", "params", "webhook", "priority", "cancel_when_unwatched"}
     if unknown:
         raise invalid(sorted(unknown)[0], "unknown field")
     registry = request.app.state.registry
@@ -84,6 +85,7 @@ async def _submit(request: Request, span: Any) -> Response:
         problem = await webhooks.check_submitted(webhook, request.app.state.settings)
         if problem:
             raise invalid("webhook", problem)
+    unwatched = cancel_when_unwatched(payload, registry[job_type])
     key = request.headers.get("idempotency-key")
     if key is not None and not IDEMPOTENCY_KEY.fullmatch(key):
         raise invalid("Idempotency-Key", "must be 1 to 255 visible ASCII characters (spaces only inside)")
@@ -94,7 +96,7 @@ async def _submit(request: Request, span: Any) -> Response:
         async with redis_deadline():  # one round trip: rate counter, idempotency, cap, job, enqueue
             doc, doc_json, _ = await request.app.state.store.create(
                 job_type, params, caller.tenant, webhook, key, request_id.get(), rate, params_json, waiting,
-                tracing.traceparent(span), registry[job_type].queue, priority,
+                tracing.traceparent(span), registry[job_type].queue, priority, unwatched,
             )  # fmt: skip
     except RateLimited:
         raise ratelimit.too_many("submit", settings.rate_submit) from None
@@ -116,6 +118,21 @@ async def _submit(request: Request, span: Any) -> Response:
     return JSONAnswer(contract.with_field(doc_json, "token", token), 202, headers)
 
 
+def cancel_when_unwatched(payload: dict[str, Any], job_type: JobType) -> float | None:
+    """The job's ``cancel_when_unwatched``: the submit's (a number of seconds, at least
+    ``UNWATCHED_MIN``, at most the type's own or else ``UNWATCHED_MAX``), or the type's; none with a
+    webhook, which receives the result (asking for both is a 422)."""
+    if "cancel_when_unwatched" not in payload:
+        return None if "webhook" in payload else job_type.cancel_when_unwatched
+    value = payload["cancel_when_unwatched"]
+    if "webhook" in payload:
+        raise invalid("cancel_when_unwatched", "must not be given with a webhook: the webhook receives the result")
+    high = job_type.cancel_when_unwatched or contract.UNWATCHED_MAX
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not contract.UNWATCHED_MIN <= value <= high:
+        raise invalid("cancel_when_unwatched", f"must be a number of seconds from {contract.UNWATCHED_MIN:g} to {high:g}")
+    return value
+
+
 def integral(value: Any) -> Any:
     """``value`` with every float that is a whole number as an int: JSON Schema's ``integer``
     takes ``5.0``, pydantic's strict mode would not."""
@@ -129,10 +146,14 @@ def integral(value: Any) -> Any:
 
 
 def retry_after(doc: dict[str, Any]) -> str:
-    """Polling hint: follows the ETA (a quarter of it), between 1 and 10 seconds."""
+    """Polling hint: follows the ETA (a quarter of it), between 1 and 10 seconds, and, for a job
+    with ``cancel_when_unwatched``, often enough that a client that follows it keeps it alive."""
     eta = doc.get("eta_s")
     if doc["status"] == contract.RUNNING and eta:
-        return str(min(10, max(1, round(eta / 4))))
+        hint = min(10, max(1, round(eta / 4)))
+        if unwatched := doc.get("cancel_when_unwatched"):
+            hint = min(hint, max(1, int((unwatched - contract.WATCH_BEAT) / 2)))
+        return str(hint)
     return "1"
 
 
@@ -154,7 +175,10 @@ async def status(request: Request) -> Response:
     etag = f'"{event.seq}"'
     headers = {"ETag": etag, "Cache-Control": "no-cache"}
     if not event.terminal:
-        headers["Retry-After"] = retry_after(json.loads(event.doc))
+        doc = json.loads(event.doc)
+        headers["Retry-After"] = retry_after(doc)
+        if doc.get("cancel_when_unwatched"):  # a poll watches it (marked with the server's next beat)
+            request.app.state.watched.polled(job_id)
     if request.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers=headers)
     accept = request.headers.get("accept", "")

@@ -6,7 +6,7 @@ Answers ``{"items": [...]}``, one item per registered type, sorted by name::
      "description": "first paragraph of the job function's docstring on one line, or null",
      "params_schema": {...the params model's JSON Schema (pydantic model_json_schema())...},
      "timeout": 300.0, "max_tries": 1, "backoff": 1.0, "result_ttl": 3600, "queue": "default",
-     "priority": 0}
+     "priority": 0, "cancel_when_unwatched": null}
 
 ``timeout`` and ``result_ttl`` are the values that apply (the type's own, else the
 ``JOB_TIMEOUT`` / ``RESULT_TTL`` settings), in seconds.
@@ -44,6 +44,7 @@ def describe(job_type: JobType, default_timeout: float, default_result_ttl: int)
         "result_ttl": job_type.result_ttl if job_type.result_ttl is not None else default_result_ttl,
         "queue": job_type.queue,
         "priority": job_type.priority,
+        "cancel_when_unwatched": job_type.cancel_when_unwatched,
     }
 
 

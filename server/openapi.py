@@ -164,6 +164,12 @@ SCHEMAS: dict[str, Any] = {
             "updated_at": {"type": "string", "format": "date-time"},
             "finished_at": NULLABLE_TIME,
             "expires_at": NULLABLE_TIME | {"description": "a finished job's: when its document and result are gone (then 410, then 404)"},
+            "cancel_when_unwatched": {
+                "type": ["number", "null"],
+                "minimum": contract.UNWATCHED_MIN,
+                "maximum": contract.UNWATCHED_MAX,
+                "description": "seconds nobody may watch the job (stream, WebSocket subscription, poll) before it is cancelled (error `Unwatched`); null: never",
+            },
             "eta_s": {"type": ["number", "null"], "minimum": 0, "description": "estimated seconds left while running"},
             "stalled": {"type": "boolean", "description": "running without progress for STALL_AFTER seconds"},
             "error": {"oneOf": [schema("JobError"), {"type": "null"}]},
@@ -197,7 +203,7 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "required": ["type", "message"],
         "properties": {
-            "type": {"type": "string", "description": "the exception's class, or TimeoutError, InvalidParams, UnknownJobType, JobRejected, ResultNotJSON"},
+            "type": {"type": "string", "description": "the exception's class, or TimeoutError, InvalidParams, UnknownJobType, JobRejected, ResultNotJSON, Unwatched (a cancelled job's)"},
             "message": {"type": "string"},
             "traceback": {"type": "string", "description": "only with DEBUG=true"},
         },
@@ -263,7 +269,9 @@ SCHEMAS: dict[str, Any] = {
     },
     "JobType": {
         "type": "object",
-        "required": ["name", "description", "params_schema", "timeout", "max_tries", "backoff", "result_ttl"],
+        "required": [
+            "name", "description", "params_schema", "timeout", "max_tries", "backoff", "result_ttl", "queue", "priority", "cancel_when_unwatched",
+        ],  # fmt: skip
         "properties": {
             "name": {"type": "string"},
             "description": {"type": ["string", "null"]},
@@ -274,6 +282,12 @@ SCHEMAS: dict[str, Any] = {
             "result_ttl": {"type": "integer", "minimum": 0},
             "queue": {"type": "string", "description": "the named queue its jobs wait in"},
             "priority": {"type": "integer", "minimum": 0, "maximum": 9, "description": "of a submit that asks for none"},
+            "cancel_when_unwatched": {
+                "type": ["number", "null"],
+                "minimum": contract.UNWATCHED_MIN,
+                "maximum": contract.UNWATCHED_MAX,
+                "description": "seconds its jobs may go unwatched before they are cancelled, and the most a submit may ask; null: never (a submit may ask)",
+            },
         },
     },
     "Queue": {
@@ -491,10 +505,23 @@ def params_schemas(registry: dict[str, JobType], max_priority: int = 9) -> tuple
                     "default": min(registry[name].priority, max_priority),
                     "description": "higher starts first within the type's queue (MAX_PRIORITY; TENANT_MAX_PRIORITY may set a tenant's lower)",
                 },
+                "cancel_when_unwatched": unwatched(registry[name]),
             },
         }
         branches.append(branch)
     return components, {"oneOf": branches} if branches else {"not": {}}
+
+
+def unwatched(job_type: JobType) -> dict[str, Any]:
+    """A submit's ``cancel_when_unwatched`` for ``job_type`` (``server.jobs.cancel_when_unwatched``)."""
+    own = job_type.cancel_when_unwatched
+    default = f"default {own:g}, the most this type allows" if own else "default: never"
+    return {
+        "type": "number",
+        "minimum": contract.UNWATCHED_MIN,
+        "maximum": own or contract.UNWATCHED_MAX,
+        "description": f"cancel the job once nobody has watched it (stream, WebSocket subscription, poll) for this many seconds ({default}); not with a webhook",
+    }
 
 
 def examples(registry: dict[str, JobType]) -> dict[str, Any]:
@@ -530,6 +557,7 @@ def build(settings: Settings, registry: dict[str, JobType]) -> dict[str, Any]:
         }
         for branch in submission.get("oneOf", []):
             branch["properties"]["webhook"] = webhook
+            branch["not"] = {"required": ["webhook", "cancel_when_unwatched"]}  # a webhook receives the result
     job_id = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string", "pattern": JOB_ID}}
     location = ref("headers", "Location")
     retry_after = ref("headers", "Retry-After")

@@ -37,6 +37,9 @@ export interface JobDocument {
   finished_at: string | null;
   /** A finished job's: when its document and result are gone (then 410 Gone). */
   expires_at?: string | null;
+  /** Seconds nobody may watch the job (stream, WebSocket subscription, poll) before it is cancelled
+   * (its error's type `Unwatched`); null: never (absent on documents stored before this field existed). */
+  cancel_when_unwatched?: number | null;
   /** Seconds left, estimated, while running. */
   eta_s: number | null;
   /** A running job that has reported nothing for STALL_AFTER seconds. */

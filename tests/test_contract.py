@@ -11,7 +11,7 @@ from server.events import Event, Mailbox
 
 PUBLIC_FIELDS = [
     "id", "type", "queue", "priority", "status", "progress", "message", "stage", "seq", "attempt", "created_at",
-    "started_at", "updated_at", "finished_at", "expires_at", "eta_s", "stalled", "error", "attempts", "links",
+    "started_at", "updated_at", "finished_at", "expires_at", "cancel_when_unwatched", "eta_s", "stalled", "error", "attempts", "links",
 ]  # fmt: skip
 
 

@@ -49,7 +49,7 @@ def create_fields(job_id: str, **over) -> dict:
         record_ttl_ms=60_000, channel=contract.channel(job_id), wake_channel="t-scripts-wake",
         params_json=b"{}", webhook_url="", idempotency_value="", idempotency_ttl=60, queue_cap=0, queued_trim_below=0,
         request_id="r", traceparent="", rate_limit=100, rate_window=60, order=queue.order_key(queue.DEFAULT),
-        waiting=queue.waiting_key(queue.DEFAULT), tenant="t-scripts", priority=0, step=10_000,
+        waiting=queue.waiting_key(queue.DEFAULT), tenant="t-scripts", priority=0, step=10_000, unwatched="",
     )  # fmt: skip
     return fields | over
 
@@ -131,6 +131,45 @@ async def test_count_counts_and_reads(client):
     await client.hset(contract.job_key(job_id), "ev", b"packed")
     assert await run(client, scripts.COUNT, counter=counter, job=contract.job_key(job_id), window=60) == [3, b"packed"]
     assert 0 < await client.ttl(counter) <= 60
+
+
+async def test_watching_sets_seen_and_a_worker_finds_what_nobody_watched(client):
+    """cancel_when_unwatched: the submit, a server's beat and a retry set ``seen`` (Redis's
+    clock); a worker's look finds a job unwatched for longer than its seconds, counting only the
+    time while the servers beat (``contract.WATCHING``)."""
+    store = Store(client, Settings())
+    doc, _, _ = await store.create("demo", {}, "t-scripts", cancel_when_unwatched=5)
+    plain, _, _ = await store.create("demo", {}, "t-scripts")
+    assert (doc["cancel_when_unwatched"], plain["cancel_when_unwatched"]) == (5, None)
+    job = contract.job_key(doc["id"])
+    assert await client.hget(job, "unwatched") == b"5" and not await client.hexists(contract.job_key(plain["id"]), "unwatched")
+    assert abs(int(await client.hget(job, "seen")) - time.time() * 1000) < 5000  # the submit watches it
+    beat = dict(watching="t-scripts-watching-" + doc["id"], job_prefix=contract.job_key(""), gap_ms=3000)
+    both = f"{doc['id']} {plain['id']}"
+
+    async def seen() -> int:
+        return int(await client.hget(job, "seen"))
+
+    await client.hset(job, "seen", 0)
+    assert await run(client, scripts.UNWATCHED, ids=both, **beat) == []  # no server beats yet: nobody could watch
+    assert await run(client, scripts.SEEN, ids=both, **beat) == [plain["id"].encode()]  # the one without the option
+    now = await seen()
+    assert now > 0 and int(await client.hget(beat["watching"], "since")) == now
+    assert await run(client, scripts.UNWATCHED, ids=both, **beat) == []
+    await client.hset(job, "seen", now - 6000)
+    await client.hset(beat["watching"], "since", now - 6000)
+    assert await run(client, scripts.UNWATCHED, ids=both, **beat) == [doc["id"].encode()]  # 6 s > 5 s
+    await client.hset(beat["watching"], "since", now - 2000)  # the beats resumed 2 s ago (Redis was away)
+    assert await run(client, scripts.UNWATCHED, ids=both, **beat) == []
+    await client.hset(beat["watching"], mapping={"since": now - 6000, "last": now - 4000})  # no beat for 4 s > gap
+    assert await run(client, scripts.UNWATCHED, ids=both, **beat) == []
+    assert await run(client, scripts.SEEN, ids="", **beat) == []  # a beat after the gap: the unbroken beats start again
+    assert int(await client.hget(beat["watching"], "since")) >= now
+    await client.zrem(QUEUE, doc["id"])
+    failed = await store.write(doc, "t-scripts", status=contract.CANCELLED)
+    await client.hset(job, "seen", 0)
+    await store.reopen(failed, "t-scripts")
+    assert await seen() >= now  # a retry watches it
 
 
 def write_fields(store: Store, doc: dict, tenant: str, **over) -> dict:

@@ -126,3 +126,13 @@ def chatty_sync(ctx, params: Chatty) -> int:
         if i % params.every == 0:
             time.sleep(params.pause)
     return params.lines
+
+
+@job("abandonable", params=Wait, timeout=120, cancel_when_unwatched=5)
+async def abandonable(ctx, params: Wait) -> str:
+    """Reports progress every 0.25 s for ``seconds``; cancelled once nobody has watched it for 5 s."""
+    steps = max(1, int(params.seconds / 0.25))
+    for i in range(1, steps + 1):
+        await asyncio.sleep(0.25)
+        await ctx.progress(100 * i / steps, message=f"tick {i}")
+    return "done"

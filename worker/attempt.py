@@ -49,6 +49,7 @@ class Attempts:
         self.store = store
         self.settings = settings
         self.running: dict[str, JobContext] = {}
+        self._unwatched = store.redis.register_script(scripts.UNWATCHED.lua)
 
     def timeout(self, job_type: JobType) -> float:
         return job_type.timeout if job_type.timeout is not None else self.settings.job_timeout
@@ -81,6 +82,29 @@ class Attempts:
             JOB_SECONDS.labels(job_type.name).observe(time.monotonic() - started)
             JOBS_FINISHED.labels(job_type.name, ctx.doc["status"]).inc()
 
+    async def unwatched(self, job_ids: list[str]) -> list[str]:
+        """Which of ``job_ids`` (jobs with ``cancel_when_unwatched``) nobody has watched for that
+        long (``scripts.UNWATCHED``: one call)."""
+        keys, args = scripts.UNWATCHED.fields(
+            watching=contract.WATCHING, job_prefix=contract.job_key(""), ids=" ".join(job_ids), gap_ms=int(contract.WATCH_GAP * 1000)
+        )
+        return [job_id.decode() for job_id in await self._unwatched(keys=keys, args=args)]
+
+    async def abandoned(self) -> list[str]:
+        """The running jobs that nobody has watched for their ``cancel_when_unwatched`` (checked in
+        one call, made only when such jobs run here), each given the error it is cancelled with.
+        The worker's lease beat asks, and cancels them as a ``DELETE`` would."""
+        running = self.running.items()
+        watchable = [job_id for job_id, ctx in running if ctx.doc.get("cancel_when_unwatched") and not ctx.cancel_requested]
+        if not watchable:
+            return []
+        found = await self.unwatched(watchable)
+        for job_id in found:
+            ctx = self.running.get(job_id)
+            if ctx is not None:
+                ctx.cancel_error = unwatched_error(ctx.doc["cancel_when_unwatched"])
+        return found
+
     async def _traced(self, ctx: JobContext, job_type: JobType, attempt: int, params: Any, parent: bytes | None) -> None:
         """``_run`` in the attempt's span (``core.tracing``), which ends with the attempt's outcome."""
         with tracing.attempt_span(parent.decode() if parent else "", job_type.name, ctx.id, attempt) as ctx.span:
@@ -95,6 +119,13 @@ class Attempts:
             message = f"gave up after {attempt - 1} attempts"
             ctx.log.info("job %s: failed: %s", job_id, message)
             await ctx.finish(contract.FAILED, attempt=attempt, error=error("MaxTriesExceeded", message), after=queue.FINISH)
+            return
+        seconds = ctx.doc.get("cancel_when_unwatched")
+        if seconds and ctx.doc["status"] == contract.QUEUED and await self.unwatched([job_id]):
+            failure = unwatched_error(seconds)  # abandoned while it was queued: it never starts
+            ctx.log.info("job %s: cancelled before it started: %s", job_id, failure["message"])
+            why = {"error": failure, "message": failure["message"]}
+            await ctx.finish(contract.CANCELLED, result_ttl=job_type.result_ttl, after=queue.FINISH, **why)
             return
         started = time.monotonic()
         ctx.note_start(attempt)
@@ -117,8 +148,9 @@ class Attempts:
                 ctx.cancel_requested = True  # a sync job's thread stops at its next progress() call
                 await asyncio.shield(ctx.finish(contract.QUEUED, message="worker stopped; job re-queued", after=queue.RELEASE))
                 raise
-            ctx.log.info("job %s: cancelled", job_id)
-            await ctx.finish(contract.CANCELLED, result_ttl=job_type.result_ttl, after=queue.FINISH)
+            why = {} if ctx.cancel_error is None else {"error": ctx.cancel_error, "message": ctx.cancel_error["message"]}
+            ctx.log.info("job %s: cancelled%s", job_id, f": {ctx.cancel_error['message']}" if why else "")
+            await ctx.finish(contract.CANCELLED, result_ttl=job_type.result_ttl, after=queue.FINISH, **why)
         except TimeoutError:
             ctx.log.info("job %s: timed out after %g s", job_id, timeout)
             ctx.cancel_requested = True  # a sync job's thread stops at its next progress() call
@@ -167,3 +199,8 @@ def backoff(base: float, attempt: int) -> float:
 
 def error(kind: str, message: str, **extra: Any) -> dict[str, Any]:
     return {"type": kind, "message": message, **extra}
+
+
+def unwatched_error(seconds: float) -> dict[str, Any]:
+    """The error of a job cancelled because nobody watched it (``cancel_when_unwatched``)."""
+    return error("Unwatched", f"no one watched this job for {seconds:g} s")

@@ -98,6 +98,7 @@ class JobContext:
         self.tenant = tenant
         self.interval = interval
         self.cancel_requested = False
+        self.cancel_error: dict[str, Any] | None = None  # why, when the worker cancels it (nobody watched it)
         self.task: asyncio.Task | None = None  # the job code, cancelled on request
         self._pending: dict[str, Any] = {}
         self._last_publish = 0.0

@@ -24,6 +24,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from core import contract
 from core import queue as queues
 
 
@@ -38,6 +39,7 @@ class JobType:
     result_ttl: int | None = None  # seconds; None: the RESULT_TTL setting
     queue: str = queues.DEFAULT  # the named queue its jobs wait in (workers choose queues: WORKER_QUEUES)
     priority: int = 0  # of a submit that asks for none (0-9, higher first; capped by the tenant's MAX_PRIORITY)
+    cancel_when_unwatched: float | None = None  # seconds nobody may watch it before it is cancelled; None: never
 
 
 class Retry(Exception):
@@ -61,8 +63,11 @@ def job(
     result_ttl: int | None = None,
     queue: str = queues.DEFAULT,
     priority: int = 0,
+    cancel_when_unwatched: float | None = None,
 ) -> Callable:
-    """Register the decorated function as job type ``name``."""
+    """Register the decorated function as job type ``name``. ``cancel_when_unwatched=S``: a job
+    nobody watches (no stream, WebSocket subscription or poll) for S seconds is cancelled, unless
+    it has a webhook; a submit may ask for less (README, "Abandoned work")."""
     if not name or name.startswith("_"):
         raise ValueError(f"job type name {name!r} must not be empty or start with '_'")
     if max_tries < 1:
@@ -71,11 +76,14 @@ def job(
         raise ValueError(f"queue {queue!r} must be 1 to 32 of a-z, 0-9, '_' and '-', starting with a letter or digit")
     if priority not in queues.PRIORITIES:
         raise ValueError("priority must be 0 to 9")
+    low, high = contract.UNWATCHED_MIN, contract.UNWATCHED_MAX
+    if cancel_when_unwatched is not None and not low <= cancel_when_unwatched <= high:
+        raise ValueError(f"cancel_when_unwatched must be between {low:g} and {high:g} seconds")
 
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in REGISTRY and REGISTRY[name].fn is not fn:
             raise ValueError(f"job type {name!r} is registered twice")
-        REGISTRY[name] = JobType(name, fn, params, timeout, max_tries, backoff, result_ttl, queue, priority)
+        REGISTRY[name] = JobType(name, fn, params, timeout, max_tries, backoff, result_ttl, queue, priority, cancel_when_unwatched)
         return fn
 
     return register

@@ -341,8 +341,9 @@ class ProgressWorker:
             await asyncio.sleep(workers.BEAT)
 
     async def _beat(self) -> None:
-        """Renew the lease of every job under way here (one ``scripts.RENEW`` call), and mark
-        the running ones without progress as stalled."""
+        """Renew the lease of every job under way here (one ``scripts.RENEW`` call), cancel the
+        ones nobody watches any more (``cancel_when_unwatched``: one more call, when such jobs run
+        here), and mark the running ones without progress as stalled."""
         lease_ms = int(self.settings.lease * 1000)
         while True:
             await asyncio.sleep(self.settings.lease / 3)
@@ -353,6 +354,8 @@ class ProgressWorker:
                         now_ms=int(time.time() * 1000), lease_ms=lease_ms, owner=self.worker_id, lease_prefix=queue.LEASE_PREFIX, jobs=jobs,
                     )  # fmt: skip
                     await self._renew(keys=keys, args=args)
+                for job_id in await self.attempts.abandoned():  # cancel_when_unwatched: nobody watched it
+                    self._cancel(job_id)
                 now = time.monotonic()
                 for ctx in list(self.attempts.running.values()):
                     if now - ctx.last_report > self.settings.stall_after and not ctx.doc["stalled"]:
