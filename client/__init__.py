@@ -316,10 +316,14 @@ def _auth_headers(api_key: str | None, token: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {credential}"} if credential else {}
 
 
-def _submit_body(job_type: str, params: dict[str, Any] | None, webhook: str | None, unwatched: float | None) -> dict[str, Any]:
+def _submit_body(
+    job_type: str, params: dict[str, Any] | None, webhook: str | None, unwatched: float | None, priority: int | None
+) -> dict[str, Any]:
     body: dict[str, Any] = {"type": job_type, "params": params if params is not None else {}}
     if webhook is not None:
         body["webhook"] = webhook
+    if priority is not None:
+        body["priority"] = priority
     if unwatched is not None:
         body["cancel_when_unwatched"] = unwatched
     return body
@@ -329,8 +333,8 @@ def _path(job_id: str) -> str:
     return f"/jobs/{quote(job_id, safe='')}"
 
 
-def _list_params(status: str | None, job_type: str | None, limit: int, cursor: str | None) -> dict[str, Any]:
-    params = {"status": status, "type": job_type, "limit": limit, "cursor": cursor}
+def _list_params(status: str | None, job_type: str | None, limit: int, cursor: str | None, queue: str | None = None) -> dict[str, Any]:
+    params = {"status": status, "type": job_type, "queue": queue, "limit": limit, "cursor": cursor}
     return {k: v for k, v in params.items() if v is not None}
 
 
@@ -359,11 +363,13 @@ class Client:
         idempotency_key: str | None = None,
         webhook: str | None = None,
         cancel_when_unwatched: float | None = None,
+        priority: int | None = None,
     ) -> dict[str, Any]:
         """``POST /jobs``: the new (queued) document, with ``token`` for watching it.
-        ``cancel_when_unwatched``: seconds nobody may watch it before it is cancelled."""
+        ``cancel_when_unwatched``: seconds nobody may watch it before it is cancelled;
+        ``priority``: 0 to 9, higher first within its queue (default: the type's)."""
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key is not None else {}
-        body = _submit_body(type, params, webhook, cancel_when_unwatched)
+        body = _submit_body(type, params, webhook, cancel_when_unwatched, priority)
         return _expect(self.http.post("/jobs", json=body, headers=headers), 202)
 
     def status(self, job_id: str) -> dict[str, Any]:
@@ -388,11 +394,12 @@ class Client:
         return _expect(self.http.get("/job-types"), 200)["items"]
 
     def list_jobs(
-        self, *, status: str | None = None, type: str | None = None, limit: int = 20, cursor: str | None = None
+        self, *, status: str | None = None, type: str | None = None, limit: int = 20, cursor: str | None = None,
+        queue: str | None = None,
     ) -> dict[str, Any]:
         """``GET /jobs``: one page, newest first, ``{"items": [...], "next": cursor or None}``
         (``limit`` ≤ 100; a filtered page may hold fewer and still have a ``next``). Needs the API key."""
-        return _expect(self.http.get("/jobs", params=_list_params(status, type, limit, cursor)), 200)
+        return _expect(self.http.get("/jobs", params=_list_params(status, type, limit, cursor, queue)), 200)
 
     def logs(self, job_id: str, *, after: int = 0, limit: int = 1000) -> dict[str, Any]:
         """``GET /jobs/{id}/logs``: the job's log lines after seq ``after``, ``{"items": [{"seq",
@@ -477,11 +484,13 @@ class AsyncClient:
         idempotency_key: str | None = None,
         webhook: str | None = None,
         cancel_when_unwatched: float | None = None,
+        priority: int | None = None,
     ) -> dict[str, Any]:
         """``POST /jobs``: the new (queued) document, with ``token`` for watching it.
-        ``cancel_when_unwatched``: seconds nobody may watch it before it is cancelled."""
+        ``cancel_when_unwatched``: seconds nobody may watch it before it is cancelled;
+        ``priority``: 0 to 9, higher first within its queue (default: the type's)."""
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key is not None else {}
-        body = _submit_body(type, params, webhook, cancel_when_unwatched)
+        body = _submit_body(type, params, webhook, cancel_when_unwatched, priority)
         return _expect(await self.http.post("/jobs", json=body, headers=headers), 202)
 
     async def status(self, job_id: str) -> dict[str, Any]:
@@ -505,10 +514,11 @@ class AsyncClient:
         return _expect(await self.http.get("/job-types"), 200)["items"]
 
     async def list_jobs(
-        self, *, status: str | None = None, type: str | None = None, limit: int = 20, cursor: str | None = None
+        self, *, status: str | None = None, type: str | None = None, limit: int = 20, cursor: str | None = None,
+        queue: str | None = None,
     ) -> dict[str, Any]:
         """``GET /jobs``: one page (see ``Client.list_jobs``)."""
-        return _expect(await self.http.get("/jobs", params=_list_params(status, type, limit, cursor)), 200)
+        return _expect(await self.http.get("/jobs", params=_list_params(status, type, limit, cursor, queue)), 200)
 
     async def logs(self, job_id: str, *, after: int = 0, limit: int = 1000) -> dict[str, Any]:
         """``GET /jobs/{id}/logs``: a page of the job's log lines (see ``Client.logs``)."""

@@ -9,7 +9,7 @@
     progress result $ID         # the return value (JSON; a string as it is)
     progress cancel $ID         # a running job is cancelled once its worker stops it (watch it)
     progress retry $ID [--watch]
-    progress list [--status S] [--type T] [--limit N]
+    progress list [--status S] [--type T] [--queue Q] [--limit N]
     progress types              # the job types and their params
     progress logs $ID [-f]      # the job's log lines; -f: and new ones until the job ends
 
@@ -132,7 +132,7 @@ def submit(client: Client, args: argparse.Namespace) -> int:
             params[name] = json.loads(value)  # 20, 0.5, true, null, [1,2], "x" ...
         except ValueError:
             params[name] = value  # ... or a plain string
-    doc = client.submit(args.type, params)
+    doc = client.submit(args.type, params, priority=args.priority)
     return started(client, doc, args)
 
 
@@ -182,7 +182,7 @@ def retry(client: Client, args: argparse.Namespace) -> int:
 def list_jobs(client: Client, args: argparse.Namespace) -> int:
     shown, cursor = 0, None
     while shown < args.limit:  # pages until --limit jobs (a filtered page may come short)
-        page = client.list_jobs(status=args.status, type=args.type, limit=min(100, args.limit - shown), cursor=cursor)
+        page = client.list_jobs(status=args.status, type=args.type, queue=args.queue, limit=min(100, args.limit - shown), cursor=cursor)
         for doc in page["items"]:
             emit(doc if args.json else row(doc), args)
         shown, cursor = shown + len(page["items"]), page["next"]
@@ -256,6 +256,7 @@ def parser() -> Parser:
     p.add_argument("type", help="the job type (see: progress types)")
     p.add_argument("--param", "-p", action="append", default=[], metavar="NAME=VALUE", help="VALUE: JSON, or a string")
     p.add_argument("--params", metavar="JSON", help="all params as a JSON object (--param adds to it)")
+    p.add_argument("--priority", type=int, choices=range(10), metavar="0-9", help="higher starts first in its queue (default: the type's)")
     p.add_argument("--watch", "-w", action="store_true", help="watch it to the end (exit code: its final state)")
     command("watch", watch, "a live bar until the job ends; its result if it succeeded", job_id=True)
     command("status", status, "the job's current state, one line", job_id=True)
@@ -266,6 +267,7 @@ def parser() -> Parser:
     p = command("list", list_jobs, "jobs, newest first")
     p.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "cancelled"])
     p.add_argument("--type")
+    p.add_argument("--queue")
     p.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
     command("types", types, "the job types and their params")
     p = command("logs", logs, "the job's log lines (-f: and new ones until the job ends)", job_id=True)

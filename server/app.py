@@ -121,11 +121,9 @@ async def list_workers(request: Request) -> Response:
 
 
 async def read_live_types(app: Starlette) -> None:
-    """``app.state.live_workers`` and ``live_types``: the live workers, and the job types that some
-    live worker runs."""
+    """``app.state.live_types``: the job types that some live worker runs."""
     try:
-        app.state.live_workers = await workers.live(app.state.store.redis)
-        app.state.live_types = {t for w in app.state.live_workers for t in w["types"]}
+        app.state.live_types = {t for w in await workers.live(app.state.store.redis) for t in w["types"]}
     except Exception as e:  # noqa: BLE001 - Redis blip: keep the last answer
         log.debug("reading the live workers failed: %s", e)
 
@@ -224,7 +222,7 @@ def create_app(settings: Settings | None = None) -> App:
             log.warning("no API_KEYS set: keyless dev mode, every caller may submit, list and cancel any job")
         app.state.reaper = streams.SlowClientReaper(settings.send_timeout)
         app.state.heartbeat = streams.Heartbeat(settings.sse_ping)
-        app.state.live_types, app.state.live_workers = set(), []
+        app.state.live_types = set()
         app.state.watched = Watched(redis, hub.watched)  # for cancel_when_unwatched
         await redischeck.check(redis, "server")
         await read_live_types(app)

@@ -77,8 +77,8 @@ async def _submit(request: Request, span: Any) -> Response:
         errors = [{"field": ".".join(["params", *map(str, err["loc"])]), "message": err["msg"]} for err in e.errors()]
         raise Problem(422, "Invalid params", errors[0]["field"] + ": " + errors[0]["message"], errors=errors) from None
     cap = settings.max_priority_of(caller.tenant)
-    priority = payload.get("priority", min(registry[job_type].priority, cap))
-    if type(priority) is not int or not 0 <= priority <= cap:  # (not True, not 5.0)
+    priority = integral(payload.get("priority", min(registry[job_type].priority, cap)))  # (8.0 is an integer, as JSON Schema reads it)
+    if type(priority) is not int or not 0 <= priority <= cap:  # (not true)
         raise invalid("priority", f"must be an integer from 0 to {cap}")
     webhook = payload.get("webhook")
     if "webhook" in payload:  # a URL; null is not "no webhook" (the schema says string)

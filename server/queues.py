@@ -21,14 +21,14 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from core import contract, queue
+from core import contract, queue, workers
 from server.requests import JSONAnswer, key_holder, redis_deadline
 
 
 async def report(app: Any) -> list[dict[str, Any]]:
-    """The items of ``GET /queues`` (one Redis round trip; the workers are the hub's last read)."""
+    """The items of ``GET /queues`` (three Redis round trips: the live workers, then the queues)."""
     served: dict[str, dict[str, int]] = {}
-    for worker in app.state.live_workers:
+    for worker in await workers.live(app.state.store.redis):
         for name, load in worker.get("queues", {}).items():
             total = served.setdefault(name, {"running": 0, "limit": 0, "workers": 0})
             total["running"] += load["running"]

@@ -220,30 +220,40 @@
   window.__watcher = watcher;
   window.__dashboard = { render: render, rows: rows };
 
-  // -- workers (GET /workers, every 5 s) -------------------------------------------------------
-  function showWorkers(items) {
-    var body = $("workers");
+  // -- workers and queues (GET /workers, GET /queues, every 5 s) ---------------------------------
+  function fillTable(body, items, key, cellsOf) { // one row per item, its first cell a row header
     body.replaceChildren();
-    items.forEach(function (w) {
+    items.forEach(function (item) {
       var tr = body.insertRow();
-      tr.dataset.worker = w.id;
-      var cells = [w.id + " (pid " + w.pid + ")", w.types.join(", "), w.running + " of " + w.concurrency, F.time(w.beat_at)];
-      cells.forEach(function (text, i) {
+      tr.dataset[key] = item[key === "worker" ? "id" : "name"];
+      cellsOf(item).forEach(function (text, i) {
         var cell = i ? tr.insertCell() : document.createElement("th");
         if (!i) { cell.scope = "row"; tr.appendChild(cell); }
         cell.textContent = text;
       });
     });
+  }
+  function showWorkers(items) {
+    fillTable($("workers"), items, "worker", function (w) {
+      return [w.id + " (pid " + w.pid + ")", w.types.join(", "), w.running + " of " + w.concurrency, F.time(w.beat_at)];
+    });
     $("no-workers").hidden = items.length > 0;
   }
-  function pollWorkers() {
-    fetch("/workers", { headers: { accept: "application/json" }, cache: "no-store" })
+  function showQueues(items) {
+    fillTable($("queues"), items, "queue", function (q) {
+      var oldest = q.oldest_waiting_s === null ? "–" : F.seconds(q.oldest_waiting_s);
+      return [q.name, String(q.waiting), oldest, q.running + " of " + q.limit, String(q.workers)];
+    });
+  }
+  function poll(path, show) {
+    fetch(path, { headers: { accept: "application/json" }, cache: "no-store" })
       .then(function (res) { return res.ok ? res.json() : null; })
-      .then(function (page) { if (page) showWorkers(page.items); })
+      .then(function (page) { if (page) show(page.items); })
       .catch(function () { /* shown again at the next poll */ });
   }
-  pollWorkers();
-  setInterval(pollWorkers, 5000);
+  function pollBoth() { poll("/workers", showWorkers); poll("/queues", showQueues); }
+  pollBoth();
+  setInterval(pollBoth, 5000);
 
   fetch("/jobs?limit=100", { headers: { accept: "application/json" }, cache: "no-store" })
     .then(function (res) { return res.ok ? res.json() : { items: [] }; })

@@ -22,6 +22,10 @@ export interface JobError {
 export interface JobDocument {
   id: string;
   type: string;
+  /** The named queue it waits in (its type's), and its priority there: 0 to 9, higher first
+   * (absent on documents stored before queues existed). */
+  queue?: string;
+  priority?: number;
   status: JobStatus;
   /** 0 to 100, or null before the job reports any. */
   progress: number | null;

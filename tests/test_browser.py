@@ -576,6 +576,11 @@ def test_dashboard_lists_the_live_workers(page, base, worker):
     expect(row).to_contain_text("count_sync, demo, echo")
     expect(row).to_contain_text("of 10")
     expect(page.locator("#no-workers")).to_be_hidden()
+    # and the queues its job types name, with the workers that serve them (GET /queues)
+    for name in ("default", "heavy"):
+        queue_row = page.locator(f"#queues tr[data-queue='{name}']")
+        expect(queue_row.locator("th")).to_have_text(name)
+        expect(queue_row.locator("td").nth(3)).to_have_text("1")
     shot(page, "dashboard-workers")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 from pydantic import BaseModel, Field
@@ -136,3 +137,27 @@ async def abandonable(ctx, params: Wait) -> str:
         await asyncio.sleep(0.25)
         await ctx.progress(100 * i / steps, message=f"tick {i}")
     return "done"
+
+
+class Slot(BaseModel):
+    seconds: float = Field(0.0, ge=0, le=60)
+
+
+def took_slot(ctx) -> dict:
+    return {"pid": os.getpid(), "started": time.time(), "attempt": ctx.attempt}
+
+
+@job("slot", params=Slot, timeout=60)
+async def slot(ctx, params: Slot) -> dict:
+    """Takes one job slot for ``seconds``; says which worker process ran it, and when it started."""
+    ran = took_slot(ctx)
+    await asyncio.sleep(params.seconds)
+    return ran
+
+
+@job("heavy_slot", params=Slot, timeout=60, queue="heavy")
+async def heavy_slot(ctx, params: Slot) -> dict:
+    """``slot`` in the queue ``heavy``."""
+    ran = took_slot(ctx)
+    await asyncio.sleep(params.seconds)
+    return ran

@@ -327,7 +327,7 @@ class ProgressWorker:
             "id": self.worker_id,
             "host": socket.gethostname(),
             "pid": os.getpid(),
-            "types": sorted(self.registry),
+            "types": sorted(name for name, t in self.registry.items() if t.queue in self.queues),  # what it takes
             "concurrency": self.concurrency,
             "started_at": self.started_at,
         }
