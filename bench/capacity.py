@@ -10,7 +10,11 @@ worker send them; Redis CPU from /proc:
   store, publish) with S server connections subscribed to every job's channel and reading (S = 0,
   1, 4, 16): a server process subscribes once per watched job, however many of its clients
   watch it, so S is the number of server processes whose clients watch the job;
-* ``poll``: ``scripts.COUNT`` with the job's event (what ``GET /jobs/{id}`` runs).
+* ``poll``: ``scripts.COUNT`` with the job's event (what ``GET /jobs/{id}`` runs);
+* ``group/100``: ``Store.create_group`` of 100 children (what ``POST /jobs`` with ``group`` runs: one
+  call), and ``child/100``: ``Store.write`` of a running child of such a group, which renders the
+  group's document in the same step (``scripts.ROLLUP_LUA``); compare with ``progress/0``. Also the
+  wall time of one group submit alone (``group/100 ms``), one round trip.
 
     .venv/bin/python -m bench.capacity            # about a minute
 """
@@ -21,8 +25,10 @@ import argparse
 import asyncio
 import datetime
 import json
+import statistics
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import redis as redis_sync
@@ -95,6 +101,21 @@ async def run(n: int) -> dict[str, float]:
         out["poll"] = await measure(
             pid, n, lambda i: count(counter=contract.rate_key("poll", "bench", 0), job=contract.job_key(docs[i % BATCH]["id"]), window=60)
         )
+        members = [("demo", {"steps": 5}, b'{"steps":5}', 1, "default")] * 100
+        out["group/100"] = await measure(pid, max(20, n // 200), lambda i: store.create_group(members))
+        alone = []
+        for _ in range(30):
+            started = time.perf_counter()
+            group = (await store.create_group(members))[0]
+            alone.append((time.perf_counter() - started) * 1000)
+        out["group/100 ms"] = statistics.median(alone)
+        children = [json.loads(contract.unpack(raw).doc) for raw in await store.read_many([c["id"] for c in group["children"]])]
+        children = await asyncio.gather(*(store.write(c, "", status=contract.RUNNING, attempt=1) for c in children))
+
+        before, rounds = cpu_ticks(pid), max(1, n // len(children))
+        for i in range(rounds):  # each child once per loop turn (one pipeline), as its worker would write it
+            children = await asyncio.gather(*(store.write(c, "", progress=float(i % 100), message=f"step {i}") for c in children))
+        out["child/100"] = (cpu_ticks(pid) - before) * 1e6 / CLK_TCK / (rounds * len(children))
     finally:
         await redis.aclose()
         server.stop()
@@ -109,7 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     figures = asyncio.run(run(a.n))
     print(f"bench.capacity at {facts['git']}: Redis CPU µs per call ({a.n} calls each, {BATCH} per pipeline)")
     for name, us in figures.items():
-        print(f"  {name:12} {us:6.1f} µs   {1e6 / us:>9,.0f} per second per Redis core")
+        if name.endswith(" ms"):
+            print(f"  {name:12} {us:6.1f} ms   wall time, alone")
+        else:
+            print(f"  {name:12} {us:6.1f} µs   {1e6 / us:>9,.0f} per second per Redis core")
     record = {"run": datetime.datetime.now().strftime("%Y%m%d-%H%M%S"), "scenario": "capacity", "n": a.n,
               "redis_us": figures, "machine": facts}  # fmt: skip
     with open(RESULTS / "results.jsonl", "a") as f:

@@ -372,6 +372,15 @@ class Client:
         body = _submit_body(type, params, webhook, cancel_when_unwatched, priority)
         return _expect(self.http.post("/jobs", json=body, headers=headers), 202)
 
+    def submit_group(
+        self, members: list[dict[str, Any]], *, priority: int | None = None, idempotency_key: str | None = None
+    ) -> dict[str, Any]:
+        """``POST /jobs`` with ``group``: ``members`` are ``{"type", "params"?, "weight"?}``; answers the
+        group's document (its ``children`` with their ids), watched like any job."""
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key is not None else {}
+        body = {"group": members, **({"priority": priority} if priority is not None else {})}
+        return _expect(self.http.post("/jobs", json=body, headers=headers), 202)
+
     def status(self, job_id: str) -> dict[str, Any]:
         """The job's current document (also once succeeded: no redirect to the result)."""
         return _expect(self.http.get(_path(job_id), params={"redirect": "0"}), 200)
@@ -491,6 +500,14 @@ class AsyncClient:
         ``priority``: 0 to 9, higher first within its queue (default: the type's)."""
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key is not None else {}
         body = _submit_body(type, params, webhook, cancel_when_unwatched, priority)
+        return _expect(await self.http.post("/jobs", json=body, headers=headers), 202)
+
+    async def submit_group(
+        self, members: list[dict[str, Any]], *, priority: int | None = None, idempotency_key: str | None = None
+    ) -> dict[str, Any]:
+        """``POST /jobs`` with ``group`` (see ``Client.submit_group``)."""
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key is not None else {}
+        body = {"group": members, **({"priority": priority} if priority is not None else {})}
         return _expect(await self.http.post("/jobs", json=body, headers=headers), 202)
 
     async def status(self, job_id: str) -> dict[str, Any]:

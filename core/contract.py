@@ -179,6 +179,31 @@ def log_line(level: str, message: str, extra: dict[str, Any] | None = None, ts: 
     return raw
 
 
+# -- groups ---------------------------------------------------------------------------------
+# A group is a job whose document follows its children (``POST /jobs`` with ``group``): it is never
+# run itself. Its document has type ``GROUP`` and ``children``: each child's entry (``child_entry``
+# plus its status and progress); each child's document has ``parent``. The group's document is
+# rendered in Lua (``scripts.ROLLUP_LUA``) from ``group_template``, with each child's change.
+GROUP = "group"
+MAX_GROUP = 100  # children in one group
+GROUP_FIELDS = ("status", "progress", "seq", "updated_at", "started_at", "finished_at", "expires_at", "children")
+
+
+def group_key(job_id: str) -> str:
+    """Hash: a group's template, children and their states (``scripts.ROLLUP_LUA``)."""
+    return f"{PREFIX}group:{job_id}"
+
+
+def group_template(doc: dict[str, Any]) -> bytes:
+    """A group's document JSON with each field of ``GROUP_FIELDS`` as the string ``"@name@"``."""
+    return dumps({**doc, **{name: f"@{name}@" for name in GROUP_FIELDS}})
+
+
+def child_entry(child_id: str, job_type: str, weight: float) -> bytes:
+    """A child's entry in its group's ``children``, open at the end (its status and progress follow)."""
+    return dumps({"id": child_id, "type": job_type, "weight": weight})[:-1]
+
+
 def new_job_id() -> str:
     """``j_`` + 144 random bits, URL-safe."""
     return "j_" + secrets.token_urlsafe(18)

@@ -40,6 +40,7 @@ order the line by start-time fair queueing over tenants, with priorities:
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import time
@@ -102,16 +103,19 @@ end
 """
 
 
+@functools.cache
 def queue_key(name: str) -> str:
     """The sorted set of a named queue; ``default`` is arq's own queue."""
     return default_queue_name if name == DEFAULT else f"{default_queue_name}:{name}"
 
 
+@functools.cache
 def order_key(name: str) -> str:
     """Hash: a queue's virtual clock (field ``v``) and each tenant's last place (``t:<tenant>``)."""
     return f"{contract.PREFIX}order:{name}"
 
 
+@functools.cache
 def waiting_key(name: str) -> str:
     """Sorted set of a queue's jobs now ``queued`` (id -> time queued, µs): its depth and the
     age of its oldest job (``/metrics``, ``GET /queues``)."""

@@ -102,6 +102,74 @@ return {last, first, redis.call('LRANGE', log, from - first, from - first + tonu
 )
 
 
+# A group's document follows its children (``contract``, "groups"): ``rollup`` runs in the step
+# that writes a child (``WRITE``), so the group never misses a change and never goes back. Its
+# ``group`` hash holds ``tpl`` (the group's document with each changing field a "@name@" string),
+# ``ids`` (its children, in order, space-separated), ``tenant``, ``progress`` (the last shown),
+# ``started`` (when a first child ran), and per child ``<id>`` = "<status> <progress JSON or ''>",
+# ``w:<id>`` (its weight) and ``j:<id>`` (its entry's JSON, open at the end). The group: ``progress``
+# the children's mean by weight (a finished child counts 100), never lower than before; ``status``
+# queued while all are, running until all have ended, then failed if any failed, else cancelled if
+# any was, else succeeded; ``children`` each child's entry with its status and progress. Its packed
+# event is ``contract.pack``'s form; a final state gets the result's TTL, a tombstone and, as its
+# result, the children. Nothing changes once the group has ended, or if it has expired.
+ROLLUP_LUA = r"""
+local function rollup(parent, group, parent_channel, parent_tombstone, parent_result, child_id, state, progress, now_iso,
+                      expires_iso, live_ttl, final_ttl, tombstone_ttl)
+  local head = redis.call('HMGET', parent, 'seq', 'state')
+  local was = head[2]
+  if not was or was == 'succeeded' or was == 'failed' or was == 'cancelled' then return end
+  redis.call('HSET', group, child_id, state .. ' ' .. progress)
+  local all = redis.call('HGETALL', group)
+  local g = {}
+  for i = 1, #all, 2 do g[all[i]] = all[i + 1] end
+  local weight, done, count, queued, ended, failed, cancelled = 0, 0, 0, 0, 0, 0, 0
+  local entries = {}
+  for id in string.gmatch(g.ids, '%S+') do
+    local st, p = string.match(g[id], '^(%S+) (.*)$')
+    local w = tonumber(g['w:' .. id])
+    local final = st == 'succeeded' or st == 'failed' or st == 'cancelled'
+    weight, count = weight + w, count + 1
+    if final then done, ended = done + 100 * w, ended + 1 elseif p ~= '' then done = done + tonumber(p) * w end
+    if st == 'queued' then queued = queued + 1 end
+    if st == 'failed' then failed = failed + 1 elseif st == 'cancelled' then cancelled = cancelled + 1 end
+    entries[#entries + 1] = g['j:' .. id] .. ',"status":"' .. st .. '","progress":' .. (p == '' and 'null' or p) .. '}'
+  end
+  local status = 'running'
+  if ended == count then
+    status = (failed > 0 and 'failed') or (cancelled > 0 and 'cancelled') or 'succeeded'
+  elseif queued == count then
+    status = 'queued'
+  end
+  local terminal = ended == count
+  local pct = math.max(tonumber(g.progress or '0'), math.floor(done / weight * 100 + 0.5) / 100)
+  if not g.started and status ~= 'queued' then
+    g.started = now_iso
+    redis.call('HSET', group, 'started', now_iso)
+  end
+  local function text(v) return v and ('"' .. v .. '"') or 'null' end
+  local seq = tonumber(head[1]) + 1
+  local members = '[' .. table.concat(entries, ',') .. ']'
+  local doc = string.gsub(g.tpl, '"@([%w_]+)@"', {
+    status = '"' .. status .. '"', progress = (status == 'queued' and pct == 0) and 'null' or tostring(pct), seq = tostring(seq),
+    updated_at = text(now_iso), started_at = text(g.started), finished_at = terminal and text(now_iso) or 'null',
+    expires_at = terminal and text(expires_iso) or 'null', children = members,
+  })
+  local event = seq .. ' ' .. (terminal and status or 'progress') .. ' ' .. g.tenant .. '\n' .. doc
+  redis.call('HSET', parent, 'seq', seq, 'state', status, 'ev', event)
+  redis.call('HSET', group, 'progress', pct)
+  local ttl = terminal and final_ttl or live_ttl
+  redis.call('EXPIRE', parent, ttl)
+  redis.call('EXPIRE', group, ttl)
+  if terminal then
+    redis.call('SET', parent_tombstone, g.tenant, 'EX', tombstone_ttl)
+    redis.call('SET', parent_result, members, 'EX', final_ttl)
+  end
+  redis.call('PUBLISH', parent_channel, event)
+end
+"""
+
+
 # A document change. Returns {1, seq, last log seq (-1: no lines)} when written; {0, stored seq, stored state} when refused
 # because the stored seq is not ``expected`` or the job already ended (no change after the end).
 # Safe to run twice: a write whose exact event is already stored (its reply was lost) answers
@@ -112,7 +180,12 @@ return {last, first, redis.call('LRANGE', log, from - first, from - first + tonu
 # ``after``: what the worker's attempt does to the queue in the same step ('' nothing;
 # ``queue.FINISH``, ``queue.REQUEUE`` at ``due_ms``, ``queue.RELEASE``: ``queue.AFTER_LUA``).
 # ``log_lines`` (may be ''): log lines appended in the same step, before the event is published
-# (``LOG_LUA``); a final state gives the job's log the result's TTL.
+# (``LOG_LUA``); a final state gives the job's log the result's TTL. A child of a group changes its
+# group in the same step (``ROLLUP_LUA``): ``group`` ('' for a job outside a group) holds, space-
+# separated, the group's document key, group key, channel, tombstone key and result key, the
+# child's new progress as JSON, the time of the change, when the group would expire were it to end
+# now, and its TTL before and after its end (``Store._group_fields``: one field, so that the
+# writes of other jobs carry one empty argument more, not ten).
 WRITE = Script(
     keys=(
         "job", "tombstone", "result", "queue", "delivery_record", "queued", "webhook", "record", "lease", "tries", "log",
@@ -121,9 +194,9 @@ WRITE = Script(
     args=(
         "expected", "seq", "state", "event", "channel", "ttl", "terminal", "tombstone_ttl", "result_json",
         "delivery_payload", "delivery_ttl_ms", "delivery_id", "wake_channel", "job_id", "now_us", "tenant",
-        "after", "due_ms", "log_base", "log_lines", "log_max",
+        "after", "due_ms", "log_base", "log_lines", "log_max", "group",
     ),  # fmt: skip
-    prefix=ENQUEUE_LUA + AFTER_LUA + LOG_LUA,
+    prefix=ENQUEUE_LUA + AFTER_LUA + LOG_LUA + ROLLUP_LUA,
     body="""
 local cur = redis.call('HMGET', job, 'seq', 'state', 'webhook')
 local stored = tonumber(cur[1]) or 0
@@ -157,6 +230,11 @@ if terminal == '1' then
   end
 end
 redis.call('PUBLISH', channel, event)
+if group ~= '' then
+  local g = {}
+  for word in string.gmatch(group, '%S+') do g[#g + 1] = word end
+  rollup(g[1], g[2], g[3], g[4], g[5], job_id, state, g[6] == 'null' and '' or g[6], g[7], g[8], g[9], g[10], tombstone_ttl)
+end
 after_attempt(after, queue, job_id, record, lease, tries, due_ms)
 return {1, tonumber(seq), logseq}
 """,
@@ -318,18 +396,52 @@ return {1, tonumber(seq)}
 )
 
 
-# Creating a job: the document, the index entry and arq's job + queue entry (at its place in line,
-# ``place`` in ``queue.ENQUEUE_LUA``; a priority above 0 is kept in the job's field ``pri``), all or nothing.
-# Safe to run twice (a retry after a lost reply changes nothing: the job is there, and that is
-# checked first, before the rate counter). With an idempotency key (``idempotency_value`` not
-# ''), a key seen before returns what it remembers ("<job id> <request hash>") instead of creating
-# anything, so concurrent identical requests make exactly one job. Returns 1 (created), 0 (already
-# there), -1 (the tenant has ``queue_cap`` jobs queued; 0: no cap), -2 (over the submit rate
-# ``rate_limit`` per ``rate_window`` s, counted in ``rate``), or the remembered value.
-# ``index_trim_below`` drops index entries older than the tombstones; ``queued_trim_below`` the
-# queued and waiting sets' entries of jobs that expired while queued.
-# ``unwatched``: the job's ``cancel_when_unwatched`` in seconds ('' : none); the submit counts as
-# watching it (``contract.WATCH_BEAT``).
+# Creating jobs (``CREATE``, ``CREATE_GROUP``). ``admit``: the submit's checks, in this order: the
+# rate (``rate_limit`` per ``rate_window`` s, counted in ``rate``: -2 over it), a remembered
+# idempotency key (its value, "<job id> <request hash>", returned instead of creating anything, so
+# concurrent identical requests make exactly one job), the tenant's queue cap (``count`` more jobs
+# would pass ``queue_cap`` queued: -1; 0: no cap); nil to go on. ``store_job(j)``: one queued job
+# from the fields of table ``j``: its document, index entry and arq's job + queue entry at its place
+# in line (``place`` in ``queue.ENQUEUE_LUA``; a priority above 0 kept in the job's field ``pri``);
+# ``index_trim_below`` drops index entries older than the tombstones, ``queued_trim_below`` the
+# queued and waiting sets' entries of jobs that expired while queued; ``unwatched``: the job's
+# ``cancel_when_unwatched`` in seconds ('': none), the submit counting as watching it
+# (``contract.WATCH_BEAT``).
+CREATE_LUA = r"""
+local function admit(rate, rate_limit, rate_window, idempotency, idempotency_value, idempotency_ttl, queued, queued_trim_below, queue_cap, count)
+  local submits = redis.call('INCR', rate)
+  if submits == 1 then redis.call('EXPIRE', rate, rate_window) end
+  if submits > tonumber(rate_limit) then return -2 end
+  if idempotency_value ~= '' then
+    local prior = redis.call('GET', idempotency)
+    if prior then return prior end
+  end
+  redis.call('ZREMRANGEBYSCORE', queued, '-inf', queued_trim_below)
+  if tonumber(queue_cap) > 0 and redis.call('ZCARD', queued) + count > tonumber(queue_cap) then return -1 end
+  if idempotency_value ~= '' then redis.call('SET', idempotency, idempotency_value, 'EX', idempotency_ttl) end
+  return nil
+end
+local function store_job(j)
+  redis.call('HSET', j.job, 'seq', 1, 'state', 'queued', 'type', j.job_type, 'ev', j.event, 'params', j.params_json, 'rid', j.request_id)
+  if j.webhook_url ~= '' then redis.call('HSET', j.job, 'webhook', j.webhook_url) end
+  if j.traceparent ~= '' then redis.call('HSET', j.job, 'tp', j.traceparent) end
+  if j.priority ~= '0' then redis.call('HSET', j.job, 'pri', j.priority) end
+  if j.unwatched ~= '' then redis.call('HSET', j.job, 'unwatched', j.unwatched, 'seen', time_ms()) end  -- the submit watches
+  redis.call('EXPIRE', j.job, j.ttl)
+  redis.call('ZADD', j.index, j.now_us, j.job_id)
+  redis.call('ZREMRANGEBYSCORE', j.index, '-inf', j.index_trim_below)
+  redis.call('ZADD', j.queued, j.now_us, j.job_id)
+  redis.call('ZREMRANGEBYSCORE', j.waiting, '-inf', j.queued_trim_below)
+  redis.call('ZADD', j.waiting, j.now_us, j.job_id)
+  enqueue(j.record, j.payload, j.record_ttl_ms, j.queue, place(j.order, j.tenant, j.priority, j.step), j.job_id)
+end
+"""
+
+
+# Creating a job: ``admit``, then ``store_job``, then its first event and a wake-up for the
+# workers, all or nothing. Safe to run twice (a retry after a lost reply changes nothing: the job
+# is there, and that is checked first, before the rate counter). Returns 1 (created), 0 (already
+# there), or what ``admit`` refused with.
 CREATE = Script(
     keys=("job", "index", "record", "queue", "idempotency", "queued", "rate", "order", "waiting"),
     args=(
@@ -338,33 +450,56 @@ CREATE = Script(
         "queue_cap", "queued_trim_below", "request_id", "traceparent", "rate_limit", "rate_window",
         "tenant", "priority", "step", "unwatched",
     ),  # fmt: skip
-    prefix=ENQUEUE_LUA + TIME_LUA,
+    prefix=ENQUEUE_LUA + TIME_LUA + CREATE_LUA,
     body="""
 if redis.call('EXISTS', job) == 1 then return 0 end
-local submits = redis.call('INCR', rate)
-if submits == 1 then redis.call('EXPIRE', rate, rate_window) end
-if submits > tonumber(rate_limit) then return -2 end
-if idempotency_value ~= '' then
-  local prior = redis.call('GET', idempotency)
-  if prior then return prior end
-end
-redis.call('ZREMRANGEBYSCORE', queued, '-inf', queued_trim_below)
-if tonumber(queue_cap) > 0 and redis.call('ZCARD', queued) >= tonumber(queue_cap) then return -1 end
-if idempotency_value ~= '' then redis.call('SET', idempotency, idempotency_value, 'EX', idempotency_ttl) end
-redis.call('HSET', job, 'seq', 1, 'state', 'queued', 'type', job_type, 'ev', event, 'params', params_json, 'rid', request_id)
-if webhook_url ~= '' then redis.call('HSET', job, 'webhook', webhook_url) end
-if traceparent ~= '' then redis.call('HSET', job, 'tp', traceparent) end
-if priority ~= '0' then redis.call('HSET', job, 'pri', priority) end
-if unwatched ~= '' then redis.call('HSET', job, 'unwatched', unwatched, 'seen', time_ms()) end  -- the submit watches
-redis.call('EXPIRE', job, ttl)
-redis.call('ZADD', index, now_us, job_id)
-redis.call('ZREMRANGEBYSCORE', index, '-inf', index_trim_below)
-redis.call('ZADD', queued, now_us, job_id)
-redis.call('ZREMRANGEBYSCORE', waiting, '-inf', queued_trim_below)
-redis.call('ZADD', waiting, now_us, job_id)
-enqueue(record, payload, record_ttl_ms, queue, place(order, tenant, priority, step), job_id)
+local refused = admit(rate, rate_limit, rate_window, idempotency, idempotency_value, idempotency_ttl, queued, queued_trim_below, queue_cap, 1)
+if refused then return refused end
+store_job({
+  job = job, index = index, record = record, queue = queue, queued = queued, waiting = waiting, order = order, job_id = job_id,
+  job_type = job_type, event = event, ttl = ttl, now_us = now_us, index_trim_below = index_trim_below,
+  queued_trim_below = queued_trim_below, payload = payload, record_ttl_ms = record_ttl_ms, params_json = params_json,
+  webhook_url = webhook_url, request_id = request_id, traceparent = traceparent, tenant = tenant, priority = priority,
+  step = step, unwatched = unwatched,
+})
 redis.call('PUBLISH', channel, event)
 redis.call('PUBLISH', wake_channel, job_id)
+return 1
+""",
+)
+
+
+# Creating a group (``contract``, "groups"): its document (``parent``, with the fields of
+# ``group``: its template, children and tenant, as ``ROLLUP_LUA`` reads them) and each of its
+# ``children`` (a JSON array of objects with ``store_job``'s fields that differ between children:
+# job, record, queue, order, waiting, job_id, job_type, event, payload, params_json, priority),
+# after one ``admit`` for them all, all or nothing. Safe to run twice, as ``CREATE``. Returns as
+# ``CREATE``.
+CREATE_GROUP = Script(
+    keys=("parent", "group", "index", "idempotency", "queued", "rate"),
+    args=(
+        "parent_id", "event", "group_fields", "children", "ttl", "now_us", "index_trim_below", "record_ttl_ms",
+        "channel", "wake_channel", "idempotency_value", "idempotency_ttl", "queue_cap", "queued_trim_below",
+        "request_id", "traceparent", "rate_limit", "rate_window", "tenant", "step",
+    ),  # fmt: skip
+    prefix=ENQUEUE_LUA + TIME_LUA + CREATE_LUA,
+    body="""
+if redis.call('EXISTS', parent) == 1 then return 0 end
+local kids = cjson.decode(children)
+local refused = admit(rate, rate_limit, rate_window, idempotency, idempotency_value, idempotency_ttl, queued, queued_trim_below, queue_cap, #kids)
+if refused then return refused end
+for _, j in ipairs(kids) do
+  j.index, j.queued, j.ttl, j.now_us, j.index_trim_below, j.queued_trim_below = index, queued, ttl, now_us, index_trim_below, queued_trim_below
+  j.record_ttl_ms, j.webhook_url, j.request_id, j.traceparent, j.tenant, j.step, j.unwatched = record_ttl_ms, '', request_id, traceparent, tenant, step, ''
+  store_job(j)
+end
+redis.call('HSET', parent, 'seq', 1, 'state', 'queued', 'type', 'group', 'ev', event, 'rid', request_id)
+redis.call('EXPIRE', parent, ttl)
+redis.call('HSET', group, unpack(cjson.decode(group_fields)))
+redis.call('EXPIRE', group, ttl)
+redis.call('ZADD', index, now_us, parent_id)
+redis.call('PUBLISH', channel, event)
+redis.call('PUBLISH', wake_channel, parent_id)
 return 1
 """,
 )

@@ -86,9 +86,11 @@ class Store:
         self.settings = settings
         self._write = Batched(redis, scripts.WRITE, REDIS_DEADLINE)
         self._create = Batched(redis, scripts.CREATE, REDIS_DEADLINE)
+        self._create_group = redis.register_script(scripts.CREATE_GROUP.lua)
         self._log = Batched(redis, scripts.LOG, REDIS_DEADLINE)
         self._log_read = redis.register_script(scripts.LOG_READ.lua)
         self._no_log = {"log_base": -1, "log_lines": b"", "log_max": settings.job_log_lines}  # (most writes)
+        self._no_group = {"group": ""}  # (writes of jobs outside a group)
         self._reopen = redis.register_script(scripts.REOPEN.lua)
         self._webhook_done = redis.register_script(scripts.WEBHOOK_DONE.lua)
         self.replicas = settings.redis_wait_replicas
@@ -225,6 +227,12 @@ class Store:
             step=self.settings.priority_step,
             unwatched="" if cancel_when_unwatched is None else cancel_when_unwatched,
         )
+        return await self._created(answer, job_id, fingerprint, doc, event)
+
+    async def _created(
+        self, answer: Any, job_id: str, fingerprint: str, doc: dict[str, Any], event: bytes
+    ) -> tuple[dict[str, Any], bytes, bool]:
+        """What ``CREATE`` or ``CREATE_GROUP`` answered, as ``create`` returns it."""
         if answer == -2:
             raise RateLimited()
         if answer == -1:
@@ -271,6 +279,7 @@ class Store:
         delivery = contract.webhook_delivery_id(job_id, new["seq"])
         enqueued_ms = now_ms()
         lines = self._no_log if log is None else {f"log_{k}": v for k, v in log.fields(self.settings.job_log_lines).items()}
+        group = self._no_group if "parent" not in new else self._group_fields(new)
         ok, *stored = await self._write(
             job=contract.job_key(job_id),
             log=contract.log_key(job_id),
@@ -305,6 +314,7 @@ class Store:
             after=after,
             due_ms=due_ms,
             **lines,
+            **group,
         )
         if not ok:
             seq, state = stored
@@ -314,6 +324,65 @@ class Store:
         if terminal:
             await self._replicated()
         return new
+
+    def _group_fields(self, new: dict[str, Any]) -> dict[str, Any]:
+        """``scripts.WRITE``'s ``group`` for ``new``, a child's next document (``scripts.ROLLUP_LUA``)."""
+        s, parent = self.settings, new["parent"]
+        fields = (
+            contract.job_key(parent), contract.group_key(parent), contract.channel(parent), contract.tombstone_key(parent),
+            contract.result_key(parent), contract.dumps(new["progress"]).decode(), new["updated_at"],
+            contract.iso(time.time() + s.result_ttl), str(s.job_ttl), str(s.result_ttl),
+        )  # fmt: skip
+        return {"group": " ".join(fields)}
+
+    async def create_group(
+        self,
+        children: list[tuple[str, dict[str, Any], bytes, float, str]],
+        tenant: str = "",
+        idempotency_key: str | None = None,
+        request_id: str = "",
+        rate: tuple[str, int, int] = ("", 0, 0),
+        traceparent: str = "",
+        priority: int = 0,
+    ) -> tuple[dict[str, Any], bytes, bool]:
+        """Store a group of ``tenant`` and its ``children`` (each ``(type, params, params JSON,
+        weight, queue name)``, queued at ``priority``), atomically (``scripts.CREATE_GROUP``).
+        Answers and raises as ``create``."""
+        now, enqueued_ms, now_us = contract.now_iso(), now_ms(), time.time_ns() // 1000
+        parent_id = contract.new_job_id()
+        kids, entries, fields = [], [], []
+        for job_type, params, params_json, weight, queue_name in children:
+            child_id = contract.new_job_id()
+            child = {**contract.new_document(child_id, job_type, now, None, queue_name, priority), "parent": parent_id}
+            kids.append({
+                "job": contract.job_key(child_id), "record": queue.record_key(child_id), "queue": queue.queue_key(queue_name),
+                "order": queue.order_key(queue_name), "waiting": queue.waiting_key(queue_name), "job_id": child_id,
+                "job_type": job_type, "event": contract.pack(child, tenant).decode(), "params_json": params_json.decode(),
+                "payload": queue.payload(job_type, (params,), enqueued_ms).decode(), "priority": str(priority),
+            })  # fmt: skip
+            entry = contract.child_entry(child_id, job_type, weight)
+            entries.append({**json.loads(entry + b"}"), "status": contract.QUEUED, "progress": None})
+            fields += [child_id, "queued ", f"w:{child_id}", str(weight), f"j:{child_id}", entry.decode()]
+        doc = {**contract.new_document(parent_id, contract.GROUP, now, None, None, priority), "children": entries}
+        fields += ["tpl", contract.group_template(doc).decode(), "ids", " ".join(k["job_id"] for k in kids), "tenant", tenant]
+        event = contract.pack(doc, tenant)
+        request = [[t, p, w, q] for t, p, _, w, q in children]
+        fingerprint = request_hash(contract.GROUP, {"children": request}, None, priority) if idempotency_key else ""
+        keys, args = scripts.CREATE_GROUP.fields(
+            parent=contract.job_key(parent_id), group=contract.group_key(parent_id), index=contract.jobs_index(tenant),
+            idempotency=contract.idempotency_key(tenant, idempotency_key or ""), queued=contract.queued_set(tenant),
+            rate=rate[0] or contract.rate_key("submit", "-", 0), parent_id=parent_id, event=event,
+            group_fields=contract.dumps(fields), children=contract.dumps(kids), ttl=self.settings.job_ttl, now_us=now_us,
+            index_trim_below=now_us - self.settings.tombstone_ttl * 1_000_000, record_ttl_ms=queue.RECORD_TTL_MS,
+            channel=contract.channel(parent_id), wake_channel=contract.WAKE_CHANNEL,
+            idempotency_value=f"{parent_id} {fingerprint}" if idempotency_key else "",
+            idempotency_ttl=self.settings.idempotency_ttl, queue_cap=self.settings.queue_cap,
+            queued_trim_below=now_us - self.settings.job_ttl * 1_000_000, request_id=request_id, traceparent=traceparent,
+            rate_limit=rate[1] if rate[0] else 1 << 62, rate_window=rate[2] or 1, tenant=tenant,
+            step=self.settings.priority_step,
+        )  # fmt: skip
+        answer = await self._create_group(keys=keys, args=args)
+        return await self._created(answer, parent_id, fingerprint, doc, event)
 
     async def append_log(self, job_id: str, log: LogBatch) -> int:
         """Append ``log`` to the job's log and publish it (``scripts.LOG``); returns the last seq

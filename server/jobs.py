@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 from typing import Any
@@ -56,48 +57,110 @@ async def _submit(request: Request, span: Any) -> Response:
     payload = await read_json(request)  # not under the Redis deadline: a slow upload is not Redis
     if not isinstance(payload, dict):
         raise invalid("body", "must be a JSON object")
+    if "group" in payload:
+        return await _submit_group(request, span, caller, payload)
     unknown = set(payload) - {"type", "params", "webhook", "priority", "cancel_when_unwatched"}
     if unknown:
         raise invalid(sorted(unknown)[0], "unknown field")
     registry = request.app.state.registry
-    job_type = payload.get("type")
-    if not isinstance(job_type, str) or job_type not in registry:
-        raise invalid("type", f"must be one of: {', '.join(sorted(registry))}")
-    params = payload.get("params", {})
-    if not isinstance(params, dict):
-        raise invalid("params", "must be a JSON object")
-    params_json = contract.dumps(params)
-    if len(params_json) > settings.params_max_bytes:
-        raise invalid("params", f"must be at most {settings.params_max_bytes} bytes as JSON")
-    if depth(params, MAX_PARAMS_DEPTH) > MAX_PARAMS_DEPTH:
-        raise invalid("params", f"must not nest deeper than {MAX_PARAMS_DEPTH} levels")
-    try:  # strict, as JSON Schema reads it (/job-types, /openapi.json): "5" and true are not integers, 5.0 is
-        registry[job_type].params.model_validate_json(contract.dumps(integral(params)), strict=True)
-    except ValidationError as e:
-        errors = [{"field": ".".join(["params", *map(str, err["loc"])]), "message": err["msg"]} for err in e.errors()]
-        raise Problem(422, "Invalid params", errors[0]["field"] + ": " + errors[0]["message"], errors=errors) from None
-    cap = settings.max_priority_of(caller.tenant)
-    priority = integral(payload.get("priority", min(registry[job_type].priority, cap)))  # (8.0 is an integer, as JSON Schema reads it)
-    if type(priority) is not int or not 0 <= priority <= cap:  # (not true)
-        raise invalid("priority", f"must be an integer from 0 to {cap}")
+    job_type, params, params_json = checked(payload, registry, settings)
+    priority = checked_priority(payload, settings.max_priority_of(caller.tenant), registry[job_type].priority)
     webhook = payload.get("webhook")
     if "webhook" in payload:  # a URL; null is not "no webhook" (the schema says string)
         problem = await webhooks.check_submitted(webhook, request.app.state.settings)
         if problem:
             raise invalid("webhook", problem)
     unwatched = cancel_when_unwatched(payload, registry[job_type])
+    key = idempotency_key(request)
+    # accepted even when no live worker runs the type (one may be starting); the document says so
+    waiting = None if job_type in request.app.state.live_types else workers.waiting_message(job_type)
+    with refusals(settings):
+        async with redis_deadline():  # one round trip: rate counter, idempotency, cap, job, enqueue
+            doc, doc_json, _ = await request.app.state.store.create(
+                job_type, params, caller.tenant, webhook, key, request_id.get(), submit_rate(caller, settings), params_json, waiting,
+                tracing.traceparent(span), registry[job_type].queue, priority, unwatched,
+            )  # fmt: skip
+    return accepted(request, span, caller, doc, doc_json)
+
+
+async def _submit_group(request: Request, span: Any, caller: Caller, payload: dict[str, Any]) -> Response:
+    """``{"group": [{"type", "params", "weight"}, ...], "priority"?}``: a group and its children."""
+    settings = request.app.state.settings
+    unknown = set(payload) - {"group", "priority"}
+    if unknown:
+        raise invalid(sorted(unknown)[0], "unknown field" if sorted(unknown)[0] != "webhook" else "not taken by a group")
+    members = payload["group"]
+    if not isinstance(members, list) or not 1 <= len(members) <= contract.MAX_GROUP:
+        raise invalid("group", f"must be a list of 1 to {contract.MAX_GROUP} jobs")
+    registry = request.app.state.registry
+    priority = checked_priority(payload, settings.max_priority_of(caller.tenant), 0)
+    children = []
+    for i, member in enumerate(members):
+        where = f"group[{i}]"
+        if not isinstance(member, dict):
+            raise invalid(where, "must be a JSON object")
+        unknown = set(member) - {"type", "params", "weight"}
+        if unknown:
+            raise invalid(f"{where}.{sorted(unknown)[0]}", "unknown field")
+        job_type, params, params_json = checked(member, registry, settings, where + ".")
+        weight = integral(member.get("weight", 1))
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight <= 1_000_000:
+            raise invalid(f"{where}.weight", "must be a number above 0, at most 1000000")
+        children.append((job_type, params, params_json, weight, registry[job_type].queue))
+    key = idempotency_key(request)
+    with refusals(settings):
+        async with redis_deadline():  # one round trip: rate counter, idempotency, cap, the group and its jobs, enqueue
+            doc, doc_json, _ = await request.app.state.store.create_group(
+                children, caller.tenant, key, request_id.get(), submit_rate(caller, settings), tracing.traceparent(span), priority
+            )
+    return accepted(request, span, caller, doc, doc_json)
+
+
+def checked(payload: dict[str, Any], registry: dict[str, JobType], settings: Any, where: str = "") -> tuple[str, Any, bytes]:
+    """``(type, params, params JSON)`` of a submitted job, each checked (fields named ``where`` + name)."""
+    job_type = payload.get("type")
+    if not isinstance(job_type, str) or job_type not in registry:
+        raise invalid(where + "type", f"must be one of: {', '.join(sorted(registry))}")
+    params = payload.get("params", {})
+    if not isinstance(params, dict):
+        raise invalid(where + "params", "must be a JSON object")
+    params_json = contract.dumps(params)
+    if len(params_json) > settings.params_max_bytes:
+        raise invalid(where + "params", f"must be at most {settings.params_max_bytes} bytes as JSON")
+    if depth(params, MAX_PARAMS_DEPTH) > MAX_PARAMS_DEPTH:
+        raise invalid(where + "params", f"must not nest deeper than {MAX_PARAMS_DEPTH} levels")
+    try:  # strict, as JSON Schema reads it (/job-types, /openapi.json): "5" and true are not integers, 5.0 is
+        registry[job_type].params.model_validate_json(contract.dumps(integral(params)), strict=True)
+    except ValidationError as e:
+        errors = [{"field": ".".join([where + "params", *map(str, err["loc"])]), "message": err["msg"]} for err in e.errors()]
+        raise Problem(422, "Invalid params", errors[0]["field"] + ": " + errors[0]["message"], errors=errors) from None
+    return job_type, params, params_json
+
+
+def checked_priority(payload: dict[str, Any], cap: int, default: int) -> int:
+    priority = integral(payload.get("priority", min(default, cap)))  # (8.0 is an integer, as JSON Schema reads it)
+    if type(priority) is not int or not 0 <= priority <= cap:  # (not true)
+        raise invalid("priority", f"must be an integer from 0 to {cap}")
+    return priority
+
+
+def idempotency_key(request: Request) -> str | None:
     key = request.headers.get("idempotency-key")
     if key is not None and not IDEMPOTENCY_KEY.fullmatch(key):
         raise invalid("Idempotency-Key", "must be 1 to 255 visible ASCII characters (spaces only inside)")
+    return key
+
+
+def submit_rate(caller: Caller, settings: Any) -> tuple[str, int, int]:
+    """The caller's submit counter, limit and window (``Store.create``'s ``rate``)."""
+    return ratelimit.window_key("submit", caller.ident), settings.rate_submit, ratelimit.WINDOW
+
+
+@contextlib.contextmanager
+def refusals(settings: Any):
+    """What ``Store.create`` and ``create_group`` refuse, as problems."""
     try:
-        rate = (ratelimit.window_key("submit", caller.ident), settings.rate_submit, ratelimit.WINDOW)
-        # accepted even when no live worker runs the type (one may be starting); the document says so
-        waiting = None if job_type in request.app.state.live_types else workers.waiting_message(job_type)
-        async with redis_deadline():  # one round trip: rate counter, idempotency, cap, job, enqueue
-            doc, doc_json, _ = await request.app.state.store.create(
-                job_type, params, caller.tenant, webhook, key, request_id.get(), rate, params_json, waiting,
-                tracing.traceparent(span), registry[job_type].queue, priority, unwatched,
-            )  # fmt: skip
+        yield
     except RateLimited:
         raise ratelimit.too_many("submit", settings.rate_submit) from None
     except QueueFull:
@@ -110,9 +173,13 @@ async def _submit(request: Request, span: Any) -> Response:
             "This Idempotency-Key was used with a different request.",
             errors=[{"field": "Idempotency-Key", "message": "already used with a different request"}],
         ) from None
+
+
+def accepted(request: Request, span: Any, caller: Caller, doc: dict[str, Any], doc_json: bytes) -> Response:
+    """``202``: the new document with its watch token, ``Location`` and ``Retry-After``."""
     headers = {"Location": doc["links"]["self"], "Retry-After": retry_after(doc)}
     if span is not None:
-        span.set_attributes({"job.id": doc["id"], "job.type": job_type})
+        span.set_attributes({"job.id": doc["id"], "job.type": doc["type"]})
         headers["X-Trace-Id"] = tracing.trace_id(span)
     token = request.app.state.auth.token(doc["id"], caller.tenant)
     return JSONAnswer(contract.with_field(doc_json, "token", token), 202, headers)
@@ -242,9 +309,26 @@ async def params(request: Request) -> Response:
 
 @deadline
 async def cancel(request: Request) -> Response:
-    """Queued: cancelled at once (200). Running: the worker is told to stop (202)."""
+    """Queued: cancelled at once (200). Running: the worker is told to stop (202). A group: each
+    of its children that has not ended is cancelled so (202; the group ends once they have)."""
     job_id = request.path_params["job_id"]
     caller = await key_holder(request)
+    event = await load(request, job_id, caller)
+    doc = json.loads(event.doc)
+    if event.terminal:
+        raise Problem(409, "Job already finished", f"Job {job_id!r} is {doc['status']}.", job_status=doc["status"])
+    if doc["type"] == contract.GROUP and "children" in doc:
+        for child in doc["children"]:
+            if child["status"] not in contract.TERMINAL:
+                await cancel_job(request, child["id"], caller)
+        return JSONAnswer(event.doc, 202)
+    status, body = await cancel_job(request, job_id, caller)
+    return JSONAnswer(body, status)
+
+
+async def cancel_job(request: Request, job_id: str, caller: Caller) -> tuple[int, bytes]:
+    """Cancel one job: ``(200, its cancelled document)`` if it was queued, ``(202, its document)``
+    once its worker is told to stop; ``409`` if it has ended."""
     store = request.app.state.store
     redis = store.redis
     for _ in range(5):
@@ -258,12 +342,12 @@ async def cancel(request: Request) -> Response:
             except WriteRefused:
                 continue  # a worker took it, or it changed: look again
             await queue.dequeue(redis, doc.get("queue", queue.DEFAULT), job_id)
-            return JSONAnswer(contract.dumps(doc), 200)
+            return 200, contract.dumps(doc)
         async with redis.pipeline(transaction=True) as tx:
             tx.set(contract.cancel_key(job_id), b"1", ex=store.settings.job_ttl)
             tx.publish(contract.CANCEL_CHANNEL, job_id)
             await tx.execute()
-        return JSONAnswer(event.doc, 202)
+        return 202, event.doc
     raise Problem(409, "Job is changing", "Try again.", headers={"Retry-After": "1"})
 
 
@@ -278,6 +362,9 @@ async def retry(request: Request) -> Response:
     doc = json.loads(event.doc)
     if doc["status"] not in (contract.FAILED, contract.CANCELLED):
         detail = f"Job {job_id!r} is {doc['status']}; only failed or cancelled jobs can be retried."
+        raise Problem(409, "Job cannot be retried", detail, job_status=doc["status"])
+    if doc["type"] == contract.GROUP:
+        detail = "A group is not run again as a whole; retry its failed or cancelled children (a group that has ended stays so)."
         raise Problem(409, "Job cannot be retried", detail, job_status=doc["status"])
     await request.app.state.store.redis.delete(contract.cancel_key(job_id))
     try:

@@ -151,7 +151,7 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "id": {"type": "string", "pattern": JOB_ID},
             "type": {"type": "string", "description": "the job type"},
-            "queue": {"type": "string", "description": "the named queue it waits in (its type's)"},
+            "queue": {"type": ["string", "null"], "description": "the named queue it waits in (its type's); null for a group"},
             "priority": {"type": "integer", "minimum": 0, "maximum": 9, "description": "higher starts first within its queue"},
             "status": {"enum": list(contract.STATES)},
             "progress": {"type": ["number", "null"], "minimum": 0, "maximum": 100, "description": "percent; null until reported (or when not measurable)"},
@@ -185,6 +185,22 @@ SCHEMAS: dict[str, Any] = {
                         "ended_at": {"type": "string", "format": "date-time"},
                         "outcome": {"enum": ["succeeded", "failed", "cancelled", "retrying", "requeued", "lost"]},
                         "error": {"oneOf": [schema("JobError"), {"type": "null"}]},
+                    },
+                },
+            },
+            "parent": {"type": "string", "pattern": JOB_ID, "description": "a group's child: the group"},
+            "children": {
+                "type": "array",
+                "description": "a group's: its children, in order, with their weights, statuses and progress",
+                "items": {
+                    "type": "object",
+                    "required": ["id", "type", "weight", "status", "progress"],
+                    "properties": {
+                        "id": {"type": "string", "pattern": JOB_ID},
+                        "type": {"type": "string"},
+                        "weight": {"type": "number", "exclusiveMinimum": 0},
+                        "status": {"enum": list(contract.STATES)},
+                        "progress": {"type": ["number", "null"], "minimum": 0, "maximum": 100},
                     },
                 },
             },
@@ -509,7 +525,25 @@ def params_schemas(registry: dict[str, JobType], max_priority: int = 9) -> tuple
             },
         }
         branches.append(branch)
-    return components, {"oneOf": branches} if branches else {"not": {}}
+    if not branches:
+        return components, {"not": {}}
+    members = []
+    for branch in branches:
+        properties = {"type": branch["properties"]["type"], "params": branch["properties"]["params"]}
+        properties["weight"] = {"type": "number", "exclusiveMinimum": 0, "maximum": 1_000_000, "default": 1, "description": "its share of the group's progress"}
+        members.append({**branch, "properties": properties})
+    group = {
+        "type": "object",
+        "title": "a group",
+        "description": "A group of jobs with one document whose progress is its children's mean by weight (README, Groups)",
+        "required": ["group"],
+        "additionalProperties": False,
+        "properties": {
+            "group": {"type": "array", "minItems": 1, "maxItems": contract.MAX_GROUP, "items": {"oneOf": members}},
+            "priority": {"type": "integer", "minimum": 0, "maximum": max_priority, "default": 0, "description": "of each child"},
+        },
+    }
+    return components, {"oneOf": [*branches, group]}
 
 
 def unwatched(job_type: JobType) -> dict[str, Any]:
@@ -556,6 +590,8 @@ def build(settings: Settings, registry: dict[str, JobType]) -> dict[str, Any]:
             "description": "POSTed the final document, signed (Standard Webhooks); 422 unless its host resolves only to public addresses (or WEBHOOK_ALLOWED_HOSTS)",
         }
         for branch in submission.get("oneOf", []):
+            if "group" in branch["properties"]:
+                continue  # (a group takes no webhook)
             branch["properties"]["webhook"] = webhook
             branch["not"] = {"required": ["webhook", "cancel_when_unwatched"]}  # a webhook receives the result
     job_id = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string", "pattern": JOB_ID}}

@@ -46,7 +46,7 @@ function newCard(job) {
     expires: q(".expires"), expiresRow: q(".meta-expires"),
   };
   li.dataset.job = job.id;
-  q(".type").textContent = job.type;
+  q(".type").textContent = job.children ? `group of ${job.children.length}` : job.type;
   const id = q(".job-id");
   id.textContent = job.id;
   const title = q(".card-title");
@@ -160,6 +160,42 @@ $("start").addEventListener("submit", async (e) => {
     const job = await res.json();
     render(job, "http");
     watcher.add(job.id, job.seq, job.token); // the token lets it watch this job when the server has API keys
+  } catch (err) {
+    error.textContent = `Could not reach the server: ${err.message}`;
+    error.hidden = false;
+  } finally {
+    button.disabled = false;
+  }
+});
+
+// A group: three children of different lengths and weights, and one overall bar (the group's own
+// document). The group and each child are watched on the one connection.
+const FORMATS = [
+  { name: "720p", steps: 10, interval: 0.15, weight: 1 },
+  { name: "1080p", steps: 15, interval: 0.2, weight: 2 },
+  { name: "4k", steps: 20, interval: 0.3, weight: 4 },
+];
+$("start-group").addEventListener("click", async () => {
+  const error = $("form-error");
+  const button = $("start-group");
+  button.disabled = true;
+  try {
+    const group = FORMATS.map((f) => ({ type: "demo", params: { steps: f.steps, interval: f.interval }, weight: f.weight }));
+    const res = await fetch("/jobs", {
+      method: "POST",
+      headers: { "content-type": "application/json", accept: "application/json" },
+      body: JSON.stringify({ group }),
+    });
+    if (res.status !== 202) {
+      error.textContent = `Could not start the group: ${await problemText(res)}`;
+      error.hidden = false;
+      return;
+    }
+    error.hidden = true;
+    const parent = await res.json();
+    for (const child of parent.children) watcher.add(child.id, 0); // their cards come with their first documents
+    render(parent, "http");
+    watcher.add(parent.id, parent.seq, parent.token);
   } catch (err) {
     error.textContent = `Could not reach the server: ${err.message}`;
     error.hidden = false;

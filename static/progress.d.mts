@@ -18,14 +18,27 @@ export interface JobError {
   traceback?: string;
 }
 
+/** A child's entry in its group's document. */
+export interface GroupChild {
+  id: string;
+  type: string;
+  weight: number;
+  status: JobStatus;
+  progress: number | null;
+}
+
 /** The job document: the same JSON in status answers, SSE `data:`, WebSocket messages and job lists. */
 export interface JobDocument {
   id: string;
   type: string;
   /** The named queue it waits in (its type's), and its priority there: 0 to 9, higher first
    * (absent on documents stored before queues existed). */
-  queue?: string;
+  queue?: string | null;
   priority?: number;
+  /** A group's child: the group's id. */
+  parent?: string;
+  /** A group's: its children, in order (the group's progress is their mean by weight). */
+  children?: GroupChild[];
   status: JobStatus;
   /** 0 to 100, or null before the job reports any. */
   progress: number | null;

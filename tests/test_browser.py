@@ -128,6 +128,26 @@ def test_demo_job_rises_through_intermediate_values_to_100(page, base):
     assert {d["transport"] for d in docs[1:]} == {"websocket"}  # docs[0] is the POST answer
 
 
+def test_a_group_shows_one_overall_bar_rising_with_its_three_jobs(page, base):
+    """The demo's group: one card for the group and one per child, on the one connection; the
+    group's bar only rises, and ends at 100 once all three have."""
+    page.goto(base + "/")
+    page.get_by_role("button", name="Start a group of 3").click()
+    group = page.locator(".card", has_text="group of 3")
+    expect(group).to_have_attribute("data-status", "running")
+    expect(page.locator(".card")).to_have_count(4)
+    shot(page, "demo-group-running")
+    expect(group).to_have_attribute("data-status", "succeeded", timeout=30_000)
+    expect(page.locator(".card[data-status='succeeded']")).to_have_count(4)
+    expect(group.locator(".pct")).to_have_text("100%")
+    shot(page, "demo-group-succeeded")
+    docs = renders(page, group.get_attribute("data-job"))
+    assert_rendered_ok(docs, "succeeded")
+    shown = [d["progress"] for d in docs if d["progress"] is not None]
+    assert shown == sorted(shown) and len([p for p in shown if 0 < p < 100]) >= 5, shown
+    assert page.evaluate("__transports.filter(t => t.name === 'websocket' && t.live).length") == 1
+
+
 def test_several_jobs_at_once_failed_and_cancelled(page, base):
     page.goto(base + "/")
     long = start_job(page, steps=300, interval=0.1)  # first: the watcher never goes idle in between

@@ -68,8 +68,8 @@ def job(
     """Register the decorated function as job type ``name``. ``cancel_when_unwatched=S``: a job
     nobody watches (no stream, WebSocket subscription or poll) for S seconds is cancelled, unless
     it has a webhook; a submit may ask for less (README, "Abandoned work")."""
-    if not name or name.startswith("_"):
-        raise ValueError(f"job type name {name!r} must not be empty or start with '_'")
+    if not name or name.startswith("_") or name == contract.GROUP:
+        raise ValueError(f"job type name {name!r} must not be empty, {contract.GROUP!r} or start with '_'")
     if max_tries < 1:
         raise ValueError("max_tries must be >= 1")
     if not queues.QUEUE_NAME.fullmatch(queue):

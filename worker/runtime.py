@@ -31,7 +31,6 @@ Also:
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import os
@@ -87,6 +86,9 @@ class ProgressWorker:
         self.queues = served_queues(settings.worker_queues, registry, self.concurrency)  # name -> most at once
         self.tasks: dict[str, asyncio.Task] = {}  # every claimed job under way here, by id
         self.queue_of: dict[str, bytes] = {}  # the queue key of each of them
+        self.running_in = {queue.queue_key(name).encode(): 0 for name in self.queues}  # how many, by queue key
+        # what a claim asks of each queue: its key, its order key (and then how many)
+        self._claims = [(name, queue.queue_key(name).encode(), f"{queue.queue_key(name)} {queue.order_key(name)}") for name in self.queues]
         self._turn = 0  # which queue a claim looks at first
         self.bounced: dict[str, float] = {}  # job id -> until when: a type we do not run, left for others
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
@@ -181,14 +183,12 @@ class ProgressWorker:
             self.bounced = {job_id: until for job_id, until in self.bounced.items() if until > now}
         # a job still under way here is not claimed again, even when its lease lapsed in an outage
         skip = " ".join([*self.tasks, *self.bounced])
-        running = collections.Counter(self.queue_of.values())
-        names = list(self.queues)
-        self._turn = (self._turn + 1) % len(names)
+        self._turn = (self._turn + 1) % len(self._claims)
         wanted = []
-        for name in names[self._turn :] + names[: self._turn]:
-            key = queue.queue_key(name)
-            if self.queues[name] > running[key.encode()]:
-                wanted.append(f"{key} {queue.order_key(name)} {self.queues[name] - running[key.encode()]}")
+        for name, key, keys in self._claims[self._turn :] + self._claims[: self._turn]:
+            room = self.queues[name] - self.running_in[key]
+            if room > 0:
+                wanted.append(f"{keys} {room}")
         if not wanted:
             return 0
         keys, args = scripts.CLAIM.fields(
@@ -204,12 +204,13 @@ class ProgressWorker:
             task = asyncio.create_task(self._attempt(job_id, claimed))
             self.tasks[job_id] = task
             self.queue_of[job_id] = claimed.queue
+            self.running_in[claimed.queue] += 1
             task.add_done_callback(lambda _, job_id=job_id: self._done(job_id))
         return len(rows)
 
     def _done(self, job_id: str) -> None:
         self.tasks.pop(job_id, None)
-        self.queue_of.pop(job_id, None)
+        self.running_in[self.queue_of.pop(job_id)] -= 1
         self._wake.set()  # a slot is free: look at the queue now
 
     async def _attempt(self, job_id: str, claimed: scripts.Claimed) -> None:
@@ -332,8 +333,7 @@ class ProgressWorker:
             "started_at": self.started_at,
         }
         while True:
-            running = collections.Counter(self.queue_of.values())
-            serving = {name: {"limit": most, "running": running[queue.queue_key(name).encode()]} for name, most in self.queues.items()}
+            serving = {name: {"limit": self.queues[name], "running": self.running_in[key]} for name, key, _ in self._claims}
             try:
                 await workers.beat(self.redis, {**record, "running": len(self.attempts.running), "queues": serving})
             except Exception as e:  # Redis blip: the next beat tries again
