@@ -182,7 +182,7 @@ def log_line(level: str, message: str, extra: dict[str, Any] | None = None, ts: 
 # -- groups ---------------------------------------------------------------------------------
 # A group is a job whose document follows its children (``POST /jobs`` with ``group``): it is never
 # run itself. Its document has type ``GROUP`` and ``children``: each child's entry (``child_entry``
-# plus its status and progress); each child's document has ``parent``. The group's document is
+# plus its status); each child's document has ``parent``. The group's document is
 # rendered in Lua (``scripts.ROLLUP_LUA``) from ``group_template``, with each child's change.
 GROUP = "group"
 MAX_GROUP = 100  # children in one group
@@ -200,7 +200,7 @@ def group_template(doc: dict[str, Any]) -> bytes:
 
 
 def child_entry(child_id: str, job_type: str, weight: float) -> bytes:
-    """A child's entry in its group's ``children``, open at the end (its status and progress follow)."""
+    """A child's entry in its group's ``children``, open at the end (its status follows)."""
     return dumps({"id": child_id, "type": job_type, "weight": weight})[:-1]
 
 

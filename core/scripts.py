@@ -105,64 +105,78 @@ return {last, first, redis.call('LRANGE', log, from - first, from - first + tonu
 # A group's document follows its children (``contract``, "groups"): ``rollup`` runs in the step
 # that writes a child (``WRITE``), so the group never misses a change and never goes back. Its
 # ``group`` hash holds ``tpl`` (the group's document with each changing field a "@name@" string),
-# ``ids`` (its children, in order, space-separated), ``tenant``, ``progress`` (the last shown),
-# ``started`` (when a first child ran), and per child ``<id>`` = "<status> <progress JSON or ''>",
-# ``w:<id>`` (its weight) and ``j:<id>`` (its entry's JSON, open at the end). The group: ``progress``
-# the children's mean by weight (a finished child counts 100), never lower than before; ``status``
-# queued while all are, running until all have ended, then failed if any failed, else cancelled if
-# any was, else succeeded; ``children`` each child's entry with its status and progress. Its packed
-# event is ``contract.pack``'s form; a final state gets the result's TTL, a tombstone and, as its
-# result, the children. Nothing changes once the group has ended, or if it has expired.
+# ``ids`` (its children, in order, space-separated), ``tenant``, per child ``<id>`` = "<status>
+# <progress JSON, or ''>", ``w:<id>`` (its weight) and ``j:<id>`` (its entry's JSON, open at the
+# end), and what the group's document is made of, kept up to date with each change: ``done`` (the
+# sum of weight x progress, a finished child counting 100), ``weight`` (of them all), ``count``,
+# how many are ``queued``, have ``ended``, ``failed`` or were ``cancelled``, ``progress`` (the last
+# shown), ``started`` (when a first child ran) and ``members`` (the children's entries with their
+# statuses, made again only when a status changes: a child's progress costs the same however big
+# its group). The group: ``progress`` the children's mean by weight, never lower than before;
+# ``status`` queued while all are, running until all have ended, then failed if any failed, else
+# cancelled if any was, else succeeded. Its packed event is ``contract.pack``'s form; a final state
+# gets the result's TTL, a tombstone and, as its result, the children. Nothing changes once the
+# group has ended, or if it has expired.
 ROLLUP_LUA = r"""
+local function ended(st) return st == 'succeeded' or st == 'failed' or st == 'cancelled' end
+local function share(st, p) if ended(st) then return 100 end return tonumber(p) or 0 end
 local function rollup(parent, group, parent_channel, parent_tombstone, parent_result, child_id, state, progress, now_iso,
                       expires_iso, live_ttl, final_ttl, tombstone_ttl)
   local head = redis.call('HMGET', parent, 'seq', 'state')
-  local was = head[2]
-  if not was or was == 'succeeded' or was == 'failed' or was == 'cancelled' then return end
-  redis.call('HSET', group, child_id, state .. ' ' .. progress)
-  local all = redis.call('HGETALL', group)
-  local g = {}
-  for i = 1, #all, 2 do g[all[i]] = all[i + 1] end
-  local weight, done, count, queued, ended, failed, cancelled = 0, 0, 0, 0, 0, 0, 0
-  local entries = {}
-  for id in string.gmatch(g.ids, '%S+') do
-    local st, p = string.match(g[id], '^(%S+) (.*)$')
-    local w = tonumber(g['w:' .. id])
-    local final = st == 'succeeded' or st == 'failed' or st == 'cancelled'
-    weight, count = weight + w, count + 1
-    if final then done, ended = done + 100 * w, ended + 1 elseif p ~= '' then done = done + tonumber(p) * w end
-    if st == 'queued' then queued = queued + 1 end
-    if st == 'failed' then failed = failed + 1 elseif st == 'cancelled' then cancelled = cancelled + 1 end
-    entries[#entries + 1] = g['j:' .. id] .. ',"status":"' .. st .. '","progress":' .. (p == '' and 'null' or p) .. '}'
+  if not head[2] or ended(head[2]) then return end
+  local g = redis.call('HMGET', group, child_id, 'w:' .. child_id, 'done', 'weight', 'count', 'queued', 'ended', 'failed',
+                       'cancelled', 'progress', 'started', 'tenant', 'tpl', 'members', 'ids')
+  if not g[1] then return end
+  local was, was_progress = string.match(g[1], '^(%S+) (.*)$')
+  local done = tonumber(g[3]) + tonumber(g[2]) * (share(state, progress) - share(was, was_progress))
+  local weight, count = tonumber(g[4]), tonumber(g[5])
+  local n = {queued = tonumber(g[6]), ended = tonumber(g[7]), failed = tonumber(g[8]), cancelled = tonumber(g[9])}
+  redis.call('HSET', group, child_id, state .. ' ' .. progress, 'done', done)
+  local members = g[14]
+  if state ~= was then
+    for st, step in pairs({[was] = -1, [state] = 1}) do
+      if st == 'queued' then n.queued = n.queued + step end
+      if ended(st) then n.ended = n.ended + step end
+      if st == 'failed' then n.failed = n.failed + step elseif st == 'cancelled' then n.cancelled = n.cancelled + step end
+    end
+    local all = redis.call('HGETALL', group)
+    local h = {}
+    for i = 1, #all, 2 do h[all[i]] = all[i + 1] end
+    local entries = {}
+    for id in string.gmatch(g[15], '%S+') do
+      entries[#entries + 1] = h['j:' .. id] .. ',"status":"' .. string.match(h[id], '^%S+') .. '"}'
+    end
+    members = '[' .. table.concat(entries, ',') .. ']'
+    redis.call('HSET', group, 'queued', n.queued, 'ended', n.ended, 'failed', n.failed, 'cancelled', n.cancelled, 'members', members)
   end
+  local terminal = n.ended == count
   local status = 'running'
-  if ended == count then
-    status = (failed > 0 and 'failed') or (cancelled > 0 and 'cancelled') or 'succeeded'
-  elseif queued == count then
+  if terminal then
+    status = (n.failed > 0 and 'failed') or (n.cancelled > 0 and 'cancelled') or 'succeeded'
+  elseif n.queued == count then
     status = 'queued'
   end
-  local terminal = ended == count
-  local pct = math.max(tonumber(g.progress or '0'), math.floor(done / weight * 100 + 0.5) / 100)
-  if not g.started and status ~= 'queued' then
-    g.started = now_iso
+  local pct = terminal and 100 or math.max(tonumber(g[10]), math.floor(done / weight * 100 + 0.5) / 100)
+  local started = g[11]
+  if not started and status ~= 'queued' then
+    started = now_iso
     redis.call('HSET', group, 'started', now_iso)
   end
   local function text(v) return v and ('"' .. v .. '"') or 'null' end
   local seq = tonumber(head[1]) + 1
-  local members = '[' .. table.concat(entries, ',') .. ']'
-  local doc = string.gsub(g.tpl, '"@([%w_]+)@"', {
+  local doc = string.gsub(g[13], '"@([%w_]+)@"', {
     status = '"' .. status .. '"', progress = (status == 'queued' and pct == 0) and 'null' or tostring(pct), seq = tostring(seq),
-    updated_at = text(now_iso), started_at = text(g.started), finished_at = terminal and text(now_iso) or 'null',
+    updated_at = text(now_iso), started_at = text(started), finished_at = terminal and text(now_iso) or 'null',
     expires_at = terminal and text(expires_iso) or 'null', children = members,
   })
-  local event = seq .. ' ' .. (terminal and status or 'progress') .. ' ' .. g.tenant .. '\n' .. doc
+  local event = seq .. ' ' .. (terminal and status or 'progress') .. ' ' .. g[12] .. '\n' .. doc
   redis.call('HSET', parent, 'seq', seq, 'state', status, 'ev', event)
   redis.call('HSET', group, 'progress', pct)
   local ttl = terminal and final_ttl or live_ttl
   redis.call('EXPIRE', parent, ttl)
   redis.call('EXPIRE', group, ttl)
   if terminal then
-    redis.call('SET', parent_tombstone, g.tenant, 'EX', tombstone_ttl)
+    redis.call('SET', parent_tombstone, g[12], 'EX', tombstone_ttl)
     redis.call('SET', parent_result, members, 'EX', final_ttl)
   end
   redis.call('PUBLISH', parent_channel, event)

@@ -361,10 +361,12 @@ class Store:
                 "payload": queue.payload(job_type, (params,), enqueued_ms).decode(), "priority": str(priority),
             })  # fmt: skip
             entry = contract.child_entry(child_id, job_type, weight)
-            entries.append({**json.loads(entry + b"}"), "status": contract.QUEUED, "progress": None})
+            entries.append({**json.loads(entry + b"}"), "status": contract.QUEUED})
             fields += [child_id, "queued ", f"w:{child_id}", str(weight), f"j:{child_id}", entry.decode()]
         doc = {**contract.new_document(parent_id, contract.GROUP, now, None, None, priority), "children": entries}
         fields += ["tpl", contract.group_template(doc).decode(), "ids", " ".join(k["job_id"] for k in kids), "tenant", tenant]
+        fields += ["members", contract.dumps(entries).decode(), "done", "0", "weight", str(sum(c[3] for c in children))]
+        fields += ["count", str(len(kids)), "queued", str(len(kids)), "ended", "0", "failed", "0", "cancelled", "0", "progress", "0"]
         event = contract.pack(doc, tenant)
         request = [[t, p, w, q] for t, p, _, w, q in children]
         fingerprint = request_hash(contract.GROUP, {"children": request}, None, priority) if idempotency_key else ""

@@ -191,16 +191,15 @@ SCHEMAS: dict[str, Any] = {
             "parent": {"type": "string", "pattern": JOB_ID, "description": "a group's child: the group"},
             "children": {
                 "type": "array",
-                "description": "a group's: its children, in order, with their weights, statuses and progress",
+                "description": "a group's: its children, in order, with their weights and statuses (watch a child for its progress)",
                 "items": {
                     "type": "object",
-                    "required": ["id", "type", "weight", "status", "progress"],
+                    "required": ["id", "type", "weight", "status"],
                     "properties": {
                         "id": {"type": "string", "pattern": JOB_ID},
                         "type": {"type": "string"},
                         "weight": {"type": "number", "exclusiveMinimum": 0},
                         "status": {"enum": list(contract.STATES)},
-                        "progress": {"type": ["number", "null"], "minimum": 0, "maximum": 100},
                     },
                 },
             },

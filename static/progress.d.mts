@@ -24,7 +24,6 @@ export interface GroupChild {
   type: string;
   weight: number;
   status: JobStatus;
-  progress: number | null;
 }
 
 /** The job document: the same JSON in status answers, SSE `data:`, WebSocket messages and job lists. */
