@@ -101,7 +101,7 @@ async def run(n: int) -> dict[str, float]:
         out["poll"] = await measure(
             pid, n, lambda i: count(counter=contract.rate_key("poll", "bench", 0), job=contract.job_key(docs[i % BATCH]["id"]), window=60)
         )
-        members = [("demo", {"steps": 5}, b'{"steps":5}', 1, "default")] * 100
+        members = [("demo", {"steps": 5}, b'{"steps":5}', 1, "default", 0)] * 100
         out["group/100"] = await measure(pid, max(20, n // 200), lambda i: store.create_group(members))
         alone = []
         for _ in range(30):

@@ -54,7 +54,7 @@ from redis.asyncio import Redis
 from core import contract
 
 DEFAULT = "default"  # the queue of a job type that names none: arq's own (``arq:queue``)
-QUEUE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+QUEUE_NAME = re.compile(r"(?!health-check$)[a-z0-9][a-z0-9_-]{0,31}")  # (arq keeps arq:queue:health-check)
 PRIORITIES = range(10)  # 0 (the default) to 9 (first)
 LINE = 10**11  # places in line are scores from about here (1973 as unix ms: long due for arq, and never 0)
 DEFERRED = 10**12  # scores from here up are due times (unix ms); places in line stay below

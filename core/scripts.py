@@ -126,8 +126,9 @@ local function rollup(parent, group, parent_channel, parent_tombstone, parent_re
   if not head[2] or ended(head[2]) then return end
   local g = redis.call('HMGET', group, child_id, 'w:' .. child_id, 'done', 'weight', 'count', 'queued', 'ended', 'failed',
                        'cancelled', 'progress', 'started', 'tenant', 'tpl', 'members', 'ids')
-  if not g[1] then return end
+  if not g[1] or not g[13] or not g[15] then return end  -- (its group's hash is gone)
   local was, was_progress = string.match(g[1], '^(%S+) (.*)$')
+  if state == was and progress == was_progress then return end  -- (a message or stage: the group is as it was)
   local done = tonumber(g[3]) + tonumber(g[2]) * (share(state, progress) - share(was, was_progress))
   local weight, count = tonumber(g[4]), tonumber(g[5])
   local n = {queued = tonumber(g[6]), ended = tonumber(g[7]), failed = tonumber(g[8]), cancelled = tonumber(g[9])}
@@ -198,7 +199,7 @@ end
 # group in the same step (``ROLLUP_LUA``): ``group`` ('' for a job outside a group) holds, space-
 # separated, the group's document key, group key, channel, tombstone key and result key, the
 # child's new progress as JSON, the time of the change, when the group would expire were it to end
-# now, and its TTL before and after its end (``Store._group_fields``: one field, so that the
+# now, its TTL before and after its end, and its tombstone's (``Store._group_fields``: one field, so that the
 # writes of other jobs carry one empty argument more, not ten).
 WRITE = Script(
     keys=(
@@ -223,9 +224,9 @@ if stored ~= tonumber(expected) or was == 'succeeded' or was == 'failed' or was 
 end
 redis.call('HSET', job, 'seq', seq, 'state', state, 'ev', event)
 redis.call('EXPIRE', job, ttl)
-if state == 'queued' then
-  redis.call('ZADD', queued, now_us, job_id)
-  redis.call('ZADD', waiting, now_us, job_id)
+if state == 'queued' then  -- (since it was queued: a change while queued keeps that time)
+  redis.call('ZADD', queued, 'NX', now_us, job_id)
+  redis.call('ZADD', waiting, 'NX', now_us, job_id)
 elseif was == 'queued' then
   redis.call('ZREM', queued, job_id)
   redis.call('ZREM', waiting, job_id)
@@ -247,7 +248,7 @@ redis.call('PUBLISH', channel, event)
 if group ~= '' then
   local g = {}
   for word in string.gmatch(group, '%S+') do g[#g + 1] = word end
-  rollup(g[1], g[2], g[3], g[4], g[5], job_id, state, g[6] == 'null' and '' or g[6], g[7], g[8], g[9], g[10], tombstone_ttl)
+  rollup(g[1], g[2], g[3], g[4], g[5], job_id, state, g[6] == 'null' and '' or g[6], g[7], g[8], g[9], g[10], g[11])
 end
 after_attempt(after, queue, job_id, record, lease, tries, due_ms)
 return {1, tonumber(seq), logseq}
@@ -378,16 +379,17 @@ return 0
 )
 
 
-# Running a failed or cancelled job again (POST /jobs/{id}/retry): back to queued, re-enqueued.
+# Running a failed or cancelled job again (POST /jobs/{id}/retry): back to queued, re-enqueued (a
+# group's child: its group, if it has not ended, waits for it again; ``group`` as in ``WRITE``).
 # Returns {1, seq} or {0, stored seq, stored state}; refused too while arq is still finishing
 # the last attempt (``lease`` exists: its cleanup would delete the job we enqueue).
 REOPEN = Script(
     keys=("job", "tombstone", "result", "record", "queue", "queued", "lease", "log", "order", "waiting"),
     args=(
         "expected", "seq", "event", "channel", "ttl", "payload", "record_ttl_ms", "wake_channel", "job_id", "now_us",
-        "tenant", "priority", "step",
+        "tenant", "priority", "step", "group",
     ),  # fmt: skip
-    prefix=ENQUEUE_LUA + TIME_LUA,
+    prefix=ENQUEUE_LUA + TIME_LUA + ROLLUP_LUA,
     body="""
 local cur = redis.call('HMGET', job, 'seq', 'state')
 local stored = tonumber(cur[1]) or 0
@@ -405,6 +407,11 @@ redis.call('ZADD', waiting, now_us, job_id)
 if redis.call('HEXISTS', job, 'unwatched') == 1 then redis.call('HSET', job, 'seen', time_ms()) end  -- a retry is watched
 redis.call('PUBLISH', channel, event)
 redis.call('PUBLISH', wake_channel, job_id)
+if group ~= '' then  -- a child of a group that has not ended: the group waits for it again
+  local g = {}
+  for word in string.gmatch(group, '%S+') do g[#g + 1] = word end
+  rollup(g[1], g[2], g[3], g[4], g[5], job_id, 'queued', '', g[7], g[8], g[9], g[10], g[11])
+end
 return {1, tonumber(seq)}
 """,
 )
@@ -502,8 +509,8 @@ if redis.call('EXISTS', parent) == 1 then return 0 end
 local kids = cjson.decode(children)
 local refused = admit(rate, rate_limit, rate_window, idempotency, idempotency_value, idempotency_ttl, queued, queued_trim_below, queue_cap, #kids)
 if refused then return refused end
-for _, j in ipairs(kids) do
-  j.index, j.queued, j.ttl, j.now_us, j.index_trim_below, j.queued_trim_below = index, queued, ttl, now_us, index_trim_below, queued_trim_below
+for i, j in ipairs(kids) do  -- (each its own time in µs, so that GET /jobs pages through them all)
+  j.index, j.queued, j.ttl, j.now_us, j.index_trim_below, j.queued_trim_below = index, queued, ttl, now_us + i - 1, index_trim_below, queued_trim_below
   j.record_ttl_ms, j.webhook_url, j.request_id, j.traceparent, j.tenant, j.step, j.unwatched = record_ttl_ms, '', request_id, traceparent, tenant, step, ''
   store_job(j)
 end
@@ -511,7 +518,7 @@ redis.call('HSET', parent, 'seq', 1, 'state', 'queued', 'type', 'group', 'ev', e
 redis.call('EXPIRE', parent, ttl)
 redis.call('HSET', group, unpack(cjson.decode(group_fields)))
 redis.call('EXPIRE', group, ttl)
-redis.call('ZADD', index, now_us, parent_id)
+redis.call('ZADD', index, now_us + #kids, parent_id)  -- (listed first: newest)
 redis.call('PUBLISH', channel, event)
 redis.call('PUBLISH', wake_channel, parent_id)
 return 1

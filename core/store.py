@@ -331,13 +331,13 @@ class Store:
         fields = (
             contract.job_key(parent), contract.group_key(parent), contract.channel(parent), contract.tombstone_key(parent),
             contract.result_key(parent), contract.dumps(new["progress"]).decode(), new["updated_at"],
-            contract.iso(time.time() + s.result_ttl), str(s.job_ttl), str(s.result_ttl),
+            contract.iso(time.time() + s.result_ttl), str(s.job_ttl), str(s.result_ttl), str(s.result_ttl + s.tombstone_ttl),
         )  # fmt: skip
         return {"group": " ".join(fields)}
 
     async def create_group(
         self,
-        children: list[tuple[str, dict[str, Any], bytes, float, str]],
+        children: list[tuple[str, dict[str, Any], bytes, float, str, int]],
         tenant: str = "",
         idempotency_key: str | None = None,
         request_id: str = "",
@@ -345,20 +345,20 @@ class Store:
         traceparent: str = "",
         priority: int = 0,
     ) -> tuple[dict[str, Any], bytes, bool]:
-        """Store a group of ``tenant`` and its ``children`` (each ``(type, params, params JSON,
-        weight, queue name)``, queued at ``priority``), atomically (``scripts.CREATE_GROUP``).
-        Answers and raises as ``create``."""
+        """Store a group of ``tenant`` (its document showing ``priority``) and its ``children`` (each
+        ``(type, params, params JSON, weight, queue name, priority)``), atomically
+        (``scripts.CREATE_GROUP``). Answers and raises as ``create``."""
         now, enqueued_ms, now_us = contract.now_iso(), now_ms(), time.time_ns() // 1000
         parent_id = contract.new_job_id()
         kids, entries, fields = [], [], []
-        for job_type, params, params_json, weight, queue_name in children:
+        for job_type, params, params_json, weight, queue_name, child_priority in children:
             child_id = contract.new_job_id()
-            child = {**contract.new_document(child_id, job_type, now, None, queue_name, priority), "parent": parent_id}
+            child = {**contract.new_document(child_id, job_type, now, None, queue_name, child_priority), "parent": parent_id}
             kids.append({
                 "job": contract.job_key(child_id), "record": queue.record_key(child_id), "queue": queue.queue_key(queue_name),
                 "order": queue.order_key(queue_name), "waiting": queue.waiting_key(queue_name), "job_id": child_id,
                 "job_type": job_type, "event": contract.pack(child, tenant).decode(), "params_json": params_json.decode(),
-                "payload": queue.payload(job_type, (params,), enqueued_ms).decode(), "priority": str(priority),
+                "payload": queue.payload(job_type, (params,), enqueued_ms).decode(), "priority": str(child_priority),
             })  # fmt: skip
             entry = contract.child_entry(child_id, job_type, weight)
             entries.append({**json.loads(entry + b"}"), "status": contract.QUEUED})
@@ -368,7 +368,7 @@ class Store:
         fields += ["members", contract.dumps(entries).decode(), "done", "0", "weight", str(sum(c[3] for c in children))]
         fields += ["count", str(len(kids)), "queued", str(len(kids)), "ended", "0", "failed", "0", "cancelled", "0", "progress", "0"]
         event = contract.pack(doc, tenant)
-        request = [[t, p, w, q] for t, p, _, w, q in children]
+        request = [[t, p, w, q, pri] for t, p, _, w, q, pri in children]
         fingerprint = request_hash(contract.GROUP, {"children": request}, None, priority) if idempotency_key else ""
         keys, args = scripts.CREATE_GROUP.fields(
             parent=contract.job_key(parent_id), group=contract.group_key(parent_id), index=contract.jobs_index(tenant),
@@ -405,7 +405,7 @@ class Store:
     async def reopen(self, doc: dict[str, Any], tenant: str) -> dict[str, Any]:
         """Queue a failed or cancelled job again as its next attempt (POST /jobs/{id}/retry)."""
         job_id = doc["id"]
-        new = {
+        new: dict[str, Any] = {
             **doc,
             "status": contract.QUEUED,
             "seq": doc["seq"] + 1,
@@ -445,6 +445,7 @@ class Store:
             tenant=tenant,
             priority=doc.get("priority", 0),
             step=self.settings.priority_step,
+            **(self._no_group if "parent" not in new else self._group_fields(new)),
         )
         ok, *stored = await self._reopen(keys=keys, args=args)
         if not ok:

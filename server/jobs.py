@@ -93,7 +93,8 @@ async def _submit_group(request: Request, span: Any, caller: Caller, payload: di
     if not isinstance(members, list) or not 1 <= len(members) <= contract.MAX_GROUP:
         raise invalid("group", f"must be a list of 1 to {contract.MAX_GROUP} jobs")
     registry = request.app.state.registry
-    priority = checked_priority(payload, settings.max_priority_of(caller.tenant), 0)
+    cap = settings.max_priority_of(caller.tenant)
+    priority = checked_priority(payload, cap, 0)  # (given: every child's; else each its type's)
     children = []
     for i, member in enumerate(members):
         where = f"group[{i}]"
@@ -106,7 +107,8 @@ async def _submit_group(request: Request, span: Any, caller: Caller, payload: di
         weight = integral(member.get("weight", 1))
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight <= 1_000_000:
             raise invalid(f"{where}.weight", "must be a number above 0, at most 1000000")
-        children.append((job_type, params, params_json, weight, registry[job_type].queue))
+        own = priority if "priority" in payload else min(registry[job_type].priority, cap)
+        children.append((job_type, params, params_json, weight, registry[job_type].queue, own))
     key = idempotency_key(request)
     with refusals(settings):
         async with redis_deadline():  # one round trip: rate counter, idempotency, cap, the group and its jobs, enqueue
@@ -318,10 +320,11 @@ async def cancel(request: Request) -> Response:
     if event.terminal:
         raise Problem(409, "Job already finished", f"Job {job_id!r} is {doc['status']}.", job_status=doc["status"])
     if doc["type"] == contract.GROUP and "children" in doc:
-        for child in doc["children"]:
-            if child["status"] not in contract.TERMINAL:
-                await cancel_job(request, child["id"], caller)
-        return JSONAnswer(event.doc, 202)
+        going = [child["id"] for child in doc["children"] if child["status"] not in contract.TERMINAL]
+        for refused in await asyncio.gather(*(cancel_job(request, child, caller) for child in going), return_exceptions=True):
+            if isinstance(refused, BaseException) and not (isinstance(refused, Problem) and refused.status == 409):
+                raise refused  # (a child that ended meanwhile, or is changing, is left as it is)
+        return JSONAnswer((await load(request, job_id, caller)).doc, 202)
     status, body = await cancel_job(request, job_id, caller)
     return JSONAnswer(body, status)
 

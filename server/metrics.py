@@ -68,6 +68,7 @@ class StatsCollector:
         waiting = GaugeMetricFamily("progress_queue_waiting", "Queued jobs, by queue.", labels=["queue"])
         oldest = GaugeMetricFamily("progress_queue_oldest_waiting_seconds", "How long the oldest queued job has waited.", labels=["queue"])
         running = GaugeMetricFamily("progress_queue_running", "Jobs running, as the live workers report.", labels=["queue"])
+        yield GaugeMetricFamily("progress_queue_depth", "Queued jobs, all queues.", value=sum(q["waiting"] for q in self.queue_report[0]))
         for item in self.queue_report[0]:
             waiting.add_metric([item["name"]], item["waiting"])
             oldest.add_metric([item["name"]], item["oldest_waiting_s"] or 0.0)

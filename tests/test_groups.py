@@ -174,3 +174,20 @@ async def test_a_bad_group_is_refused_naming_the_field_and_creates_nothing(base,
         assert answer.headers["content-type"] == "application/problem+json"
         assert answer.json()["errors"][0]["field"] == field
         assert redis_client.zcard("progress:jobs:") == before
+
+
+async def test_a_groups_jobs_are_listed_page_by_page_each_once(own_redis, tmp_path):
+    """The group and its children are created in one step; ``GET /jobs`` still pages through each."""
+    server = start_server(own_redis.url, tmp_path)
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            group = await submit_group(client, [{"type": "demo"}] * 30)
+            seen, cursor = [], 0
+            while cursor is not None:
+                page = (await client.get(f"/jobs?limit=7&cursor={cursor}")).json()
+                seen += [item["id"] for item in page["items"]]
+                cursor = page["next"]
+            assert seen[0] == group["id"] and sorted(seen[1:]) == sorted(c["id"] for c in group["children"])
+            assert (await client.get("/jobs?queue=default&limit=100")).json()["items"][0]["parent"] == group["id"]
+    finally:
+        server.stop()

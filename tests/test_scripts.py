@@ -366,7 +366,7 @@ async def test_a_group_follows_its_children_in_the_step_that_writes_each(client)
     its children's mean by weight, never lower than before, in the public shape and packed as
     ``contract.pack`` packs; it ends once they all have, failed if any failed."""
     store = Store(client, Settings())
-    members = [("demo", {"steps": n}, contract.dumps({"steps": n}), weight, queue.DEFAULT) for n, weight in ((1, 1), (2, 2), (3, 1))]
+    members = [("demo", {"steps": n}, contract.dumps({"steps": n}), weight, queue.DEFAULT, 0) for n, weight in ((1, 1), (2, 2), (3, 1))]
     group, group_json, created = await store.create_group(members, "t-group", request_id="r-g")
     assert created and group["type"] == contract.GROUP and group["status"] == "queued" and group["queue"] is None
     assert [c["weight"] for c in group["children"]] == [1, 2, 1] and {c["status"] for c in group["children"]} == {"queued"}
@@ -400,6 +400,21 @@ async def test_a_group_follows_its_children_in_the_step_that_writes_each(client)
     assert contract.unpack(await store.read(group["id"])).event == "failed"
     assert json.loads(await store.result(group["id"])) == doc["children"]
     assert await store.is_gone(group["id"], "t-group")  # its tombstone: 410 once it has expired
-    # a child retried after its group ended leaves the group as it is
+    # a child retried after its group has ended leaves the group as it ended
     await store.reopen(json.loads(contract.unpack(await store.read(ids[1])).doc), "t-group")
     assert (await stored_group())["seq"] == 7
+
+
+async def test_a_child_retried_while_its_group_runs_is_waited_for_again(client):
+    store = Store(client, Settings())
+    members = [("demo", {}, b"{}", 1, queue.DEFAULT, 0)] * 2
+    group, _, _ = await store.create_group(members, "t-group")
+    a, b = [json.loads(contract.unpack(await store.read(c["id"])).doc) for c in group["children"]]
+    failed = await store.write(a, "t-group", status=contract.FAILED)
+    again = await store.reopen(failed, "t-group")  # POST /jobs/{a}/retry
+    b = await store.write(b, "t-group", status=contract.SUCCEEDED)
+    doc = json.loads(contract.unpack(await store.read(group["id"])).doc)
+    assert doc["status"] == "running" and [c["status"] for c in doc["children"]] == ["queued", "succeeded"]
+    await store.write(again, "t-group", status=contract.SUCCEEDED)
+    doc = json.loads(contract.unpack(await store.read(group["id"])).doc)
+    assert (doc["status"], doc["progress"]) == ("succeeded", 100)

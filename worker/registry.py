@@ -73,7 +73,7 @@ def job(
     if max_tries < 1:
         raise ValueError("max_tries must be >= 1")
     if not queues.QUEUE_NAME.fullmatch(queue):
-        raise ValueError(f"queue {queue!r} must be 1 to 32 of a-z, 0-9, '_' and '-', starting with a letter or digit")
+        raise ValueError(f"queue {queue!r} must be 1 to 32 of a-z, 0-9, '_' and '-', starting with a letter or digit (not health-check)")
     if priority not in queues.PRIORITIES:
         raise ValueError("priority must be 0 to 9")
     low, high = contract.UNWATCHED_MIN, contract.UNWATCHED_MAX
