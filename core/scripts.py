@@ -115,17 +115,20 @@ return {last, first, redis.call('LRANGE', log, from - first, from - first + tonu
 # its group). The group: ``progress`` the children's mean by weight, never lower than before;
 # ``status`` queued while all are, running until all have ended, then failed if any failed, else
 # cancelled if any was, else succeeded. Its packed event is ``contract.pack``'s form; a final state
-# gets the result's TTL, a tombstone and, as its result, the children. Nothing changes once the
-# group has ended, or if it has expired.
+# gets the result's TTL, a tombstone and, as its result, the children, and, if the group has a
+# webhook (``hook``: JSON with its URL, webhook key, TTL, wake channel, and the delivery's id,
+# record key, queue, order key and arq payload with "@seq@" and "@et@" for the final seq and the
+# time, ``Store.create_group``), its delivery, as ``WRITE`` enqueues a job's. Nothing changes once
+# the group has ended, or if it has expired.
 ROLLUP_LUA = r"""
 local function ended(st) return st == 'succeeded' or st == 'failed' or st == 'cancelled' end
 local function share(st, p) if ended(st) then return 100 end return tonumber(p) or 0 end
 local function rollup(parent, group, parent_channel, parent_tombstone, parent_result, child_id, state, progress, now_iso,
-                      expires_iso, live_ttl, final_ttl, tombstone_ttl)
+                      expires_iso, live_ttl, final_ttl, tombstone_ttl, now_ms)
   local head = redis.call('HMGET', parent, 'seq', 'state')
   if not head[2] or ended(head[2]) then return end
   local g = redis.call('HMGET', group, child_id, 'w:' .. child_id, 'done', 'weight', 'count', 'queued', 'ended', 'failed',
-                       'cancelled', 'progress', 'started', 'tenant', 'tpl', 'members', 'ids')
+                       'cancelled', 'progress', 'started', 'tenant', 'tpl', 'members', 'ids', 'hook')
   if not g[1] or not g[13] or not g[15] then return end  -- (its group's hash is gone)
   local was, was_progress = string.match(g[1], '^(%S+) (.*)$')
   if state == was and progress == was_progress then return end  -- (a message or stage: the group is as it was)
@@ -181,6 +184,15 @@ local function rollup(parent, group, parent_channel, parent_tombstone, parent_re
     redis.call('SET', parent_result, members, 'EX', final_ttl)
   end
   redis.call('PUBLISH', parent_channel, event)
+  if terminal and g[16] then
+    local hook = cjson.decode(g[16])
+    local id = (string.gsub(hook.id, '@seq@', seq))
+    local payload = (string.gsub((string.gsub(hook.payload, '"@seq@"', seq)), '"@et@"', now_ms))
+    redis.call('HSET', hook.key, 'seq', seq, 'url', hook.url, 'ev', event)
+    redis.call('PEXPIRE', hook.key, hook.ttl)
+    enqueue((string.gsub(hook.record, '@seq@', seq)), payload, hook.ttl, hook.queue, clock(hook.order), id)
+    redis.call('PUBLISH', hook.wake, id)
+  end
 end
 """
 
@@ -199,7 +211,7 @@ end
 # group in the same step (``ROLLUP_LUA``): ``group`` ('' for a job outside a group) holds, space-
 # separated, the group's document key, group key, channel, tombstone key and result key, the
 # child's new progress as JSON, the time of the change, when the group would expire were it to end
-# now, its TTL before and after its end, and its tombstone's (``Store._group_fields``: one field, so that the
+# now, its TTL before and after its end, its tombstone's, and the time in ms (``Store._group_fields``: one field, so that the
 # writes of other jobs carry one empty argument more, not ten).
 WRITE = Script(
     keys=(
@@ -248,7 +260,7 @@ redis.call('PUBLISH', channel, event)
 if group ~= '' then
   local g = {}
   for word in string.gmatch(group, '%S+') do g[#g + 1] = word end
-  rollup(g[1], g[2], g[3], g[4], g[5], job_id, state, g[6] == 'null' and '' or g[6], g[7], g[8], g[9], g[10], g[11])
+  rollup(g[1], g[2], g[3], g[4], g[5], job_id, state, g[6] == 'null' and '' or g[6], g[7], g[8], g[9], g[10], g[11], g[12])
 end
 after_attempt(after, queue, job_id, record, lease, tries, due_ms)
 return {1, tonumber(seq), logseq}
@@ -410,7 +422,7 @@ redis.call('PUBLISH', wake_channel, job_id)
 if group ~= '' then  -- a child of a group that has not ended: the group waits for it again
   local g = {}
   for word in string.gmatch(group, '%S+') do g[#g + 1] = word end
-  rollup(g[1], g[2], g[3], g[4], g[5], job_id, 'queued', '', g[7], g[8], g[9], g[10], g[11])
+  rollup(g[1], g[2], g[3], g[4], g[5], job_id, 'queued', '', g[7], g[8], g[9], g[10], g[11], g[12])
 end
 return {1, tonumber(seq)}
 """,
@@ -501,7 +513,7 @@ CREATE_GROUP = Script(
     args=(
         "parent_id", "event", "group_fields", "children", "ttl", "now_us", "index_trim_below", "record_ttl_ms",
         "channel", "wake_channel", "idempotency_value", "idempotency_ttl", "queue_cap", "queued_trim_below",
-        "request_id", "traceparent", "rate_limit", "rate_window", "tenant", "step",
+        "request_id", "traceparent", "rate_limit", "rate_window", "tenant", "step", "webhook_url",
     ),  # fmt: skip
     prefix=ENQUEUE_LUA + TIME_LUA + CREATE_LUA,
     body="""
@@ -515,6 +527,7 @@ for i, j in ipairs(kids) do  -- (each its own time in µs, so that GET /jobs pag
   store_job(j)
 end
 redis.call('HSET', parent, 'seq', 1, 'state', 'queued', 'type', 'group', 'ev', event, 'rid', request_id)
+if webhook_url ~= '' then redis.call('HSET', parent, 'webhook', webhook_url) end
 redis.call('EXPIRE', parent, ttl)
 redis.call('HSET', group, unpack(cjson.decode(group_fields)))
 redis.call('EXPIRE', group, ttl)

@@ -332,6 +332,7 @@ class Store:
             contract.job_key(parent), contract.group_key(parent), contract.channel(parent), contract.tombstone_key(parent),
             contract.result_key(parent), contract.dumps(new["progress"]).decode(), new["updated_at"],
             contract.iso(time.time() + s.result_ttl), str(s.job_ttl), str(s.result_ttl), str(s.result_ttl + s.tombstone_ttl),
+            str(now_ms()),
         )  # fmt: skip
         return {"group": " ".join(fields)}
 
@@ -344,10 +345,12 @@ class Store:
         rate: tuple[str, int, int] = ("", 0, 0),
         traceparent: str = "",
         priority: int = 0,
+        webhook: str | None = None,
     ) -> tuple[dict[str, Any], bytes, bool]:
         """Store a group of ``tenant`` (its document showing ``priority``) and its ``children`` (each
         ``(type, params, params JSON, weight, queue name, priority)``), atomically
-        (``scripts.CREATE_GROUP``). Answers and raises as ``create``."""
+        (``scripts.CREATE_GROUP``); its final state goes to ``webhook``, on its first child's queue.
+        Answers and raises as ``create``."""
         now, enqueued_ms, now_us = contract.now_iso(), now_ms(), time.time_ns() // 1000
         parent_id = contract.new_job_id()
         kids, entries, fields = [], [], []
@@ -367,9 +370,17 @@ class Store:
         fields += ["tpl", contract.group_template(doc).decode(), "ids", " ".join(k["job_id"] for k in kids), "tenant", tenant]
         fields += ["members", contract.dumps(entries).decode(), "done", "0", "weight", str(sum(c[3] for c in children))]
         fields += ["count", str(len(kids)), "queued", str(len(kids)), "ended", "0", "failed", "0", "cancelled", "0", "progress", "0"]
+        if webhook:  # what its final state's delivery needs, "@seq@" and "@et@" filled in then (``scripts.ROLLUP_LUA``)
+            delivery = contract.webhook_delivery_id(parent_id, "@seq@")  # type: ignore[arg-type]
+            hook = {
+                "url": webhook, "key": contract.webhook_key(parent_id), "ttl": queue.RECORD_TTL_MS, "wake": contract.WAKE_CHANNEL,
+                "id": delivery, "record": queue.record_key(delivery), "queue": kids[0]["queue"], "order": kids[0]["order"],
+                "payload": queue.payload(contract.WEBHOOK_FUNCTION, (parent_id, "@seq@"), "@et@").decode(),  # type: ignore[arg-type]
+            }  # fmt: skip
+            fields += ["hook", contract.dumps(hook).decode()]
         event = contract.pack(doc, tenant)
         request = [[t, p, w, q, pri] for t, p, _, w, q, pri in children]
-        fingerprint = request_hash(contract.GROUP, {"children": request}, None, priority) if idempotency_key else ""
+        fingerprint = request_hash(contract.GROUP, {"children": request}, webhook, priority) if idempotency_key else ""
         keys, args = scripts.CREATE_GROUP.fields(
             parent=contract.job_key(parent_id), group=contract.group_key(parent_id), index=contract.jobs_index(tenant),
             idempotency=contract.idempotency_key(tenant, idempotency_key or ""), queued=contract.queued_set(tenant),
@@ -381,7 +392,7 @@ class Store:
             idempotency_ttl=self.settings.idempotency_ttl, queue_cap=self.settings.queue_cap,
             queued_trim_below=now_us - self.settings.job_ttl * 1_000_000, request_id=request_id, traceparent=traceparent,
             rate_limit=rate[1] if rate[0] else 1 << 62, rate_window=rate[2] or 1, tenant=tenant,
-            step=self.settings.priority_step,
+            step=self.settings.priority_step, webhook_url=webhook or "",
         )  # fmt: skip
         answer = await self._create_group(keys=keys, args=args)
         return await self._created(answer, parent_id, fingerprint, doc, event)

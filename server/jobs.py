@@ -86,9 +86,9 @@ async def _submit(request: Request, span: Any) -> Response:
 async def _submit_group(request: Request, span: Any, caller: Caller, payload: dict[str, Any]) -> Response:
     """``{"group": [{"type", "params", "weight"}, ...], "priority"?}``: a group and its children."""
     settings = request.app.state.settings
-    unknown = set(payload) - {"group", "priority"}
+    unknown = set(payload) - {"group", "priority", "webhook"}
     if unknown:
-        raise invalid(sorted(unknown)[0], "unknown field" if sorted(unknown)[0] != "webhook" else "not taken by a group")
+        raise invalid(sorted(unknown)[0], "unknown field")
     members = payload["group"]
     if not isinstance(members, list) or not 1 <= len(members) <= contract.MAX_GROUP:
         raise invalid("group", f"must be a list of 1 to {contract.MAX_GROUP} jobs")
@@ -109,11 +109,16 @@ async def _submit_group(request: Request, span: Any, caller: Caller, payload: di
             raise invalid(f"{where}.weight", "must be a number above 0, at most 1000000")
         own = priority if "priority" in payload else min(registry[job_type].priority, cap)
         children.append((job_type, params, params_json, weight, registry[job_type].queue, own))
+    webhook = payload.get("webhook")
+    if "webhook" in payload:  # the group's final state is POSTed to it
+        problem = await webhooks.check_submitted(webhook, settings)
+        if problem:
+            raise invalid("webhook", problem)
     key = idempotency_key(request)
     with refusals(settings):
         async with redis_deadline():  # one round trip: rate counter, idempotency, cap, the group and its jobs, enqueue
             doc, doc_json, _ = await request.app.state.store.create_group(
-                children, caller.tenant, key, request_id.get(), submit_rate(caller, settings), tracing.traceparent(span), priority
+                children, caller.tenant, key, request_id.get(), submit_rate(caller, settings), tracing.traceparent(span), priority, webhook
             )
     return accepted(request, span, caller, doc, doc_json)
 

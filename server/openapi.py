@@ -589,10 +589,9 @@ def build(settings: Settings, registry: dict[str, JobType]) -> dict[str, Any]:
             "description": "POSTed the final document, signed (Standard Webhooks); 422 unless its host resolves only to public addresses (or WEBHOOK_ALLOWED_HOSTS)",
         }
         for branch in submission.get("oneOf", []):
-            if "group" in branch["properties"]:
-                continue  # (a group takes no webhook)
             branch["properties"]["webhook"] = webhook
-            branch["not"] = {"required": ["webhook", "cancel_when_unwatched"]}  # a webhook receives the result
+            if "group" not in branch["properties"]:
+                branch["not"] = {"required": ["webhook", "cancel_when_unwatched"]}  # a webhook receives the result
     job_id = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string", "pattern": JOB_ID}}
     location = ref("headers", "Location")
     retry_after = ref("headers", "Retry-After")

@@ -215,6 +215,25 @@ async def test_signed_delivery_retried_after_500(stack):
     assert f"{delivery_of(docs)} (job {docs[-1]['id']}) attempt 2: delivered, HTTP 200" in log
 
 
+async def test_a_groups_final_state_is_delivered_once_and_retried(stack):
+    """A group's webhook: its final state (after its children's), signed, retried after a 500,
+    enqueued in the step that ended the group; the children send nothing of their own."""
+    script = lambda n: (500, {}, b"try later") if n == 0 else (200, {}, b"ok")  # noqa: E731
+    async with Receiver(script) as receiver, httpx.AsyncClient(timeout=30) as client:
+        members = [{"type": "demo", "params": {"steps": 2, "interval": 0.05}, "weight": w} for w in (1, 3)]
+        r = await client.post(stack.open.url + "/jobs", json={"group": members, "webhook": receiver.url + "/group"})
+        assert r.status_code == 202, r.text
+        docs = [e.doc for e in await watch_sse(client, stack.open.url + r.json()["links"]["events"])]
+        assert docs[-1]["status"] == "succeeded" and docs[-1]["progress"] == 100
+        await count(receiver, 2)
+        await delivery_done(stack.redis.url, delivery_of(docs))
+    assert len(receiver.requests) == 2
+    for req in receiver.requests:
+        assert req.verified == docs[-1], req.verified
+        assert req.path == "/group" and req.headers["webhook-id"] == delivery_of(docs)
+    assert [c["status"] for c in req.verified["children"]] == ["succeeded", "succeeded"]
+
+
 async def test_delivery_outlives_the_result(tmp_path):
     """RESULT_TTL=1 and a receiver that answers 503 until the job's document has expired (410):
     the delivery goes on and then sends the final state that enqueued it, byte for byte."""
