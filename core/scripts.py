@@ -114,7 +114,10 @@ return {last, first, redis.call('LRANGE', log, from - first, from - first + tonu
 # statuses, made again only when a status changes: a child's progress costs the same however big
 # its group). The group: ``progress`` the children's mean by weight, never lower than before;
 # ``status`` queued while all are, running until all have ended, then failed if any failed, else
-# cancelled if any was, else succeeded. Its packed event is ``contract.pack``'s form; a final state
+# cancelled if any was, else succeeded; with ``fast`` (fail fast: JSON with the cancel key prefix,
+# channel and TTL), failed as soon as one child has, its other children then told to stop as a
+# ``DELETE`` would (a queued one is cancelled when a worker takes it). Its packed event is
+# ``contract.pack``'s form; a final state
 # gets the result's TTL, a tombstone and, as its result, the children, and, if the group has a
 # webhook (``hook``: JSON with its URL, webhook key, TTL, wake channel, and the delivery's id,
 # record key, queue, order key and arq payload with "@seq@" and "@et@" for the final seq and the
@@ -128,7 +131,7 @@ local function rollup(parent, group, parent_channel, parent_tombstone, parent_re
   local head = redis.call('HMGET', parent, 'seq', 'state')
   if not head[2] or ended(head[2]) then return end
   local g = redis.call('HMGET', group, child_id, 'w:' .. child_id, 'done', 'weight', 'count', 'queued', 'ended', 'failed',
-                       'cancelled', 'progress', 'started', 'tenant', 'tpl', 'members', 'ids', 'hook')
+                       'cancelled', 'progress', 'started', 'tenant', 'tpl', 'members', 'ids', 'hook', 'fast')
   if not g[1] or not g[13] or not g[15] then return end  -- (its group's hash is gone)
   local was, was_progress = string.match(g[1], '^(%S+) (.*)$')
   if state == was and progress == was_progress then return end  -- (a message or stage: the group is as it was)
@@ -136,7 +139,7 @@ local function rollup(parent, group, parent_channel, parent_tombstone, parent_re
   local weight, count = tonumber(g[4]), tonumber(g[5])
   local n = {queued = tonumber(g[6]), ended = tonumber(g[7]), failed = tonumber(g[8]), cancelled = tonumber(g[9])}
   redis.call('HSET', group, child_id, state .. ' ' .. progress, 'done', done)
-  local members = g[14]
+  local members, h = g[14], nil
   if state ~= was then
     for st, step in pairs({[was] = -1, [state] = 1}) do
       if st == 'queued' then n.queued = n.queued + step end
@@ -144,7 +147,7 @@ local function rollup(parent, group, parent_channel, parent_tombstone, parent_re
       if st == 'failed' then n.failed = n.failed + step elseif st == 'cancelled' then n.cancelled = n.cancelled + step end
     end
     local all = redis.call('HGETALL', group)
-    local h = {}
+    h = {}
     for i = 1, #all, 2 do h[all[i]] = all[i + 1] end
     local entries = {}
     for id in string.gmatch(g[15], '%S+') do
@@ -153,14 +156,24 @@ local function rollup(parent, group, parent_channel, parent_tombstone, parent_re
     members = '[' .. table.concat(entries, ',') .. ']'
     redis.call('HSET', group, 'queued', n.queued, 'ended', n.ended, 'failed', n.failed, 'cancelled', n.cancelled, 'members', members)
   end
-  local terminal = n.ended == count
+  local all_ended = n.ended == count
+  local terminal = all_ended or (g[17] ~= false and n.failed > 0)
   local status = 'running'
   if terminal then
     status = (n.failed > 0 and 'failed') or (n.cancelled > 0 and 'cancelled') or 'succeeded'
   elseif n.queued == count then
     status = 'queued'
   end
-  local pct = terminal and 100 or math.max(tonumber(g[10]), math.floor(done / weight * 100 + 0.5) / 100)
+  if terminal and not all_ended then  -- failing fast: the others stop
+    local fast = cjson.decode(g[17])
+    for id in string.gmatch(g[15], '%S+') do
+      if not ended(string.match(h[id], '^%S+')) then
+        redis.call('SET', fast.prefix .. id, 1, 'EX', fast.ttl)
+        redis.call('PUBLISH', fast.channel, id)
+      end
+    end
+  end
+  local pct = all_ended and 100 or math.max(tonumber(g[10]), math.floor(done / weight * 100 + 0.5) / 100)
   local started = g[11]
   if not started and status ~= 'queued' then
     started = now_iso

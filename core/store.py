@@ -346,11 +346,13 @@ class Store:
         traceparent: str = "",
         priority: int = 0,
         webhook: str | None = None,
+        fail_fast: bool = False,
     ) -> tuple[dict[str, Any], bytes, bool]:
         """Store a group of ``tenant`` (its document showing ``priority``) and its ``children`` (each
         ``(type, params, params JSON, weight, queue name, priority)``), atomically
-        (``scripts.CREATE_GROUP``); its final state goes to ``webhook``, on its first child's queue.
-        Answers and raises as ``create``."""
+        (``scripts.CREATE_GROUP``); its final state goes to ``webhook``, on its first child's queue;
+        ``fail_fast``: it fails as soon as a child has, and the others are cancelled. Answers and
+        raises as ``create``."""
         now, enqueued_ms, now_us = contract.now_iso(), now_ms(), time.time_ns() // 1000
         parent_id = contract.new_job_id()
         kids, entries, fields = [], [], []
@@ -378,9 +380,12 @@ class Store:
                 "payload": queue.payload(contract.WEBHOOK_FUNCTION, (parent_id, "@seq@"), "@et@").decode(),  # type: ignore[arg-type]
             }  # fmt: skip
             fields += ["hook", contract.dumps(hook).decode()]
+        if fail_fast:  # how its other children are told to stop (as ``DELETE`` does)
+            fast = {"prefix": contract.cancel_key(""), "channel": contract.CANCEL_CHANNEL, "ttl": self.settings.job_ttl}
+            fields += ["fast", contract.dumps(fast).decode()]
         event = contract.pack(doc, tenant)
         request = [[t, p, w, q, pri] for t, p, _, w, q, pri in children]
-        fingerprint = request_hash(contract.GROUP, {"children": request}, webhook, priority) if idempotency_key else ""
+        fingerprint = request_hash(contract.GROUP, {"children": request, "fail_fast": fail_fast}, webhook, priority) if idempotency_key else ""
         keys, args = scripts.CREATE_GROUP.fields(
             parent=contract.job_key(parent_id), group=contract.group_key(parent_id), index=contract.jobs_index(tenant),
             idempotency=contract.idempotency_key(tenant, idempotency_key or ""), queued=contract.queued_set(tenant),

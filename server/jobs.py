@@ -86,7 +86,7 @@ async def _submit(request: Request, span: Any) -> Response:
 async def _submit_group(request: Request, span: Any, caller: Caller, payload: dict[str, Any]) -> Response:
     """``{"group": [{"type", "params", "weight"}, ...], "priority"?}``: a group and its children."""
     settings = request.app.state.settings
-    unknown = set(payload) - {"group", "priority", "webhook"}
+    unknown = set(payload) - {"group", "priority", "webhook", "fail_fast"}
     if unknown:
         raise invalid(sorted(unknown)[0], "unknown field")
     members = payload["group"]
@@ -114,12 +114,16 @@ async def _submit_group(request: Request, span: Any, caller: Caller, payload: di
         problem = await webhooks.check_submitted(webhook, settings)
         if problem:
             raise invalid("webhook", problem)
+    fail_fast = payload.get("fail_fast", False)
+    if not isinstance(fail_fast, bool):
+        raise invalid("fail_fast", "must be true or false")
     key = idempotency_key(request)
     with refusals(settings):
         async with redis_deadline():  # one round trip: rate counter, idempotency, cap, the group and its jobs, enqueue
             doc, doc_json, _ = await request.app.state.store.create_group(
-                children, caller.tenant, key, request_id.get(), submit_rate(caller, settings), tracing.traceparent(span), priority, webhook
-            )
+                children, caller.tenant, key, request_id.get(), submit_rate(caller, settings), tracing.traceparent(span), priority, webhook,
+                fail_fast,
+            )  # fmt: skip
     return accepted(request, span, caller, doc, doc_json)
 
 

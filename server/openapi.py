@@ -539,7 +539,8 @@ def params_schemas(registry: dict[str, JobType], max_priority: int = 9) -> tuple
         "additionalProperties": False,
         "properties": {
             "group": {"type": "array", "minItems": 1, "maxItems": contract.MAX_GROUP, "items": {"oneOf": members}},
-            "priority": {"type": "integer", "minimum": 0, "maximum": max_priority, "default": 0, "description": "of each child"},
+            "priority": {"type": "integer", "minimum": 0, "maximum": max_priority, "description": "of each child (default: each its type's)"},
+            "fail_fast": {"type": "boolean", "default": False, "description": "fail as soon as one child has, and cancel the others"},
         },
     }
     return components, {"oneOf": [*branches, group]}

@@ -191,3 +191,28 @@ async def test_a_groups_jobs_are_listed_page_by_page_each_once(own_redis, tmp_pa
             assert (await client.get("/jobs?queue=default&limit=100")).json()["items"][0]["parent"] == group["id"]
     finally:
         server.stop()
+
+
+async def test_a_fail_fast_group_fails_at_once_and_cancels_the_rest(own_redis, tmp_path):
+    server = start_server(own_redis.url, tmp_path)
+    worker = start_worker(own_redis.url, tmp_path, worker_concurrency=2)
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            members = [
+                {"type": "demo", "params": {"steps": 50, "interval": 0.2}},
+                {"type": "demo", "params": {"steps": 5, "interval": 0.05, "fail_at_step": 2}},
+                {"type": "demo", "params": {"steps": 50, "interval": 0.2}},  # queued behind the other two
+            ]
+            group = await submit_group(client, members, fail_fast=True)
+            docs = [json.loads(e.data) for e in await asyncio.wait_for(watch_sse(client, server.url + group["links"]["events"]), 20)]
+            assert docs[-1]["status"] == "failed" and docs[-1]["progress"] < 100
+            ids = [c["id"] for c in group["children"]]
+
+            async def all_ended() -> list | None:
+                states = [(await client.get(f"/jobs/{i}?redirect=0")).json()["status"] for i in ids]
+                return states if "running" not in states and "queued" not in states else None
+
+            assert await async_wait_until(all_ended, 20, "the other children to stop") == ["cancelled", "failed", "cancelled"]
+    finally:
+        worker.stop()
+        server.stop()

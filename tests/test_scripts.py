@@ -418,3 +418,18 @@ async def test_a_child_retried_while_its_group_runs_is_waited_for_again(client):
     await store.write(again, "t-group", status=contract.SUCCEEDED)
     doc = json.loads(contract.unpack(await store.read(group["id"])).doc)
     assert (doc["status"], doc["progress"]) == ("succeeded", 100)
+
+
+async def test_a_fail_fast_group_fails_with_its_first_failed_child_and_stops_the_others(client):
+    store = Store(client, Settings())
+    group, _, _ = await store.create_group([("demo", {}, b"{}", 1, queue.DEFAULT, 0)] * 3, "t-group", fail_fast=True)
+    a, b, c = [json.loads(contract.unpack(await store.read(child["id"])).doc) for child in group["children"]]
+    a = await store.write(a, "t-group", status=contract.RUNNING, progress=40.0)
+    await store.write(c, "t-group", status=contract.FAILED)
+    doc = json.loads(contract.unpack(await store.read(group["id"])).doc)
+    assert (doc["status"], [ch["status"] for ch in doc["children"]]) == ("failed", ["running", "queued", "failed"])
+    assert doc["progress"] < 100 and doc["finished_at"]
+    assert await client.exists(contract.cancel_key(a["id"]), contract.cancel_key(b["id"])) == 2  # told to stop
+    assert not await client.exists(contract.cancel_key(c["id"]))
+    await store.write(a, "t-group", status=contract.CANCELLED)  # the others end later: the group stays as it ended
+    assert json.loads(contract.unpack(await store.read(group["id"])).doc)["seq"] == doc["seq"]
