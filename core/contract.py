@@ -182,7 +182,8 @@ def log_line(level: str, message: str, extra: dict[str, Any] | None = None, ts: 
 # -- groups ---------------------------------------------------------------------------------
 # A group is a job whose document follows its children (``POST /jobs`` with ``group``): it is never
 # run itself. Its document has type ``GROUP`` and ``children``: each child's entry (``child_entry``
-# plus its status); each child's document has ``parent``. The group's document is
+# plus its status); each child's document has ``parent``, last (``parent_of``: a group's watch token
+# reads its children). The group's document is
 # rendered in Lua (``scripts.ROLLUP_LUA``) from ``group_template``, with each child's change.
 GROUP = "group"
 MAX_GROUP = 100  # children in one group
@@ -197,6 +198,15 @@ def group_key(job_id: str) -> str:
 def group_template(doc: dict[str, Any]) -> bytes:
     """A group's document JSON with each field of ``GROUP_FIELDS`` as the string ``"@name@"``."""
     return dumps({**doc, **{name: f"@{name}@" for name in GROUP_FIELDS}})
+
+
+_PARENT = re.compile(rb',"parent":"(j_[A-Za-z0-9_-]{24})"\}$')
+
+
+def parent_of(doc_json: bytes) -> str | None:
+    """A child's group, read off the end of its document's JSON (``parent`` is its last field), or None."""
+    found = _PARENT.search(doc_json, max(0, len(doc_json) - 64))
+    return found[1].decode() if found else None
 
 
 def child_entry(child_id: str, job_type: str, weight: float) -> bytes:

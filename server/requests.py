@@ -81,9 +81,17 @@ async def readable(request: Request, job_id: str, caller: Caller, raw: bytes | N
                 raise gone(job_id)
         raise not_found(job_id)
     event = Event(job_id, raw)
-    if not caller.may_read(job_id, event.tenant):
+    if not may_read(caller, event):
         raise not_found(job_id)
     return event
+
+
+def may_read(caller: Caller, event: Event) -> bool:
+    """Whether ``caller`` may read ``event``'s job: its own tenant's, and for a watch token or
+    ticket, one of its jobs or a child of one of its groups."""
+    if caller.may_read(event.job_id, event.tenant):
+        return True
+    return caller.jobs is not None and event.tenant == caller.tenant and contract.parent_of(event.doc) in caller.jobs
 
 
 async def key_holder(request: Request) -> Caller:

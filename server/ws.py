@@ -14,11 +14,12 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from core import contract
 from core.fastpath import direct
 from server.auth import Caller
 from server.events import Event, Mailbox, MailboxClosed, Notice
 from server.hub import SubscribeTimeout, Watch
-from server.requests import depth, redis_deadline, strict_json_text
+from server.requests import depth, may_read, redis_deadline, strict_json_text
 from server.metrics import STATS
 from server.problems import Problem, unavailable
 from server.streams import MAX_JOBS_PER_STREAM, admit
@@ -111,7 +112,10 @@ class Connection:
                 self.granted[job_id] = scope.tenant
 
     def may_read(self, event: Event) -> bool:
-        return self.caller.may_read(event.job_id, event.tenant) or self.granted.get(event.job_id) == event.tenant
+        """The caller's own, or a job (or a group's child) of a token sent with a subscribe."""
+        if may_read(self.caller, event) or self.granted.get(event.job_id) == event.tenant:
+            return True
+        return self.granted.get(contract.parent_of(event.doc) or "") == event.tenant
 
     async def subscribe(self, jobs: list[str], since: dict[str, int], log_after: dict[str, int] | None = None) -> None:
         """Check every job first (its tenant never changes), so nothing of a job this caller may

@@ -216,3 +216,32 @@ async def test_a_fail_fast_group_fails_at_once_and_cancels_the_rest(own_redis, t
     finally:
         worker.stop()
         server.stop()
+
+
+async def test_a_groups_watch_token_reads_its_children_and_nothing_else(own_redis, tmp_path):
+    """With API keys: the token the group's 202 carries reads the group and each of its children
+    (status, SSE, a WebSocket), not another job of the same tenant."""
+    key = "acme-key-000001"
+    server = start_server(own_redis.url, tmp_path, api_keys=f"acme:{key}")
+    worker = start_worker(own_redis.url, tmp_path)
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            owner = {"Authorization": f"Bearer {key}"}
+            answer = await client.post("/jobs", json={"group": [{"type": "demo", "params": {"steps": 3, "interval": 0.05}}] * 2}, headers=owner)
+            group = answer.json()
+            other = (await client.post("/jobs", json={"type": "demo"}, headers=owner)).json()
+            token = {"Authorization": f"Bearer {group['token']}"}
+            child = group["children"][0]["id"]
+            assert (await client.get(f"/jobs/{child}?redirect=0", headers=token)).json()["parent"] == group["id"]
+            assert (await client.get(f"/jobs/{other['id']}", headers=token)).status_code == 404
+            events = await watch_sse(client, f"{server.url}/jobs/{child}/events", headers=token)
+            assert json.loads(events[-1].data)["status"] == "succeeded"
+            async with connect(server.url.replace("http", "ws") + "/ws", additional_headers=token) as ws:
+                await ws.send(json.dumps({"op": "subscribe", "jobs": [group["children"][1]["id"], other["id"]]}))
+                seen = [json.loads(await ws.recv()) for _ in range(2)]
+            jobs = [m["job"]["id"] for m in seen if isinstance(m.get("job"), dict)]
+            errors = [m for m in seen if m.get("job") == other["id"] and m.get("status") == 404]
+            assert jobs == [group["children"][1]["id"]] and len(errors) == 1, seen
+    finally:
+        worker.stop()
+        server.stop()
