@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import signal
 
 import httpx
 import pytest
@@ -148,3 +149,28 @@ async def test_a_tenants_next_job_does_not_wait_behind_another_tenants_thousands
     finally:
         worker.stop()
         server.stop()
+
+
+async def test_a_named_queues_job_whose_worker_is_killed_runs_again_on_another(own_redis, tmp_path):
+    """The lease of a job taken from a named queue lapses with its SIGKILLed worker; a worker
+    serving that queue runs it again (attempts: lost, then succeeded)."""
+    server = start_server(own_redis.url, tmp_path)
+    first = start_worker(own_redis.url, tmp_path, "first", worker_queues="heavy", lease=1.5)
+    second = None
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            job = await submit(client, "heavy_slot", params={"seconds": 3})
+
+            async def running() -> bool:
+                return (await client.get(job["links"]["self"])).json()["status"] == "running"
+
+            await async_wait_until(running, 10, "the job to run")
+            first.stop(signal.SIGKILL)
+            second = start_worker(own_redis.url, tmp_path, "second", worker_queues="heavy", lease=1.5)
+            assert (await ran(client, job))["pid"] == second.pid
+            attempts = (await client.get(job["links"]["self"] + "?redirect=0")).json()["attempts"]
+            assert [a["outcome"] for a in attempts] == ["lost", "succeeded"]
+    finally:
+        for proc in (second, first, server):
+            if proc is not None:
+                proc.stop()
