@@ -120,6 +120,14 @@ async def list_workers(request: Request) -> Response:
     return JSONAnswer(contract.dumps({"items": items}), headers={"Cache-Control": "no-store"})
 
 
+async def list_queues(request: Request) -> Response:
+    """``GET /queues``: each named queue's waiting and running jobs (``server.queues``)."""
+    await key_holder(request)
+    async with redis_deadline():
+        items = await queues.report(request.app)
+    return JSONAnswer(contract.dumps({"items": items}), headers={"Cache-Control": "no-store"})
+
+
 async def read_live_types(app: Starlette) -> None:
     """``app.state.live_types``: the job types that some live worker runs."""
     try:
@@ -265,7 +273,7 @@ def create_app(settings: Settings | None = None) -> App:
         Route("/tickets", jobs.ticket, methods=["POST"]),
         Route("/job-types", jobtypes.list_types),
         Route("/workers", list_workers),
-        Route("/queues", queues.list_queues),
+        Route("/queues", list_queues),
         Route("/jobs/{job_id}/events", job_events, methods=["GET"], name="job_events"),  # GET: App.stream_for
         Route("/events", events, methods=["GET"], name="events"),
         Route("/ws", upgrade_required),  # a handshake goes to ``App.websocket_app``, past the router

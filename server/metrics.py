@@ -17,6 +17,7 @@ from starlette.responses import Response
 
 from core import fastpath
 from core.fastpath import direct
+from server import queues
 
 TRANSPORTS = ("sse", "ws", "text")
 
@@ -83,8 +84,6 @@ REGISTRY.register(StatsCollector(_queue_report))
 
 
 async def metrics(request: Request) -> Response:
-    from server import queues  # (here: it imports the request helpers, which import this module)
-
     with contextlib.suppress(Exception):  # metrics still answer while Redis is away
         async with asyncio.timeout(2.0):
             _queue_report[0] = await queues.report(request.app)

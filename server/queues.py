@@ -10,7 +10,8 @@ worker serves, sorted by name::
 ``running`` and ``limit`` add up what the live workers serving it report (``core.workers``:
 how many of its jobs each runs now, and at most). The same figures are in ``/metrics``
 (``progress_queue_waiting``, ``progress_queue_oldest_waiting_seconds``,
-``progress_queue_running``). Access is that of ``GET /workers``: an API key.
+``progress_queue_running``). Access is that of ``GET /workers``: an API key (``server.app``
+answers the route).
 """
 
 from __future__ import annotations
@@ -18,11 +19,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from starlette.requests import Request
-from starlette.responses import Response
-
-from core import contract, queue, workers
-from server.requests import JSONAnswer, key_holder, redis_deadline
+from core import queue, workers
 
 
 async def report(app: Any) -> list[dict[str, Any]]:
@@ -43,9 +40,3 @@ async def report(app: Any) -> list[dict[str, Any]]:
         items.append({"name": name, "waiting": count, "oldest_waiting_s": oldest, **load})
     return items
 
-
-async def list_queues(request: Request) -> Response:
-    await key_holder(request)
-    async with redis_deadline():
-        items = await report(request.app)
-    return JSONAnswer(contract.dumps({"items": items}), headers={"Cache-Control": "no-store"})
