@@ -26,8 +26,9 @@ order the line by start-time fair queueing over tenants, with priorities:
 
 * each queue has a virtual clock ``v`` (its ``order_key``): the highest place a worker has
   claimed from it so far. A tenant's next job takes the place ``max(v, its last place) + 1``, so
-  one tenant's jobs keep their order, and a tenant with nothing queued goes next, however many
-  jobs another tenant has waiting: the line takes one job of each waiting tenant in turn;
+  one tenant's jobs keep their order, and a tenant with nothing queued goes next (``v + 1``: the
+  places of jobs it cancelled or that expired are not held against it), however many jobs another
+  tenant has waiting: the line takes one job of each waiting tenant in turn;
 * a job of priority ``p`` (0-9) has its place moved ``p * PRIORITY_STEP`` ahead: it goes before
   lower-priority jobs placed less than that many turns before it, and after the rest, so a low
   priority is delayed, never starved forever;
@@ -79,9 +80,12 @@ local DEFERRED = {DEFERRED}
 local function clock(order)
   return tonumber(redis.call('HGET', order, 'v') or '{LINE}')
 end
--- the next place in line of a job of ``tenant`` at ``priority`` (see the module's docstring)
-local function place(order, tenant, priority, step)
-  local tag = math.max(clock(order), tonumber(redis.call('HGET', order, 't:' .. tenant) or '0')) + 1
+-- the next place in line of a job of ``tenant`` at ``priority`` (see the module's docstring);
+-- ``queued``: the tenant's queued jobs (``contract.queued_set``), before this one
+local function place(order, tenant, priority, step, queued)
+  local last = 0
+  if redis.call('ZCARD', queued) > 0 then last = tonumber(redis.call('HGET', order, 't:' .. tenant) or '0') end
+  local tag = math.max(clock(order), last) + 1
   redis.call('HSET', order, 't:' .. tenant, tag)
   return tag - tonumber(priority) * tonumber(step)
 end

@@ -426,7 +426,7 @@ redis.call('HSET', job, 'seq', seq, 'state', 'queued', 'ev', event)
 redis.call('EXPIRE', job, ttl)
 redis.call('EXPIRE', log, ttl)  -- the log lives as long as the document again
 redis.call('DEL', tombstone, result)
-enqueue(record, payload, record_ttl_ms, queue, place(order, tenant, priority, step), job_id)
+enqueue(record, payload, record_ttl_ms, queue, place(order, tenant, priority, step, queued), job_id)
 redis.call('ZADD', queued, now_us, job_id)
 redis.call('ZADD', waiting, now_us, job_id)
 if redis.call('HEXISTS', job, 'unwatched') == 1 then redis.call('HSET', job, 'seen', time_ms()) end  -- a retry is watched
@@ -476,10 +476,10 @@ local function store_job(j)
   redis.call('EXPIRE', j.job, j.ttl)
   redis.call('ZADD', j.index, j.now_us, j.job_id)
   redis.call('ZREMRANGEBYSCORE', j.index, '-inf', j.index_trim_below)
+  enqueue(j.record, j.payload, j.record_ttl_ms, j.queue, place(j.order, j.tenant, j.priority, j.step, j.queued), j.job_id)
   redis.call('ZADD', j.queued, j.now_us, j.job_id)
   redis.call('ZREMRANGEBYSCORE', j.waiting, '-inf', j.queued_trim_below)
   redis.call('ZADD', j.waiting, j.now_us, j.job_id)
-  enqueue(j.record, j.payload, j.record_ttl_ms, j.queue, place(j.order, j.tenant, j.priority, j.step), j.job_id)
 end
 """
 

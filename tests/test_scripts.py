@@ -433,3 +433,18 @@ async def test_a_fail_fast_group_fails_with_its_first_failed_child_and_stops_the
     assert not await client.exists(contract.cancel_key(c["id"]))
     await store.write(a, "t-group", status=contract.CANCELLED)  # the others end later: the group stays as it ended
     assert json.loads(contract.unpack(await store.read(group["id"])).doc)["seq"] == doc["seq"]
+
+
+async def test_a_tenant_that_cancelled_its_queued_jobs_is_not_held_behind_them(client):
+    """Its cancelled jobs' places are not held against it: with nothing queued, its next job goes
+    next in line, ahead of another tenant's backlog."""
+    name = "t-refund"
+    store = Store(client, Settings())
+    cancelled = [(await store.create("demo", {}, "t-gone", queue_name=name))[0] for _ in range(50)]
+    for doc in cancelled:
+        await store.write(doc, "t-gone", status=contract.CANCELLED)
+        await queue.dequeue(client, name, doc["id"])
+    for _ in range(20):  # another tenant's backlog
+        await store.create("demo", {}, "t-busy", queue_name=name)
+    back = (await store.create("demo", {}, "t-gone", queue_name=name))[0]["id"]
+    assert (await claimed_ids(client, 3, queues={name: 3})).index(back) <= 1
