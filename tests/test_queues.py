@@ -174,3 +174,36 @@ async def test_a_named_queues_job_whose_worker_is_killed_runs_again_on_another(o
         for proc in (second, first, server):
             if proc is not None:
                 proc.stop()
+
+
+async def test_priority_is_bounded_per_tenant(own_redis, tmp_path):
+    """``MAX_PRIORITY`` and ``TENANT_MAX_PRIORITY``: above a tenant's bound is a 422 naming
+    ``priority`` that creates nothing; a type's own default priority is capped at it."""
+    keys = "acme:key-acme-0001,globex:key-globex-01"
+    server = start_server(own_redis.url, tmp_path, api_keys=keys, tenant_max_priority="acme:2", max_priority=7)
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            for key, asked, status in (("key-acme-0001", 3, 422), ("key-acme-0001", 2, 202), ("key-globex-01", 8, 422), ("key-globex-01", 7, 202)):
+                answer = await client.post("/jobs", json={"type": "slot", "priority": asked}, headers={"Authorization": f"Bearer {key}"})
+                assert answer.status_code == status, (key, asked, answer.text)
+                if status == 422:
+                    assert answer.json()["errors"][0]["field"] == "priority" and "0 to" in answer.json()["detail"]
+            listed = (await client.get("/jobs", headers={"Authorization": "Bearer key-acme-0001"})).json()["items"]
+            assert [j["priority"] for j in listed] == [2]
+    finally:
+        server.stop()
+
+
+def test_bad_queue_and_priority_settings_stop_the_process_at_start():
+    from core.settings import Settings
+    from worker.registry import REGISTRY
+    from worker.runtime import served_queues
+
+    for bad in ({"TENANT_MAX_PRIORITY": "acme:10"}, {"TENANT_MAX_PRIORITY": "acme"}, {"MAX_PRIORITY": "12"}, {"PRIORITY_STEP": "0"}):
+        with pytest.raises(SystemExit):
+            Settings.from_env(bad)
+    for bad in ("heavy:0", "Heavy", "heavy,heavy", "health-check", "a:b"):
+        with pytest.raises(SystemExit):
+            served_queues(bad, REGISTRY, 10)
+    assert served_queues("heavy:2, default", REGISTRY, 10) == {"heavy": 2, "default": 10}
+    assert served_queues("heavy:20", REGISTRY, 10) == {"heavy": 10}  # never above WORKER_CONCURRENCY
