@@ -84,7 +84,8 @@ async def _submit(request: Request, span: Any) -> Response:
 
 
 async def _submit_group(request: Request, span: Any, caller: Caller, payload: dict[str, Any]) -> Response:
-    """``{"group": [{"type", "params", "weight"}, ...], "priority"?}``: a group and its children."""
+    """``{"group": [{"type", "params", "weight"}, ...], "priority"?, "webhook"?, "fail_fast"?}``: a
+    group and its children (README, Groups)."""
     settings = request.app.state.settings
     unknown = set(payload) - {"group", "priority", "webhook", "fail_fast"}
     if unknown:
