@@ -85,9 +85,11 @@ class Watch:
         await self.hub._watch_all(self.mailbox, tenant)
 
     async def add_logs(self, job_ids: Iterable[str], after: dict[str, int]) -> None:
-        """Route the log lines of ``job_ids`` (watched jobs) to the mailbox too, from the line
-        after ``after[job]`` (0: every line kept): the stored ones first, then live ones."""
-        new = [j for j in job_ids if j in self.jobs and (self.logs is None or j not in self.logs)]
+        """Route the log lines of ``job_ids`` to the mailbox too, from the line after ``after[job]``
+        (0: every line kept): the stored ones first, then live ones. Where the mailbox is read
+        meanwhile (a WebSocket), call it before ``add``: a job's event then never reaches the
+        client ahead of the lines written before it (its last attempt's, say, before its end)."""
+        new = [j for j in job_ids if self.logs is None or j not in self.logs]
         if self.logs is None:
             self.logs = set()
         self.logs.update(new)
@@ -104,10 +106,11 @@ class Watch:
         await self.hub.send_stored_logs(self.mailbox, new)
 
     def remove(self, job_ids: Iterable[str]) -> None:
+        job_ids = list(job_ids)
         gone = [j for j in job_ids if j in self.jobs]
         self.jobs.difference_update(gone)
         if self.logs:
-            logs = [j for j in gone if j in self.logs]
+            logs = [j for j in job_ids if j in self.logs]
             self.logs.difference_update(logs)
             self.hub._unwatch_logs(self.mailbox, logs)
         self.hub._unwatch(self.mailbox, gone)
@@ -116,7 +119,7 @@ class Watch:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.remove(list(self.jobs))
+        self.remove(self.jobs | (self.logs or set()))
         if self.all:
             self.all = False
             self.hub._unwatch_all(self.mailbox)

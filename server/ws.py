@@ -134,9 +134,9 @@ class Connection:
                 await self.error("job expired" if gone else "job not found", job=job_id, status=410 if gone else 404)
         for job_id in allowed:
             self.mailbox.expect(job_id, since.get(job_id, 0))
-        await self.watch.add(allowed)
-        if log_after is not None:
+        if log_after is not None:  # first: the lines written before an event reach the client before it
             await self.watch.add_logs(allowed, log_after)
+        await self.watch.add(allowed)
         for job_id, raw in zip(allowed, await store.read_many(allowed)):
             if raw is not None and job_id in self.watch.jobs:  # not already ended and dropped meanwhile
                 self.mailbox.put(Event(job_id, raw))

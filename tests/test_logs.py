@@ -184,6 +184,30 @@ async def test_websocket_subscribe_with_logs(base, worker):
     assert final == "succeeded" and seqs == list(range(6, 23))  # after 5: lines 5..20 and "succeeded"
 
 
+async def test_a_websocket_gets_a_jobs_last_lines_before_its_end_however_soon_it_ends(base, worker):
+    """Subscribing (with logs) as jobs end: each job's lines written before its final state reach
+    the WebSocket before that final state, even when the job ends while the subscription is being
+    set up (the lines' stored read and the event's live arrival race)."""
+    async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+        ws_url = base.replace("http", "ws", 1) + "/ws"
+        for _ in range(3):
+            jobs, ended = [], {}
+            async with connect(ws_url) as ws:
+                for _ in range(20):  # each subscribed at once after its submit, while a worker may be running it
+                    jobs.append((await client.post("/jobs", json={"type": "demo", "params": {"steps": 2, "interval": 0, "fail_at_step": 1}})).json())
+                    await ws.send(json.dumps({"op": "subscribe", "jobs": [jobs[-1]["id"]], "logs": True, "log_after": {jobs[-1]["id"]: 0}}))
+                warned: set[str] = set()
+                async with asyncio.timeout(30):
+                    while len(ended) < len(jobs):
+                        msg = json.loads(await ws.recv())
+                        if msg["event"] == "log":
+                            if any(line["level"] == "WARNING" for line in msg["log"]["lines"]):
+                                warned.add(msg["log"]["job"])
+                        elif msg["event"] == "failed":
+                            ended[msg["job"]["id"]] = msg["job"]["id"] in warned
+            assert all(ended.values()), f"{list(ended.values()).count(False)} of {len(jobs)} ended before their last lines"
+
+
 async def test_a_jobs_log_is_read_with_the_jobs_own_rules(redis_server, worker, tmp_path):
     """The API key of the job's tenant or the job's watch token open its log; another tenant's
     key, another job's token or nothing get 404 / 401, on the log and on its stream alike."""
