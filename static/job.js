@@ -71,7 +71,31 @@
     $("result").hidden = job.status !== "succeeded";
     $("result").href = job.links.result + auth;
     $("bar").setAttribute("aria-valuetext", job.status + ", " + F.percent(job.progress));
+    if (job.children) $("retry").hidden = true; // a group is not retried whole: its jobs are
+    family(job);
     timeline(job);
+  }
+
+  // A group's jobs (each a link to its own page), or a group's job's group.
+  function family(job) {
+    var kids = job.children || [];
+    $("family").hidden = !kids.length && !job.parent;
+    $("family-heading").textContent = kids.length ? "Jobs in this group" : "Group";
+    $("parent-row").hidden = !job.parent;
+    if (job.parent) {
+      $("parent").href = "/dashboard/jobs/" + encodeURIComponent(job.parent) + auth;
+      $("parent").textContent = job.parent;
+    }
+    var ol = $("children");
+    ol.replaceChildren();
+    kids.forEach(function (c) {
+      var li = document.createElement("li"), a = document.createElement("a");
+      li.dataset.status = c.status;
+      a.href = "/dashboard/jobs/" + encodeURIComponent(c.id) + auth;
+      a.textContent = c.type + " " + c.id;
+      li.append(a, " · weight " + c.weight + " · ", c.status);
+      ol.append(li);
+    });
   }
 
   function logLine(l) {

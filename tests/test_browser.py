@@ -524,6 +524,26 @@ def test_job_page_retries_a_failed_job(page, base):
     shot(page, "job-retried")
 
 
+def test_job_page_of_a_group_lists_its_jobs_and_each_links_back(page, base):
+    members = [{"type": "demo", "params": {"steps": 4, "interval": 0.1}, "weight": w} for w in (1, 3)]
+    r = httpx.post(base + "/jobs", json={"group": members}, timeout=10)
+    assert r.status_code == 202, r.text
+    group = r.json()
+    page.goto(f"{base}/dashboard/jobs/{group['id']}")
+    expect(page.locator("#family-heading")).to_have_text("Jobs in this group")
+    expect(page.locator("#children li")).to_have_count(2)
+    expect(page.locator("#job")).to_have_attribute("data-status", "succeeded", timeout=20_000)
+    expect(page.locator("#children li[data-status='succeeded']")).to_have_count(2)
+    expect(page.locator("#pct")).to_have_text("100%")
+    expect(page.locator("#retry")).to_be_hidden()
+    shot(page, "job-group")
+    page.locator("#children a").nth(1).click()
+    expect(page.locator("#parent")).to_have_text(group["id"])
+    expect(page.locator("#job")).to_have_attribute("data-status", "succeeded")
+    page.locator("#parent").click()
+    expect(page.locator("#family-heading")).to_have_text("Jobs in this group")
+
+
 # -- /docs --------------------------------------------------------------------------------------
 
 
