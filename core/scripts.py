@@ -126,8 +126,14 @@ return {last, first, redis.call('LRANGE', log, from - first, from - first + tonu
 ROLLUP_LUA = r"""
 local function ended(st) return st == 'succeeded' or st == 'failed' or st == 'cancelled' end
 local function share(st, p) if ended(st) then return 100 end return tonumber(p) or 0 end
-local function rollup(parent, group, parent_channel, parent_tombstone, parent_result, child_id, state, progress, now_iso,
-                      expires_iso, live_ttl, final_ttl, tombstone_ttl, now_ms)
+-- ``packed``: ``WRITE``'s field ``group`` (``Store._group_fields``); ``progress``: the child's new
+-- progress as JSON ('' for null), or nil for the one ``packed`` carries
+local function rollup(packed, child_id, state, progress)
+  local f = {}
+  for word in string.gmatch(packed, '%S+') do f[#f + 1] = word end
+  local parent, group, parent_channel, parent_tombstone, parent_result = f[1], f[2], f[3], f[4], f[5]
+  if progress == nil then progress = f[6] == 'null' and '' or f[6] end
+  local now_iso, expires_iso, live_ttl, final_ttl, tombstone_ttl, now_ms = f[7], f[8], f[9], f[10], f[11], f[12]
   local head = redis.call('HMGET', parent, 'seq', 'state')
   if not head[2] or ended(head[2]) then return end
   local g = redis.call('HMGET', group, child_id, 'w:' .. child_id, 'done', 'weight', 'count', 'queued', 'ended', 'failed',
@@ -270,11 +276,7 @@ if terminal == '1' then
   end
 end
 redis.call('PUBLISH', channel, event)
-if group ~= '' then
-  local g = {}
-  for word in string.gmatch(group, '%S+') do g[#g + 1] = word end
-  rollup(g[1], g[2], g[3], g[4], g[5], job_id, state, g[6] == 'null' and '' or g[6], g[7], g[8], g[9], g[10], g[11], g[12])
-end
+if group ~= '' then rollup(group, job_id, state) end
 after_attempt(after, queue, job_id, record, lease, tries, due_ms)
 return {1, tonumber(seq), logseq}
 """,
@@ -432,11 +434,7 @@ redis.call('ZADD', waiting, now_us, job_id)
 if redis.call('HEXISTS', job, 'unwatched') == 1 then redis.call('HSET', job, 'seen', time_ms()) end  -- a retry is watched
 redis.call('PUBLISH', channel, event)
 redis.call('PUBLISH', wake_channel, job_id)
-if group ~= '' then  -- a child of a group that has not ended: the group waits for it again
-  local g = {}
-  for word in string.gmatch(group, '%S+') do g[#g + 1] = word end
-  rollup(g[1], g[2], g[3], g[4], g[5], job_id, 'queued', '', g[7], g[8], g[9], g[10], g[11], g[12])
-end
+if group ~= '' then rollup(group, job_id, 'queued', '') end  -- a child of a group that has not ended: it waits for it again
 return {1, tonumber(seq)}
 """,
 )
