@@ -190,44 +190,41 @@ class Store:
         enqueued_ms = now_ms()
         now_us = time.time_ns() // 1000
         fingerprint = request_hash(job_type, params, webhook, priority, cancel_when_unwatched) if idempotency_key else ""
-        idem_key = contract.idempotency_key(tenant, idempotency_key or "")
-        index = contract.jobs_index(tenant)
         answer = await self._create(
             job=contract.job_key(job_id),
-            index=index,
             record=queue.record_key(job_id),
             queue=queue.queue_key(queue_name),
-            idempotency=idem_key,
-            queued=contract.queued_set(tenant),
-            rate=rate[0] or contract.rate_key("submit", "-", 0),
             order=queue.order_key(queue_name),
             waiting=queue.waiting_key(queue_name),
             job_id=job_id,
             job_type=job_type,
             event=event,
-            ttl=self.settings.job_ttl,
-            now_us=now_us,
-            index_trim_below=now_us - self.settings.tombstone_ttl * 1_000_000,
             payload=queue.payload(job_type, (params,), enqueued_ms),
-            record_ttl_ms=queue.RECORD_TTL_MS,
             channel=contract.channel(job_id),
-            wake_channel=contract.WAKE_CHANNEL,
             params_json=params_json if params_json is not None else contract.dumps(params),
             webhook_url=webhook or "",
-            idempotency_value=f"{job_id} {fingerprint}" if idempotency_key else "",
-            idempotency_ttl=self.settings.idempotency_ttl,
-            queue_cap=self.settings.queue_cap,
-            queued_trim_below=now_us - self.settings.job_ttl * 1_000_000,
-            request_id=request_id,
-            traceparent=traceparent,
-            rate_limit=rate[1] if rate[0] else 1 << 62,
-            rate_window=rate[2] or 1,
-            tenant=tenant,
             priority=priority,
-            step=self.settings.priority_step,
             unwatched="" if cancel_when_unwatched is None else cancel_when_unwatched,
+            **self._admission(job_id, tenant, idempotency_key, fingerprint, rate, request_id, traceparent, now_us),
         )
         return await self._created(answer, job_id, fingerprint, doc, event)
+
+    def _admission(
+        self, job_id: str, tenant: str, idempotency_key: str | None, fingerprint: str, rate: tuple[str, int, int],
+        request_id: str, traceparent: str, now_us: int,
+    ) -> dict[str, Any]:  # fmt: skip
+        """The fields ``CREATE`` and ``CREATE_GROUP`` share: what ``admit`` checks, and what every
+        job they store is given (its index, TTLs, request id, trace context, tenant)."""
+        s = self.settings
+        return {
+            "index": contract.jobs_index(tenant), "idempotency": contract.idempotency_key(tenant, idempotency_key or ""),
+            "queued": contract.queued_set(tenant), "rate": rate[0] or contract.rate_key("submit", "-", 0), "ttl": s.job_ttl,
+            "now_us": now_us, "index_trim_below": now_us - s.tombstone_ttl * 1_000_000, "record_ttl_ms": queue.RECORD_TTL_MS,
+            "wake_channel": contract.WAKE_CHANNEL, "idempotency_value": f"{job_id} {fingerprint}" if idempotency_key else "",
+            "idempotency_ttl": s.idempotency_ttl, "queue_cap": s.queue_cap, "queued_trim_below": now_us - s.job_ttl * 1_000_000,
+            "request_id": request_id, "traceparent": traceparent, "rate_limit": rate[1] if rate[0] else 1 << 62,
+            "rate_window": rate[2] or 1, "tenant": tenant, "step": s.priority_step,
+        }  # fmt: skip
 
     async def _created(
         self, answer: Any, job_id: str, fingerprint: str, doc: dict[str, Any], event: bytes
@@ -387,17 +384,10 @@ class Store:
         request = [[t, p, w, q, pri] for t, p, _, w, q, pri in children]
         fingerprint = request_hash(contract.GROUP, {"children": request, "fail_fast": fail_fast}, webhook, priority) if idempotency_key else ""
         keys, args = scripts.CREATE_GROUP.fields(
-            parent=contract.job_key(parent_id), group=contract.group_key(parent_id), index=contract.jobs_index(tenant),
-            idempotency=contract.idempotency_key(tenant, idempotency_key or ""), queued=contract.queued_set(tenant),
-            rate=rate[0] or contract.rate_key("submit", "-", 0), parent_id=parent_id, event=event,
-            group_fields=contract.dumps(fields), children=contract.dumps(kids), ttl=self.settings.job_ttl, now_us=now_us,
-            index_trim_below=now_us - self.settings.tombstone_ttl * 1_000_000, record_ttl_ms=queue.RECORD_TTL_MS,
-            channel=contract.channel(parent_id), wake_channel=contract.WAKE_CHANNEL,
-            idempotency_value=f"{parent_id} {fingerprint}" if idempotency_key else "",
-            idempotency_ttl=self.settings.idempotency_ttl, queue_cap=self.settings.queue_cap,
-            queued_trim_below=now_us - self.settings.job_ttl * 1_000_000, request_id=request_id, traceparent=traceparent,
-            rate_limit=rate[1] if rate[0] else 1 << 62, rate_window=rate[2] or 1, tenant=tenant,
-            step=self.settings.priority_step, webhook_url=webhook or "",
+            parent=contract.job_key(parent_id), group=contract.group_key(parent_id), parent_id=parent_id, event=event,
+            group_fields=contract.dumps(fields), children=contract.dumps(kids), channel=contract.channel(parent_id),
+            webhook_url=webhook or "",
+            **self._admission(parent_id, tenant, idempotency_key, fingerprint, rate, request_id, traceparent, now_us),
         )  # fmt: skip
         answer = await self._create_group(keys=keys, args=args)
         return await self._created(answer, parent_id, fingerprint, doc, event)
