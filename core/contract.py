@@ -16,6 +16,7 @@ Everything here is pure (no I/O) and is the single definition of each fact:
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import re
 import secrets
@@ -185,6 +186,9 @@ def log_line(level: str, message: str, extra: dict[str, Any] | None = None, ts: 
 # plus its status); each child's document has ``parent``, last (``parent_of``: a group's watch token
 # reads its children). The group's document is
 # rendered in Lua (``scripts.ROLLUP_LUA``) from ``group_template``, with each child's change.
+# A running job may also have children (``ctx.spawn``): its ``group_key`` hash keeps their roll-up
+# the same way, without a template, and its worker shows them in its document (``children``, and
+# its own progress combined with theirs by weight: ``worker.progress``).
 GROUP = "group"
 MAX_GROUP = 100  # children in one group
 GROUP_FIELDS = ("status", "progress", "seq", "updated_at", "started_at", "finished_at", "expires_at", "children")
@@ -212,6 +216,12 @@ def parent_of(doc_json: bytes) -> str | None:
 def child_entry(child_id: str, job_type: str, weight: float) -> bytes:
     """A child's entry in its group's ``children``, open at the end (its status follows)."""
     return dumps({"id": child_id, "type": job_type, "weight": weight})[:-1]
+
+
+def spawned_id(parent_id: str, n: int) -> str:
+    """The id of the ``n``-th child (from 1) that an attempt of job ``parent_id`` spawns: the same
+    in every attempt, so that a job run again gets back the children its earlier attempts spawned."""
+    return "j_" + base64.urlsafe_b64encode(hashlib.sha256(f"{parent_id}/{n}".encode()).digest()[:18]).decode()
 
 
 def new_job_id() -> str:

@@ -122,7 +122,8 @@ return {last, first, redis.call('LRANGE', log, from - first, from - first + tonu
 # webhook (``hook``: JSON with its URL, webhook key, TTL, wake channel, and the delivery's id,
 # record key, queue, order key and arq payload with "@seq@" and "@et@" for the final seq and the
 # time, ``Store.create_group``), its delivery, as ``WRITE`` enqueues a job's. Nothing changes once
-# the group has ended, or if it has expired.
+# the group has ended, or if it has expired. A job's spawned children (``SPAWN``) keep the same
+# hash without ``tpl``: their changes are summed up there, and the job's worker reads and shows them.
 ROLLUP_LUA = r"""
 local function ended(st) return st == 'succeeded' or st == 'failed' or st == 'cancelled' end
 local function share(st, p) if ended(st) then return 100 end return tonumber(p) or 0 end
@@ -138,7 +139,7 @@ local function rollup(packed, child_id, state, progress)
   if not head[2] or ended(head[2]) then return end
   local g = redis.call('HMGET', group, child_id, 'w:' .. child_id, 'done', 'weight', 'count', 'queued', 'ended', 'failed',
                        'cancelled', 'progress', 'started', 'tenant', 'tpl', 'members', 'ids', 'hook', 'fast')
-  if not g[1] or not g[13] or not g[15] then return end  -- (its group's hash is gone)
+  if not g[1] or not g[15] then return end  -- (its group's hash is gone)
   local was, was_progress = string.match(g[1], '^(%S+) (.*)$')
   if state == was and progress == was_progress then return end  -- (a message or stage: the group is as it was)
   local done = tonumber(g[3]) + tonumber(g[2]) * (share(state, progress) - share(was, was_progress))
@@ -161,6 +162,10 @@ local function rollup(packed, child_id, state, progress)
     end
     members = '[' .. table.concat(entries, ',') .. ']'
     redis.call('HSET', group, 'queued', n.queued, 'ended', n.ended, 'failed', n.failed, 'cancelled', n.cancelled, 'members', members)
+  end
+  if not g[13] then  -- a running job's own children (no template): its worker shows them
+    redis.call('EXPIRE', group, live_ttl)
+    return
   end
   local all_ended = n.ended == count
   local terminal = all_ended or (g[17] ~= false and n.failed > 0)
@@ -546,6 +551,50 @@ redis.call('ZADD', index, now_us + #kids, parent_id)  -- (listed first: newest)
 redis.call('PUBLISH', channel, event)
 redis.call('PUBLISH', wake_channel, parent_id)
 return 1
+""",
+)
+
+
+# A running job's child (``ctx.spawn``): ``store_job`` (no rate, idempotency or queue cap: the job
+# was admitted), and the child added to its parent's ``group`` hash (created on the first spawn, in
+# ``ROLLUP_LUA``'s form, without a template): ``entry`` (``contract.child_entry``) and ``weight``.
+# Its id is the same in every attempt of the parent (``contract.spawned_id``): a child already there
+# is left as it is. Returns {'new' or the state of the child that was there, and the hash's done,
+# weight, ended, count and members: ``Store.family``'s read}.
+SPAWN = Script(
+    keys=("job", "group", "index", "record", "queue", "queued", "order", "waiting"),
+    args=(
+        "job_id", "job_type", "event", "ttl", "now_us", "index_trim_below", "queued_trim_below", "payload", "record_ttl_ms",
+        "params_json", "request_id", "traceparent", "tenant", "priority", "step", "channel", "wake_channel", "entry", "weight",
+    ),  # fmt: skip
+    prefix=ENQUEUE_LUA + TIME_LUA + CREATE_LUA,
+    body="""
+local function family(state) return {state, unpack(redis.call('HMGET', group, 'done', 'weight', 'ended', 'count', 'members'))} end
+local was = redis.call('HGET', job, 'state')
+if was then return family(was) end
+store_job({
+  job = job, index = index, record = record, queue = queue, queued = queued, waiting = waiting, order = order, job_id = job_id,
+  job_type = job_type, event = event, ttl = ttl, now_us = now_us, index_trim_below = index_trim_below,
+  queued_trim_below = queued_trim_below, payload = payload, record_ttl_ms = record_ttl_ms, params_json = params_json,
+  webhook_url = '', request_id = request_id, traceparent = traceparent, tenant = tenant, priority = priority, step = step,
+  unwatched = '',
+})
+local g = redis.call('HMGET', group, 'ids', 'members')
+local member = entry .. ',"status":"queued"}'
+if not g[1] then
+  redis.call('HSET', group, 'ids', job_id, 'members', '[' .. member .. ']', 'done', 0, 'weight', weight, 'count', 1, 'queued', 1,
+             'ended', 0, 'failed', 0, 'cancelled', 0, 'progress', 0)
+else
+  redis.call('HSET', group, 'ids', g[1] .. ' ' .. job_id, 'members', string.sub(g[2], 1, -2) .. ',' .. member .. ']')
+  redis.call('HINCRBYFLOAT', group, 'weight', weight)
+  redis.call('HINCRBY', group, 'count', 1)
+  redis.call('HINCRBY', group, 'queued', 1)
+end
+redis.call('HSET', group, job_id, 'queued ', 'w:' .. job_id, weight, 'j:' .. job_id, entry)
+redis.call('EXPIRE', group, ttl)
+redis.call('PUBLISH', channel, event)
+redis.call('PUBLISH', wake_channel, job_id)
+return family('new')
 """,
 )
 

@@ -76,6 +76,10 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def _family(done: bytes, weight: bytes, ended: bytes, count: bytes, members: bytes) -> tuple[float, float, int, int, bytes]:
+    return float(done), float(weight), int(ended), int(count), members
+
+
 def _decode(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -87,6 +91,7 @@ class Store:
         self._write = Batched(redis, scripts.WRITE, REDIS_DEADLINE)
         self._create = Batched(redis, scripts.CREATE, REDIS_DEADLINE)
         self._create_group = redis.register_script(scripts.CREATE_GROUP.lua)
+        self._spawn = redis.register_script(scripts.SPAWN.lua)
         self._log = Batched(redis, scripts.LOG, REDIS_DEADLINE)
         self._log_read = redis.register_script(scripts.LOG_READ.lua)
         self._no_log = {"log_base": -1, "log_lines": b"", "log_max": settings.job_log_lines}  # (most writes)
@@ -154,6 +159,10 @@ class Store:
 
     async def result(self, job_id: str) -> bytes | None:
         return await self.redis.get(contract.result_key(job_id))
+
+    async def results(self, job_ids: list[str]) -> list[bytes | None]:
+        """``result`` of each job, in one round trip."""
+        return await self.redis.mget([contract.result_key(job_id) for job_id in job_ids])
 
     async def create(
         self,
@@ -265,6 +274,8 @@ class Store:
         the job's log in the same step, before the event. The writes of one event-loop turn go to
         Redis as one pipeline (``Batched``)."""
         new = {**doc, **changes, "seq": doc["seq"] + 1, "updated_at": contract.now_iso()}
+        if "children" in changes and "parent" in new:  # (``parent`` stays last: ``contract.parent_of``)
+            new["parent"] = new.pop("parent")
         terminal = new["status"] in contract.TERMINAL
         s = self.settings
         if terminal:
@@ -392,6 +403,45 @@ class Store:
         answer = await self._create_group(keys=keys, args=args)
         return await self._created(answer, parent_id, fingerprint, doc, event)
 
+    async def spawn(
+        self, parent: dict[str, Any], tenant: str, n: int, job_type: str, params: dict[str, Any], weight: float,
+        queue_name: str, priority: int, request_id: str = "", traceparent: str = "",
+    ) -> tuple[str, str, tuple[float, float, int, int, bytes]]:  # fmt: skip
+        """Queue running job ``parent``'s ``n``-th child of an attempt (``scripts.SPAWN``), or find it
+        there from an earlier attempt: ``(child id, 'new' or the state it was in, ``family``'s read
+        after it)``."""
+        s, parent_id = self.settings, parent["id"]
+        child_id = contract.spawned_id(parent_id, n)
+        now_us = time.time_ns() // 1000
+        child = {**contract.new_document(child_id, job_type, contract.now_iso(), None, queue_name, priority), "parent": parent_id}
+        keys, args = scripts.SPAWN.fields(
+            job=contract.job_key(child_id), group=contract.group_key(parent_id), index=contract.jobs_index(tenant),
+            record=queue.record_key(child_id), queue=queue.queue_key(queue_name), queued=contract.queued_set(tenant),
+            order=queue.order_key(queue_name), waiting=queue.waiting_key(queue_name), job_id=child_id, job_type=job_type,
+            event=contract.pack(child, tenant), ttl=s.job_ttl, now_us=now_us,
+            index_trim_below=now_us - s.tombstone_ttl * 1_000_000, queued_trim_below=now_us - s.job_ttl * 1_000_000,
+            payload=queue.payload(job_type, (params,), now_ms()), record_ttl_ms=queue.RECORD_TTL_MS,
+            params_json=contract.dumps(params), request_id=request_id, traceparent=traceparent, tenant=tenant,
+            priority=priority, step=s.priority_step, channel=contract.channel(child_id), wake_channel=contract.WAKE_CHANNEL,
+            entry=contract.child_entry(child_id, job_type, weight), weight=weight,
+        )  # fmt: skip
+        state, *family = await self._spawn(keys=keys, args=args)
+        return child_id, _decode(state), _family(*family)
+
+    async def family(self, job_id: str) -> tuple[float, float, int, int, bytes] | None:
+        """A job's children, as ``scripts.ROLLUP_LUA`` sums them up: ``(done, weight, ended, count,
+        their entries' JSON)`` (``done``: the sum of weight x progress, an ended child's 100), or None."""
+        read = await self.redis.hmget(contract.group_key(job_id), "done", "weight", "ended", "count", "members")
+        return None if read[-1] is None else _family(*read)
+
+    async def stop(self, job_ids: list[str]) -> None:
+        """Tell the jobs' workers to cancel them (a queued one is cancelled when a worker takes it)."""
+        async with self.redis.pipeline(transaction=True) as tx:
+            for job_id in job_ids:
+                tx.set(contract.cancel_key(job_id), b"1", ex=self.settings.job_ttl)
+                tx.publish(contract.CANCEL_CHANNEL, job_id)
+            await tx.execute()
+
     async def append_log(self, job_id: str, log: LogBatch) -> int:
         """Append ``log`` to the job's log and publish it (``scripts.LOG``); returns the last seq
         stored (-1: the job has no document). Calls of one loop turn share one pipeline."""
@@ -409,8 +459,10 @@ class Store:
         return int(last), int(first), lines
 
     async def reopen(self, doc: dict[str, Any], tenant: str) -> dict[str, Any]:
-        """Queue a failed or cancelled job again as its next attempt (POST /jobs/{id}/retry)."""
+        """Queue a failed or cancelled job again as its next attempt (POST /jobs/{id}/retry), its
+        cancel request (if any) forgotten."""
         job_id = doc["id"]
+        await self.redis.delete(contract.cancel_key(job_id))
         new: dict[str, Any] = {
             **doc,
             "status": contract.QUEUED,

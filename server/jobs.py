@@ -356,10 +356,7 @@ async def cancel_job(request: Request, job_id: str, caller: Caller) -> tuple[int
                 continue  # a worker took it, or it changed: look again
             await queue.dequeue(redis, doc.get("queue", queue.DEFAULT), job_id)
             return 200, contract.dumps(doc)
-        async with redis.pipeline(transaction=True) as tx:
-            tx.set(contract.cancel_key(job_id), b"1", ex=store.settings.job_ttl)
-            tx.publish(contract.CANCEL_CHANNEL, job_id)
-            await tx.execute()
+        await store.stop([job_id])
         return 202, event.doc
     raise Problem(409, "Job is changing", "Try again.", headers={"Retry-After": "1"})
 
@@ -379,7 +376,6 @@ async def retry(request: Request) -> Response:
     if doc["type"] == contract.GROUP:
         detail = "A group is not run again as a whole; retry its failed or cancelled children (a group that has ended stays so)."
         raise Problem(409, "Job cannot be retried", detail, job_status=doc["status"])
-    await request.app.state.store.redis.delete(contract.cancel_key(job_id))
     try:
         doc = await request.app.state.store.reopen(doc, event.tenant)
     except WriteRefused:  # it changed, or the worker is still finishing its last attempt

@@ -46,7 +46,7 @@ function newCard(job) {
     expires: q(".expires"), expiresRow: q(".meta-expires"),
   };
   li.dataset.job = job.id;
-  q(".type").textContent = job.children ? `group of ${job.children.length}` : job.type;
+  q(".type").textContent = job.type === "group" ? `group of ${job.children.length}` : job.type;
   const id = q(".job-id");
   id.textContent = job.id;
   const title = q(".card-title");

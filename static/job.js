@@ -71,16 +71,16 @@
     $("result").hidden = job.status !== "succeeded";
     $("result").href = job.links.result + auth;
     $("bar").setAttribute("aria-valuetext", job.status + ", " + F.percent(job.progress));
-    if (job.children) $("retry").hidden = true; // a group is not retried whole: its jobs are
+    if (job.type === "group") $("retry").hidden = true; // a group is not retried whole: its jobs are
     family(job);
     timeline(job);
   }
 
-  // A group's jobs (each a link to its own page), or a group's job's group.
+  // A group's jobs or a job's spawned children (each a link to its own page), and its own group or parent.
   function family(job) {
     var kids = job.children || [];
     $("family").hidden = !kids.length && !job.parent;
-    $("family-heading").textContent = kids.length ? "Jobs in this group" : "Group";
+    $("family-heading").textContent = !kids.length ? "Part of" : job.type === "group" ? "Jobs in this group" : "Jobs it spawned";
     $("parent-row").hidden = !job.parent;
     if (job.parent) {
       $("parent").href = "/dashboard/jobs/" + encodeURIComponent(job.parent) + auth;

@@ -411,7 +411,7 @@ def test_stack_with_api_keys_runs_a_job(tmp_path):
         assert [d["status"] for d in run][0] == "queued" and run.final["status"] == "succeeded"
         assert run.result == {"steps": 3} and "token" not in run[0]
         assert httpx.get(stack.url + "/job-types").status_code == 401  # the key is needed, as for submit
-        assert [t["name"] for t in stack.client.job_types()] == ["demo"]
+        assert [t["name"] for t in stack.client.job_types()] == ["batch", "demo"]
         with Client(stack.url, token=stack.client.submit("demo")["token"]) as reader:
             with pytest.raises(Unauthorized):
                 reader.job_types()

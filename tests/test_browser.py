@@ -544,6 +544,20 @@ def test_job_page_of_a_group_lists_its_jobs_and_each_links_back(page, base):
     expect(page.locator("#family-heading")).to_have_text("Jobs in this group")
 
 
+def test_job_page_of_a_job_that_spawned_lists_them_and_offers_retry(page, base):
+    job = submit_job(base, "batch", parts=2, interval=0, fail_part=2)
+    page.goto(f"{base}/dashboard/jobs/{job['id']}")
+    expect(page.locator("#job")).to_have_attribute("data-status", "failed", timeout=20_000)
+    expect(page.locator("#error-text")).to_have_text("DemoFailure: part 2 failed")
+    expect(page.locator("#family-heading")).to_have_text("Jobs it spawned")
+    expect(page.locator("#children li")).to_have_count(2)
+    expect(page.locator("#children li[data-status='failed']")).to_have_count(1)
+    expect(page.locator("#retry")).to_be_visible()  # (a job that spawned runs again whole; a group does not)
+    page.locator("#children a").nth(0).click()
+    expect(page.locator("#parent")).to_have_text(job["id"])
+    expect(page.locator("#family-heading")).to_have_text("Part of")
+
+
 # -- /docs --------------------------------------------------------------------------------------
 
 

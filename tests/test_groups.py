@@ -58,9 +58,9 @@ async def long_poll(client: httpx.AsyncClient, job_id: str) -> list[dict]:
     return [d for i, d in enumerate(seen) if i == 0 or d["seq"] != seen[i - 1]["seq"]]
 
 
-async def ws_watch(url: str, job_id: str) -> list[dict]:
+async def ws_watch(url: str, job_id: str, headers: dict[str, str] | None = None) -> list[dict]:
     docs = []
-    async with connect(url.replace("http", "ws") + "/ws") as ws:
+    async with connect(url.replace("http", "ws") + "/ws", additional_headers=headers) as ws:
         await ws.send(json.dumps({"op": "subscribe", "jobs": [job_id]}))
         while not docs or docs[-1]["status"] not in ("succeeded", "failed", "cancelled"):
             message = json.loads(await ws.recv())

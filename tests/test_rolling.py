@@ -33,7 +33,7 @@ def test_unknown_type_waits_for_a_worker_that_runs_it(redis_server, tmp_path):
         procs.append(server := start_server(redis_server.url, tmp_path))
         with httpx.Client(timeout=10) as client:
             listed = client.get(server.url + "/workers").json()["items"]
-            assert [w["types"] for w in listed] == [["demo"]]
+            assert [w["types"] for w in listed] == [["batch", "demo"]]
             assert listed[0]["concurrency"] == 10 and listed[0]["running"] == 0 and listed[0]["beat_at"]
             r = client.post(server.url + "/jobs", json={"type": "echo", "params": {"message": "hi"}})
             assert r.status_code == 202, r.text
@@ -50,9 +50,9 @@ def test_unknown_type_waits_for_a_worker_that_runs_it(redis_server, tmp_path):
             assert (done["status"], done["attempt"], done["error"]) == ("succeeded", 1, None), done
             types = sorted(tuple(w["types"]) for w in client.get(server.url + "/workers").json()["items"])
             ours = tuple(t["name"] for t in client.get(server.url + "/job-types").json()["items"])  # the tests' own types
-            assert types == [ours, ("demo",)]  # the new worker runs them all, the old one only the demo
+            assert types == [ours, ("batch", "demo")]  # the new worker runs them all, the old one only the shipped demos
             procs[-1].stop()  # a worker that stops cleanly leaves the list at once
-            assert [w["types"] for w in client.get(server.url + "/workers").json()["items"]] == [["demo"]]
+            assert [w["types"] for w in client.get(server.url + "/workers").json()["items"]] == [["batch", "demo"]]
     finally:
         for proc in procs:
             proc.stop()

@@ -8,7 +8,7 @@ import time
 
 from pydantic import BaseModel, Field
 
-from worker.registry import Retry, job
+from worker.registry import ChildFailed, Retry, job
 
 
 class Flaky(BaseModel):
@@ -161,3 +161,46 @@ async def heavy_slot(ctx, params: Slot) -> dict:
     ran = took_slot(ctx)
     await asyncio.sleep(params.seconds)
     return ran
+
+
+class Spawned(BaseModel):
+    type: str = "demo"
+    params: dict = {}
+    weight: float = 1.0
+
+
+class Fanout(BaseModel):
+    children: list[Spawned] = Field(default_factory=list, max_length=20)
+    own_steps: int = Field(0, ge=0, le=1000)  # own progress reports, 0.05 s apart, after spawning
+    own_weight: float = Field(1.0, ge=0)
+    wait: bool = True  # ctx.wait for them (else it returns at once, and its end waits for them)
+    catch: bool = False  # a ChildFailed is caught and its child named in the result
+
+
+@job("fanout", params=Fanout, timeout=60)
+async def fanout(ctx, params: Fanout) -> dict:
+    """Spawns ``children``, reports ``own_steps`` of its own, then waits for them (``ctx.wait``)."""
+    ctx.weight = params.own_weight
+    kids = [await ctx.spawn(c.type, c.params, weight=c.weight) for c in params.children]
+    for i in range(1, params.own_steps + 1):
+        await asyncio.sleep(0.05)
+        await ctx.progress(100 * i / params.own_steps)
+    if not params.wait:
+        return {"spawned": kids}
+    try:
+        return {"results": await ctx.wait(kids)}
+    except ChildFailed as failed:
+        if not params.catch:
+            raise
+        return {"failed": failed.child["id"], "status": failed.child["status"]}
+
+
+@job("fanout_sync", params=Fanout, timeout=60)
+def fanout_sync(ctx, params: Fanout) -> dict:
+    """``fanout`` as a plain function, in a thread."""
+    ctx.weight = params.own_weight
+    kids = [ctx.spawn(c.type, c.params, weight=c.weight) for c in params.children]
+    for i in range(1, params.own_steps + 1):
+        time.sleep(0.05)
+        ctx.progress(100 * i / params.own_steps)
+    return {"results": ctx.wait(kids)} if params.wait else {"spawned": kids}

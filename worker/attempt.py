@@ -69,6 +69,7 @@ class Attempts:
         rid = claimed.request_id
         extra = {"job_id": job_id, "attempt": attempt, "request_id": rid.decode() if rid else None}
         ctx.log = JobLog(log, extra, ctx, asyncio.get_running_loop())
+        ctx.request_id, ctx.traceparent = extra["request_id"] or "", (claimed.traceparent or b"").decode()
         ctx.cancel_requested = claimed.cancelled == 1
         self.running[job_id] = ctx
         started = time.monotonic()
@@ -78,6 +79,7 @@ class Attempts:
             else:
                 await self._traced(ctx, job_type, attempt, params, claimed.traceparent)
         finally:
+            ctx.close()
             self.running.pop(job_id, None)
             JOB_SECONDS.labels(job_type.name).observe(time.monotonic() - started)
             JOBS_FINISHED.labels(job_type.name, ctx.doc["status"]).inc()
@@ -187,9 +189,13 @@ class Attempts:
         await ctx.finish(contract.FAILED, result_ttl=job_type.result_ttl, error=failure, after=queue.FINISH)
 
     async def _call(self, job_type: JobType, ctx: JobContext, params: Any) -> Any:
+        """The job's function, then the children it spawned and did not wait for (``ctx.spawn``)."""
         if inspect.iscoroutinefunction(job_type.fn):
-            return await job_type.fn(ctx, params)
-        return await asyncio.to_thread(job_type.fn, ThreadJobContext(ctx, asyncio.get_running_loop()), params)
+            result = await job_type.fn(ctx, params)
+        else:
+            result = await asyncio.to_thread(job_type.fn, ThreadJobContext(ctx, asyncio.get_running_loop()), params)
+        await ctx.wait_rest()
+        return result
 
 
 def backoff(base: float, attempt: int) -> float:

@@ -15,20 +15,25 @@ order they were logged in, and a pipeline sent again never writes a batch twice.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import traceback
+from collections.abc import Iterable
 from typing import Any
 
+from pydantic import BaseModel, ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from core import contract
+from core import contract, tracing
 from core.store import LogBatch, Store, WriteRefused
+from worker.registry import REGISTRY, ChildFailed
 
 ETA_SMOOTHING = 0.3  # weight of the newest rate sample in the moving average
 log = logging.getLogger("worker")
 REDIS_OUTAGE = 60.0  # seconds a progress or final write waits for Redis to come back
+CHILD_POLL = 0.1  # seconds between reads of a job's children's roll-up (PROGRESS_INTERVAL if longer)
 
 
 class RedisAway:
@@ -117,6 +122,18 @@ class JobContext:
         self.span = None  # the attempt's span (``core.tracing``) when tracing is on
         self._log_start: tuple[int, float] | None = None  # (attempt, time): "attempt N started", with the first line
         self._logged_any = False
+        # children (``spawn``): the job's own progress counts ``weight`` against theirs
+        self.weight = 1.0
+        self.request_id, self.traceparent = "", ""  # the submit's, which its children carry
+        self._own = 0.0  # the job's own progress
+        self._shown = 0.0  # the highest progress shown once it has children (never lower)
+        self._kids: list[str] = []  # the children this attempt spawned, in order
+        self._waited: set[str] = set()  # those ``wait`` has answered for
+        self._family: tuple[float, float, int, int, bytes] | None = None  # their roll-up as last read (``Store.family``)
+        self._statuses: dict[str, str] = {}  # each child's status, as last read
+        self._following: asyncio.Future | None = None  # reads the roll-up while children run
+        self._changed = asyncio.Event()  # set (and replaced) when the roll-up read changes
+        self._closed = False
 
     @property
     def id(self) -> str:
@@ -136,8 +153,9 @@ class JobContext:
             raise asyncio.CancelledError()
         now = time.monotonic()
         if pct is not None:
-            pct = min(100.0, max(0.0, float(pct)))
-            self._pending["progress"] = round(pct, 2)
+            self._own = min(100.0, max(0.0, float(pct)))
+            pct = self._combined()
+            self._pending["progress"] = pct
             self._pending["eta_s"] = self._estimate(pct, now)
         if message is not None:
             self._pending["message"] = str(message)
@@ -148,6 +166,155 @@ class JobContext:
         if self.doc["stalled"]:
             self._pending["stalled"] = False
         await self._publish(force=not self._published or stage_changed)
+
+    def _combined(self) -> float:
+        """The progress to show: the job's own; once it has children, its own and theirs by weight,
+        never lower than shown before (a child spawned later adds to what is left to do)."""
+        if self._family is None:
+            return round(self._own, 2)
+        done, weight = self._family[0], self._family[1]
+        total = self.weight + weight
+        self._shown = max(self._shown, round((self.weight * self._own + done) / total, 2) if total > 0 else 0.0)
+        return self._shown
+
+    async def spawn(self, job_type: str, params: dict[str, Any] | BaseModel | None = None, *, weight: float = 1.0) -> str:
+        """Queue a child job of ``job_type`` (a type this worker knows) with ``params``, and return
+        its id. This job's document lists it in ``children``, and its progress is this job's own
+        and its children's, each by weight (its own: ``ctx.weight``, 1 unless set). The n-th spawn of
+        every attempt is the same child: one that an earlier attempt spawned is not queued again
+        (it is run again if it failed or was cancelled). ``wait`` gives its result; a job that
+        returns first waits for the children it has not waited for; one that fails for good or is
+        cancelled cancels those that have not ended. Children take this job's priority if higher
+        than their type's, and its submit's request id and trace."""
+        kind = REGISTRY.get(job_type)
+        if kind is None:
+            raise ValueError(f"spawn: job type {job_type!r} is not registered in this worker")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight <= 1e6:
+            raise ValueError("spawn: weight must be a number above 0 and at most 1e6")
+        if isinstance(params, BaseModel):
+            params = params.model_dump(mode="json")
+        params = {} if params is None else params
+        try:
+            kind.params.model_validate(params)
+        except ValidationError as e:
+            raise ValueError(f"spawn {job_type!r}: {e}") from None
+        priority = max(kind.priority, self.doc.get("priority", 0))
+        trace = tracing.traceparent(self.span) if self.span is not None else self.traceparent
+        away = RedisAway()
+        while True:
+            try:
+                child_id, was, family = await self.store.spawn(
+                    self.doc, self.tenant, len(self._kids) + 1, job_type, params, weight, kind.queue, priority, self.request_id, trace
+                )
+                break
+            except (RedisConnectionError, RedisTimeoutError, OSError):
+                if not await away.wait():
+                    raise
+        if was in (contract.FAILED, contract.CANCELLED):
+            await self._run_again(child_id)
+        self._kids.append(child_id)
+        if self._take(family) is not None:  # (shown with this job's next write, throttled as progress is)
+            await self._publish()
+        if self._following is None:
+            self._following = asyncio.ensure_future(self._follow())
+            self._following.add_done_callback(_log_failure)
+        return child_id
+
+    async def _run_again(self, child_id: str) -> None:
+        """A child an earlier attempt spawned, which failed or was cancelled: queue it again."""
+        for _ in range(100):
+            loaded = await self.store.load(child_id)
+            if loaded is None or loaded[0]["status"] not in (contract.FAILED, contract.CANCELLED):
+                return
+            try:
+                await self.store.reopen(*loaded)
+                return
+            except WriteRefused:
+                await asyncio.sleep(0.05)  # its last attempt is still being closed, or it just changed
+        raise RuntimeError(f"spawn: child {child_id} could not be queued again")
+
+    async def _follow(self) -> None:
+        """Read the children's roll-up every ``CHILD_POLL`` s (``PROGRESS_INTERVAL`` if longer) and
+        show it, until all that this attempt spawned have ended (the next spawn starts it again)."""
+        every = max(self.interval, CHILD_POLL)
+        while not self._closed:
+            try:
+                family = await self.store.family(self.id)
+            except (RedisConnectionError, RedisTimeoutError, OSError):
+                family = None  # (read again next time)
+            if family is not None and (status_changed := self._take(family)) is not None:
+                await self._publish(force=status_changed)  # (a child's status: at once)
+            if family is not None and all(self._statuses.get(k) in contract.TERMINAL for k in self._kids):
+                self._following = None
+                return
+            await asyncio.sleep(every)
+
+    def _take(self, family: tuple[float, float, int, int, bytes]) -> bool | None:
+        """A roll-up read: if it changed, this job's progress, and its ``children`` if a status
+        changed, go to its next write. Answers whether a status changed (None: nothing did)."""
+        if family == self._family:
+            return None
+        changed = self._family is None or family[4] != self._family[4]
+        self._family = family
+        self.last_report = time.monotonic()  # (its children move: it is not stalled)
+        if changed:
+            children = json.loads(family[4])
+            self._statuses = {child["id"]: child["status"] for child in children}
+            self._pending["children"] = children
+        self._pending["progress"] = pct = self._combined()
+        self._pending["eta_s"] = self._estimate(pct, time.monotonic())
+        if self.doc["stalled"]:
+            self._pending["stalled"] = False
+        self._changed.set()
+        self._changed = asyncio.Event()
+        return changed
+
+    async def wait(self, children: str | Iterable[str] | None = None) -> list[Any]:
+        """Wait for children (ids from ``spawn``; all this attempt spawned if None) to succeed, and
+        return their results in that order. Raises ``ChildFailed`` as soon as one has failed or was
+        cancelled (the others go on: a job that catches it and returns still waits for them; one
+        that fails for good cancels them)."""
+        ids = list(self._kids) if children is None else [children] if isinstance(children, str) else list(children)
+        unknown = [child for child in ids if child not in self._kids]
+        if unknown:
+            raise ValueError(f"wait: {', '.join(unknown)} not spawned by this attempt")
+        while True:
+            changed = self._changed
+            if self._closed or self.cancel_requested:
+                raise asyncio.CancelledError()
+            states = [self._statuses.get(child) for child in ids]
+            for child, state in zip(ids, states):
+                if state in (contract.FAILED, contract.CANCELLED):
+                    self._waited.add(child)
+                    raise ChildFailed(await self.store.document(child) or {"id": child, "type": "?", "status": state})
+            if all(state == contract.SUCCEEDED for state in states):
+                break
+            await changed.wait()
+        self._waited.update(ids)
+        return [None if raw is None else json.loads(raw) for raw in await self.store.results(ids)]
+
+    async def wait_rest(self) -> None:
+        """``wait`` for the children not waited for yet (a job that returns)."""
+        rest = [child for child in self._kids if child not in self._waited]
+        if rest:
+            await self.wait(rest)
+
+    async def _stop_children(self) -> None:
+        """Cancel this job's children that have not ended (it failed for good or was cancelled)."""
+        family = await self.store.family(self.id)
+        if family is not None:
+            going = [child["id"] for child in json.loads(family[4]) if child["status"] not in contract.TERMINAL]
+            if going:
+                await self.store.stop(going)
+
+    def close(self) -> None:
+        """The attempt has ended: stop following children; a ``wait`` under way (a sync job's
+        thread) raises ``CancelledError``."""
+        self._closed = True
+        if self._following is not None:
+            self._following.cancel()
+            self._following = None
+        self._changed.set()
 
     def _estimate(self, pct: float, now: float) -> float | None:
         if self._sample is not None:
@@ -256,6 +423,8 @@ class JobContext:
     ) -> None:
         """Write the final (or re-queued) state, with anything the throttle held back; ``after``:
         what the attempt leaves to the queue, in the same step (``Store.write``)."""
+        if status in (contract.FAILED, contract.CANCELLED) and (self._kids or "children" in self.doc):
+            await self._stop_children()
         async with self._lock:
             if self._timer is not None:
                 self._timer.cancel()
@@ -332,5 +501,20 @@ class ThreadJobContext:
 
     def progress(self, pct: float | None = None, message: str | None = None, stage: str | None = None) -> None:
         """Like ``JobContext.progress``; raises ``CancelledError`` in the thread once cancelled."""
-        future = asyncio.run_coroutine_threadsafe(self._ctx.progress(pct, message, stage), self._loop)
-        future.result()
+        asyncio.run_coroutine_threadsafe(self._ctx.progress(pct, message, stage), self._loop).result()
+
+    @property
+    def weight(self) -> float:
+        return self._ctx.weight
+
+    @weight.setter
+    def weight(self, value: float) -> None:
+        self._ctx.weight = value
+
+    def spawn(self, job_type: str, params: dict[str, Any] | BaseModel | None = None, *, weight: float = 1.0) -> str:
+        """Like ``JobContext.spawn``."""
+        return asyncio.run_coroutine_threadsafe(self._ctx.spawn(job_type, params, weight=weight), self._loop).result()
+
+    def wait(self, children: str | Iterable[str] | None = None) -> list[Any]:
+        """Like ``JobContext.wait``; raises ``CancelledError`` in the thread once cancelled."""
+        return asyncio.run_coroutine_threadsafe(self._ctx.wait(children), self._loop).result()

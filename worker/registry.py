@@ -50,6 +50,15 @@ class Retry(Exception):
         self.after = after
 
 
+class ChildFailed(Exception):
+    """A child that ``ctx.wait`` waited for failed or was cancelled; ``child`` is its document."""
+
+    def __init__(self, child: dict[str, Any]) -> None:
+        why = (child.get("error") or {}).get("message")
+        super().__init__(f"child {child['id']} ({child['type']}) {child['status']}" + (f": {why}" if why else ""))
+        self.child = child
+
+
 REGISTRY: dict[str, JobType] = {}
 
 
