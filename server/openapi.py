@@ -188,10 +188,10 @@ SCHEMAS: dict[str, Any] = {
                     },
                 },
             },
-            "parent": {"type": "string", "pattern": JOB_ID, "description": "a group's child: the group"},
+            "parent": {"type": "string", "pattern": JOB_ID, "description": "a child's group, or the job that spawned it"},
             "children": {
                 "type": "array",
-                "description": "a group's: its children, in order, with their weights and statuses (watch a child for its progress)",
+                "description": "a group's or a job's that spawned some: its children, in order, with their weights and statuses (watch a child for its progress)",
                 "items": {
                     "type": "object",
                     "required": ["id", "type", "weight", "status"],

@@ -34,9 +34,9 @@ export interface JobDocument {
    * (absent on documents stored before queues existed). */
   queue?: string | null;
   priority?: number;
-  /** A group's child: the group's id. */
+  /** A group's child: the group's id; a spawned child (`ctx.spawn`): the id of the job that spawned it. */
   parent?: string;
-  /** A group's: its children, in order (the group's progress is their mean by weight). */
+  /** A group's, or a job's that spawned some: its children, in order (its progress counts theirs by weight). */
   children?: GroupChild[];
   status: JobStatus;
   /** 0 to 100, or null before the job reports any. */
