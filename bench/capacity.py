@@ -15,6 +15,9 @@ worker send them; Redis CPU from /proc:
   call), and ``child/100``: ``Store.write`` of a running child of such a group, which renders the
   group's document in the same step (``scripts.ROLLUP_LUA``); compare with ``progress/0``. Also the
   wall time of one group submit alone (``group/100 ms``), one round trip.
+* ``spawn``: ``Store.spawn`` (what ``ctx.spawn()`` runs), 100 children per parent, and
+  ``spawned/100``: ``Store.write`` of a running one of 100 spawned children, which sums it up in its
+  parent's hash in the same step (its parent's worker writes the parent: a ``progress/0`` of its own).
 
     .venv/bin/python -m bench.capacity            # about a minute
 """
@@ -116,6 +119,16 @@ async def run(n: int) -> dict[str, float]:
         for i in range(rounds):  # each child once per loop turn (one pipeline), as its worker would write it
             children = await asyncio.gather(*(store.write(c, "", progress=float(i % 100), message=f"step {i}") for c in children))
         out["child/100"] = (cpu_ticks(pid) - before) * 1e6 / CLK_TCK / (rounds * len(children))
+
+        parents = [(await store.create("demo", {}))[0] for _ in range(-(-n // 100))]
+        parents = await asyncio.gather(*(store.write(p, "", status=contract.RUNNING, attempt=1) for p in parents))
+        out["spawn"] = await measure(pid, n, lambda i: store.spawn(parents[i // 100], "", i % 100 + 1, "demo", {"steps": 5}, 1, "default", 0))
+        spawned = [json.loads(contract.unpack(raw).doc) for raw in await store.read_many([contract.spawned_id(parents[0]["id"], k) for k in range(1, 101)])]
+        spawned = await asyncio.gather(*(store.write(c, "", status=contract.RUNNING, attempt=1) for c in spawned))
+        before = cpu_ticks(pid)
+        for i in range(rounds):
+            spawned = await asyncio.gather(*(store.write(c, "", progress=float(i % 100), message=f"step {i}") for c in spawned))
+        out["spawned/100"] = (cpu_ticks(pid) - before) * 1e6 / CLK_TCK / (rounds * len(spawned))
     finally:
         await redis.aclose()
         server.stop()

@@ -123,7 +123,9 @@ return {last, first, redis.call('LRANGE', log, from - first, from - first + tonu
 # record key, queue, order key and arq payload with "@seq@" and "@et@" for the final seq and the
 # time, ``Store.create_group``), its delivery, as ``WRITE`` enqueues a job's. Nothing changes once
 # the group has ended, or if it has expired. A job's spawned children (``SPAWN``) keep the same
-# hash without ``tpl``: their changes are summed up there, and the job's worker reads and shows them.
+# hash without ``tpl``: their changes are summed up there (also once the job has ended, so that a
+# re-run finds them as they are), each change counted in ``v``, and the job's worker reads and
+# shows them (``Store.family``).
 ROLLUP_LUA = r"""
 local function ended(st) return st == 'succeeded' or st == 'failed' or st == 'cancelled' end
 local function share(st, p) if ended(st) then return 100 end return tonumber(p) or 0 end
@@ -135,11 +137,11 @@ local function rollup(packed, child_id, state, progress)
   local parent, group, parent_channel, parent_tombstone, parent_result = f[1], f[2], f[3], f[4], f[5]
   if progress == nil then progress = f[6] == 'null' and '' or f[6] end
   local now_iso, expires_iso, live_ttl, final_ttl, tombstone_ttl, now_ms = f[7], f[8], f[9], f[10], f[11], f[12]
-  local head = redis.call('HMGET', parent, 'seq', 'state')
-  if not head[2] or ended(head[2]) then return end
   local g = redis.call('HMGET', group, child_id, 'w:' .. child_id, 'done', 'weight', 'count', 'queued', 'ended', 'failed',
                        'cancelled', 'progress', 'started', 'tenant', 'tpl', 'members', 'ids', 'hook', 'fast')
   if not g[1] or not g[15] then return end  -- (its group's hash is gone)
+  local head = g[13] and redis.call('HMGET', parent, 'seq', 'state')
+  if head and (not head[2] or ended(head[2])) then return end  -- (a group that has ended stays as it ended)
   local was, was_progress = string.match(g[1], '^(%S+) (.*)$')
   if state == was and progress == was_progress then return end  -- (a message or stage: the group is as it was)
   local done = tonumber(g[3]) + tonumber(g[2]) * (share(state, progress) - share(was, was_progress))
@@ -163,7 +165,8 @@ local function rollup(packed, child_id, state, progress)
     members = '[' .. table.concat(entries, ',') .. ']'
     redis.call('HSET', group, 'queued', n.queued, 'ended', n.ended, 'failed', n.failed, 'cancelled', n.cancelled, 'members', members)
   end
-  if not g[13] then  -- a running job's own children (no template): its worker shows them
+  if not g[13] then  -- a job's spawned children (no template): its worker shows them, as of version ``v``
+    redis.call('HINCRBY', group, 'v', 1)
     redis.call('EXPIRE', group, live_ttl)
     return
   end
@@ -559,19 +562,28 @@ return 1
 # was admitted), and the child added to its parent's ``group`` hash (created on the first spawn, in
 # ``ROLLUP_LUA``'s form, without a template): ``entry`` (``contract.child_entry``) and ``weight``.
 # Its id is the same in every attempt of the parent (``contract.spawned_id``): a child already there
-# is left as it is. Returns {'new' or the state of the child that was there, and the hash's done,
-# weight, ended, count and members: ``Store.family``'s read}.
+# is left as it is, but for a cancel its parent's end asked (``cancel``), which the re-run takes
+# back; a child whose document expired is stored again without being added twice. Returns {'new',
+# the state of the child that was there, or 'stopped' (the parent is not running: nothing done),
+# then the hash's v, done, weight, ended, count and members: ``Store.family``'s read}.
 SPAWN = Script(
-    keys=("job", "group", "index", "record", "queue", "queued", "order", "waiting"),
+    keys=("parent", "job", "group", "cancel", "index", "record", "queue", "queued", "order", "waiting"),
     args=(
         "job_id", "job_type", "event", "ttl", "now_us", "index_trim_below", "queued_trim_below", "payload", "record_ttl_ms",
         "params_json", "request_id", "traceparent", "tenant", "priority", "step", "channel", "wake_channel", "entry", "weight",
     ),  # fmt: skip
     prefix=ENQUEUE_LUA + TIME_LUA + CREATE_LUA,
     body="""
-local function family(state) return {state, unpack(redis.call('HMGET', group, 'done', 'weight', 'ended', 'count', 'members'))} end
+local function family(state)
+  local f = redis.call('HMGET', group, 'v', 'done', 'weight', 'ended', 'count', 'members')
+  return {state, f[1] or '0', f[2] or '0', f[3] or '0', f[4] or '0', f[5] or '0', f[6] or '[]'}
+end
+if redis.call('HGET', parent, 'state') ~= 'running' then return family('stopped') end
 local was = redis.call('HGET', job, 'state')
-if was then return family(was) end
+if was then
+  if was ~= 'succeeded' and was ~= 'failed' and was ~= 'cancelled' then redis.call('DEL', cancel) end
+  return family(was)
+end
 store_job({
   job = job, index = index, record = record, queue = queue, queued = queued, waiting = waiting, order = order, job_id = job_id,
   job_type = job_type, event = event, ttl = ttl, now_us = now_us, index_trim_below = index_trim_below,
@@ -579,18 +591,19 @@ store_job({
   webhook_url = '', request_id = request_id, traceparent = traceparent, tenant = tenant, priority = priority, step = step,
   unwatched = '',
 })
-local g = redis.call('HMGET', group, 'ids', 'members')
+local g = redis.call('HMGET', group, 'ids', 'members', job_id)
 local member = entry .. ',"status":"queued"}'
 if not g[1] then
   redis.call('HSET', group, 'ids', job_id, 'members', '[' .. member .. ']', 'done', 0, 'weight', weight, 'count', 1, 'queued', 1,
              'ended', 0, 'failed', 0, 'cancelled', 0, 'progress', 0)
-else
+elseif not g[3] then
   redis.call('HSET', group, 'ids', g[1] .. ' ' .. job_id, 'members', string.sub(g[2], 1, -2) .. ',' .. member .. ']')
   redis.call('HINCRBYFLOAT', group, 'weight', weight)
   redis.call('HINCRBY', group, 'count', 1)
   redis.call('HINCRBY', group, 'queued', 1)
-end
-redis.call('HSET', group, job_id, 'queued ', 'w:' .. job_id, weight, 'j:' .. job_id, entry)
+end  -- (else: listed already, its document expired; its writes take it on from the state listed)
+if not g[3] then redis.call('HSET', group, job_id, 'queued ', 'w:' .. job_id, weight, 'j:' .. job_id, entry) end
+redis.call('HINCRBY', group, 'v', 1)
 redis.call('EXPIRE', group, ttl)
 redis.call('PUBLISH', channel, event)
 redis.call('PUBLISH', wake_channel, job_id)

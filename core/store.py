@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from redis.asyncio import Redis
 
@@ -76,8 +76,19 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _family(done: bytes, weight: bytes, ended: bytes, count: bytes, members: bytes) -> tuple[float, float, int, int, bytes]:
-    return float(done), float(weight), int(ended), int(count), members
+class Family(NamedTuple):
+    """A job's spawned children, as ``scripts.ROLLUP_LUA`` sums them up in its ``group_key`` hash."""
+
+    version: int  # rises with each change
+    done: float  # the sum of weight x progress, an ended child's 100
+    weight: float  # of them all
+    ended: int
+    count: int
+    members: bytes  # their entries' JSON: id, type, weight, status
+
+    @classmethod
+    def read(cls, version: bytes, done: bytes, weight: bytes, ended: bytes, count: bytes, members: bytes) -> Family:
+        return cls(int(version or 0), float(done), float(weight), int(ended), int(count), members)
 
 
 def _decode(value: Any) -> str:
@@ -406,16 +417,17 @@ class Store:
     async def spawn(
         self, parent: dict[str, Any], tenant: str, n: int, job_type: str, params: dict[str, Any], weight: float,
         queue_name: str, priority: int, request_id: str = "", traceparent: str = "",
-    ) -> tuple[str, str, tuple[float, float, int, int, bytes]]:  # fmt: skip
+    ) -> tuple[str, str, Family]:  # fmt: skip
         """Queue running job ``parent``'s ``n``-th child of an attempt (``scripts.SPAWN``), or find it
-        there from an earlier attempt: ``(child id, 'new' or the state it was in, ``family``'s read
-        after it)``."""
+        there from an earlier attempt: ``(child id, 'new', the state it was in or 'stopped' (the
+        parent is not running), the parent's ``Family`` after it)``."""
         s, parent_id = self.settings, parent["id"]
         child_id = contract.spawned_id(parent_id, n)
         now_us = time.time_ns() // 1000
         child = {**contract.new_document(child_id, job_type, contract.now_iso(), None, queue_name, priority), "parent": parent_id}
         keys, args = scripts.SPAWN.fields(
-            job=contract.job_key(child_id), group=contract.group_key(parent_id), index=contract.jobs_index(tenant),
+            parent=contract.job_key(parent_id), job=contract.job_key(child_id), group=contract.group_key(parent_id),
+            cancel=contract.cancel_key(child_id), index=contract.jobs_index(tenant),
             record=queue.record_key(child_id), queue=queue.queue_key(queue_name), queued=contract.queued_set(tenant),
             order=queue.order_key(queue_name), waiting=queue.waiting_key(queue_name), job_id=child_id, job_type=job_type,
             event=contract.pack(child, tenant), ttl=s.job_ttl, now_us=now_us,
@@ -426,13 +438,12 @@ class Store:
             entry=contract.child_entry(child_id, job_type, weight), weight=weight,
         )  # fmt: skip
         state, *family = await self._spawn(keys=keys, args=args)
-        return child_id, _decode(state), _family(*family)
+        return child_id, _decode(state), Family.read(*family)
 
-    async def family(self, job_id: str) -> tuple[float, float, int, int, bytes] | None:
-        """A job's children, as ``scripts.ROLLUP_LUA`` sums them up: ``(done, weight, ended, count,
-        their entries' JSON)`` (``done``: the sum of weight x progress, an ended child's 100), or None."""
-        read = await self.redis.hmget(contract.group_key(job_id), "done", "weight", "ended", "count", "members")
-        return None if read[-1] is None else _family(*read)
+    async def family(self, job_id: str) -> Family | None:
+        """The job's spawned children (None: it has none)."""
+        read = await self.redis.hmget(contract.group_key(job_id), "v", "done", "weight", "ended", "count", "members")
+        return None if read[-1] is None else Family.read(*read)
 
     async def stop(self, job_ids: list[str]) -> None:
         """Tell the jobs' workers to cancel them (a queued one is cancelled when a worker takes it)."""
@@ -441,6 +452,13 @@ class Store:
                 tx.set(contract.cancel_key(job_id), b"1", ex=self.settings.job_ttl)
                 tx.publish(contract.CANCEL_CHANNEL, job_id)
             await tx.execute()
+
+    async def stop_children(self, job_id: str) -> None:
+        """``stop`` the job's spawned children that have not ended (it ended failed or cancelled)."""
+        family = await self.family(job_id)
+        going = [] if family is None else [c["id"] for c in json.loads(family.members) if c["status"] not in contract.TERMINAL]
+        if going:
+            await self.stop(going)
 
     async def append_log(self, job_id: str, log: LogBatch) -> int:
         """Append ``log`` to the job's log and publish it (``scripts.LOG``); returns the last seq

@@ -321,8 +321,9 @@ async def params(request: Request) -> Response:
 
 @deadline
 async def cancel(request: Request) -> Response:
-    """Queued: cancelled at once (200). Running: the worker is told to stop (202). A group: each
-    of its children that has not ended is cancelled so (202; the group ends once they have)."""
+    """Queued: cancelled at once (200), with the children it spawned. Running: the worker is told
+    to stop (202), and stops its children. A group: each of its children that has not ended is
+    cancelled so (202; the group ends once they have)."""
     job_id = request.path_params["job_id"]
     caller = await key_holder(request)
     event = await load(request, job_id, caller)
@@ -336,6 +337,8 @@ async def cancel(request: Request) -> Response:
                 raise refused  # (a child that ended meanwhile, or is changing, is left as it is)
         return JSONAnswer((await load(request, job_id, caller)).doc, 202)
     status, body = await cancel_job(request, job_id, caller)
+    if status == 200 and "children" in doc:  # a job that spawned, queued between attempts: its children stop too
+        await request.app.state.store.stop_children(job_id)
     return JSONAnswer(body, status)
 
 

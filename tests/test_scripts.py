@@ -421,27 +421,33 @@ async def test_a_child_retried_while_its_group_runs_is_waited_for_again(client):
 
 
 async def test_a_spawned_child_is_queued_once_and_rolls_up_without_writing_its_parent(client):
-    """``SPAWN`` twice (a retried attempt) finds the child there; its writes sum up in its
-    parent's hash (``Store.family``) and leave the parent's document, which its worker writes, alone."""
+    """``SPAWN`` again (a re-run) finds the child there, and takes back the cancel its parent's end
+    asked; its writes sum up in its parent's hash (``Store.family``), each a new version, also once
+    the parent has ended, and leave the parent's document, which its worker writes, alone."""
     store = Store(client, Settings())
     parent, _, _ = await store.create("demo", {}, "t-spawn")
+    assert (await store.spawn(parent, "t-spawn", 1, "demo", {}, 1, queue.DEFAULT, 0))[1] == "stopped"  # (queued: not running)
     parent = await store.write(parent, "t-spawn", status=contract.RUNNING)
     child_id, was, family = await store.spawn(parent, "t-spawn", 1, "demo", {"steps": 2}, 3, queue.DEFAULT, 0)
     assert child_id == contract.spawned_id(parent["id"], 1) and was == "new"
-    assert family[:4] == (0.0, 3.0, 0, 1) and json.loads(family[4]) == [{"id": child_id, "type": "demo", "weight": 3, "status": "queued"}]
+    assert family[:5] == (1, 0.0, 3.0, 0, 1)
+    assert json.loads(family.members) == [{"id": child_id, "type": "demo", "weight": 3, "status": "queued"}]
+    await store.stop_children(parent["id"])  # (as its end would)
+    assert await client.exists(contract.cancel_key(child_id))
     again = await store.spawn(parent, "t-spawn", 1, "demo", {"steps": 2}, 3, queue.DEFAULT, 0)
     assert again == (child_id, "queued", family)  # (nothing added: not queued twice)
-    assert await client.zscore(QUEUE, child_id) is not None
+    assert not await client.exists(contract.cancel_key(child_id)) and await client.zscore(QUEUE, child_id) is not None
     other, _, _ = await store.spawn(parent, "t-spawn", 2, "demo", {}, 1, queue.DEFAULT, 0)
     child = json.loads(contract.unpack(await store.read(child_id)).doc)
     assert child["parent"] == parent["id"] and list(child)[-1] == "parent"
     child = await store.write(child, "t-spawn", status=contract.RUNNING, progress=50.0)
-    done, weight, ended, count, members = await store.family(parent["id"])
-    assert (done, weight, ended, count) == (150.0, 4.0, 0, 2)
-    assert [c["status"] for c in json.loads(members)] == ["running", "queued"]
+    family = await store.family(parent["id"])
+    assert family[:5] == (3, 150.0, 4.0, 0, 2)
+    assert [c["status"] for c in json.loads(family.members)] == ["running", "queued"]
+    await store.write(parent, "t-spawn", status=contract.FAILED)
     await store.write(child, "t-spawn", status=contract.SUCCEEDED)
-    assert (await store.family(parent["id"]))[:3] == (300.0, 4.0, 1)
-    assert json.loads(contract.unpack(await store.read(parent["id"])).doc)["seq"] == parent["seq"]  # its worker's alone
+    assert (await store.family(parent["id"]))[:4] == (4, 300.0, 4.0, 1)  # (its parent ended: still summed up)
+    assert json.loads(contract.unpack(await store.read(parent["id"])).doc)["seq"] == parent["seq"] + 1  # its worker's writes alone
     assert other != child_id
 
 

@@ -152,6 +152,33 @@ async def test_cancelling_a_parent_cancels_its_children(own_redis, tmp_path):
         server.stop()
 
 
+async def test_cancelling_a_parent_queued_for_its_retry_cancels_its_children(own_redis, tmp_path):
+    """It failed once and waits for its retry (queued: the server cancels it at once, 200), its
+    child still running: the child is told to stop too."""
+    server = start_server(own_redis.url, tmp_path)
+    worker = start_worker(own_redis.url, tmp_path, worker_concurrency=2)
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            job = await submit(client, "fanout_retried", {"children": [{"params": {"steps": 100, "interval": 0.1}}], "fail": True})
+
+            async def waiting_for_its_retry() -> dict | None:
+                doc = await document(client, job["id"])
+                return doc if doc["status"] == "queued" and doc["attempt"] == 1 and doc.get("children") else None
+
+            child = (await async_wait_until(waiting_for_its_retry, 10, "its first attempt to fail"))["children"][0]["id"]
+            assert (await document(client, child))["status"] == "running"
+            assert (await client.delete(f"/jobs/{job['id']}")).status_code == 200
+
+            async def child_ended() -> str | None:
+                status = (await document(client, child))["status"]
+                return status if status in ENDED else None
+
+            assert await async_wait_until(child_ended, 10, "its child to stop") == "cancelled"
+    finally:
+        worker.stop()
+        server.stop()
+
+
 async def test_a_killed_worker_spawns_nothing_twice(own_redis, tmp_path):
     """SIGKILL the worker mid-run: the parent's next attempt gets back the children its first
     spawned (the same ids, nothing new listed), each run again once, and it ends succeeded."""
@@ -187,21 +214,22 @@ async def test_a_killed_worker_spawns_nothing_twice(own_redis, tmp_path):
 
 async def test_a_retried_parent_runs_again_only_the_child_that_failed(own_redis, tmp_path):
     """A child fails for good (three tries), so the parent fails; POST .../retry: its next attempt
-    runs that child again (its fourth try succeeds) and takes the other's result as it was."""
+    runs that child (its last spawn, waited for at once) again, its fourth try succeeding, and takes
+    the other's result as it was."""
     server = start_server(own_redis.url, tmp_path)
     worker = start_worker(own_redis.url, tmp_path, worker_concurrency=3)
     try:
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
-            children = [{"type": "flaky", "params": {"fail_times": 3}}, {"type": "demo", "params": {"steps": 2, "interval": 0.05}}]
+            children = [{"type": "demo", "params": {"steps": 2, "interval": 0.05}}, {"type": "flaky", "params": {"fail_times": 3}}]
             job = await submit(client, "fanout", {"children": children})
             failed = [json.loads(e.data) for e in await watch_sse(client, server.url + job["links"]["events"])][-1]
             assert failed["status"] == "failed" and failed["error"]["type"] == "ChildFailed", failed
-            flaky, demo = (c["id"] for c in failed["children"])
+            demo, flaky = (c["id"] for c in failed["children"])
             assert (await client.post(f"/jobs/{job['id']}/retry")).status_code == 202
             final = [json.loads(e.data) for e in await watch_sse(client, server.url + job["links"]["events"])][-1]
             assert final["status"] == "succeeded" and final["attempt"] == 2, final
-            assert (await client.get(job["links"]["result"])).json() == {"results": [{"attempt": 4}, {"steps": 2}]}
-            assert [c["id"] for c in final["children"]] == [flaky, demo]
+            assert (await client.get(job["links"]["result"])).json() == {"results": [{"steps": 2}, {"attempt": 4}]}
+            assert [c["id"] for c in final["children"]] == [demo, flaky]
             assert (await document(client, demo))["attempt"] == 1
     finally:
         worker.stop()

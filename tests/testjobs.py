@@ -175,6 +175,7 @@ class Fanout(BaseModel):
     own_weight: float = Field(1.0, ge=0)
     wait: bool = True  # ctx.wait for them (else it returns at once, and its end waits for them)
     catch: bool = False  # a ChildFailed is caught and its child named in the result
+    fail: bool = False  # raise once they are spawned
 
 
 @job("fanout", params=Fanout, timeout=60)
@@ -185,6 +186,8 @@ async def fanout(ctx, params: Fanout) -> dict:
     for i in range(1, params.own_steps + 1):
         await asyncio.sleep(0.05)
         await ctx.progress(100 * i / params.own_steps)
+    if params.fail:
+        raise RuntimeError("failing, as asked")
     if not params.wait:
         return {"spawned": kids}
     try:
@@ -193,6 +196,9 @@ async def fanout(ctx, params: Fanout) -> dict:
         if not params.catch:
             raise
         return {"failed": failed.child["id"], "status": failed.child["status"]}
+
+
+job("fanout_retried", params=Fanout, timeout=60, max_tries=2, backoff=30)(fanout)  # (waits 15-45 s queued before its retry)
 
 
 @job("fanout_sync", params=Fanout, timeout=60)

@@ -27,7 +27,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from core import contract, tracing
-from core.store import LogBatch, Store, WriteRefused
+from core.store import Family, LogBatch, Store, WriteRefused
 from worker.registry import REGISTRY, ChildFailed
 
 ETA_SMOOTHING = 0.3  # weight of the newest rate sample in the moving average
@@ -129,9 +129,10 @@ class JobContext:
         self._shown = 0.0  # the highest progress shown once it has children (never lower)
         self._kids: list[str] = []  # the children this attempt spawned, in order
         self._waited: set[str] = set()  # those ``wait`` has answered for
-        self._family: tuple[float, float, int, int, bytes] | None = None  # their roll-up as last read (``Store.family``)
+        self._family: Family | None = None  # their roll-up as last read
         self._statuses: dict[str, str] = {}  # each child's status, as last read
         self._following: asyncio.Future | None = None  # reads the roll-up while children run
+        self._broken: BaseException | None = None  # why it stopped, if it failed
         self._changed = asyncio.Event()  # set (and replaced) when the roll-up read changes
         self._closed = False
 
@@ -172,9 +173,9 @@ class JobContext:
         never lower than shown before (a child spawned later adds to what is left to do)."""
         if self._family is None:
             return round(self._own, 2)
-        done, weight = self._family[0], self._family[1]
-        total = self.weight + weight
-        self._shown = max(self._shown, round((self.weight * self._own + done) / total, 2) if total > 0 else 0.0)
+        total = self.weight + self._family.weight
+        pct = (self.weight * self._own + self._family.done) / total if total > 0 else 0.0
+        self._shown = max(self._shown, round(pct, 2))
         return self._shown
 
     async def spawn(self, job_type: str, params: dict[str, Any] | BaseModel | None = None, *, weight: float = 1.0) -> str:
@@ -186,6 +187,10 @@ class JobContext:
         returns first waits for the children it has not waited for; one that fails for good or is
         cancelled cancels those that have not ended. Children take this job's priority if higher
         than their type's, and its submit's request id and trace."""
+        if self._closed or self.cancel_requested:  # (a sync job's thread, after its attempt ended)
+            raise asyncio.CancelledError()
+        if len(self._kids) >= contract.MAX_GROUP:
+            raise ValueError(f"spawn: at most {contract.MAX_GROUP} children per attempt (a child may spawn its own)")
         kind = REGISTRY.get(job_type)
         if kind is None:
             raise ValueError(f"spawn: job type {job_type!r} is not registered in this worker")
@@ -210,8 +215,11 @@ class JobContext:
             except (RedisConnectionError, RedisTimeoutError, OSError):
                 if not await away.wait():
                     raise
+        if was == "stopped":  # this attempt has ended meanwhile
+            raise asyncio.CancelledError()
         if was in (contract.FAILED, contract.CANCELLED):
             await self._run_again(child_id)
+            family = await self.store.family(self.id) or family
         self._kids.append(child_id)
         if self._take(family) is not None:  # (shown with this job's next write, throttled as progress is)
             await self._publish()
@@ -222,7 +230,7 @@ class JobContext:
 
     async def _run_again(self, child_id: str) -> None:
         """A child an earlier attempt spawned, which failed or was cancelled: queue it again."""
-        for _ in range(100):
+        for _ in range(150):  # (a lease's time, and more)
             loaded = await self.store.load(child_id)
             if loaded is None or loaded[0]["status"] not in (contract.FAILED, contract.CANCELLED):
                 return
@@ -230,35 +238,44 @@ class JobContext:
                 await self.store.reopen(*loaded)
                 return
             except WriteRefused:
-                await asyncio.sleep(0.05)  # its last attempt is still being closed, or it just changed
+                await asyncio.sleep(0.2)  # its last attempt is still being closed, or it just changed
         raise RuntimeError(f"spawn: child {child_id} could not be queued again")
 
     async def _follow(self) -> None:
         """Read the children's roll-up every ``CHILD_POLL`` s (``PROGRESS_INTERVAL`` if longer) and
         show it, until all that this attempt spawned have ended (the next spawn starts it again)."""
         every = max(self.interval, CHILD_POLL)
-        while not self._closed:
-            try:
-                family = await self.store.family(self.id)
-            except (RedisConnectionError, RedisTimeoutError, OSError):
-                family = None  # (read again next time)
-            if family is not None and (status_changed := self._take(family)) is not None:
-                await self._publish(force=status_changed)  # (a child's status: at once)
-            if family is not None and all(self._statuses.get(k) in contract.TERMINAL for k in self._kids):
+        try:
+            while not self._closed:
+                try:
+                    family = await self.store.family(self.id)
+                except (RedisConnectionError, RedisTimeoutError, OSError):
+                    family = None  # (read again next time)
+                if family is not None and (status_changed := self._take(family)) is not None:
+                    await self._publish(force=status_changed)  # (a child's status: at once)
+                if family is not None and all(self._statuses.get(k) in contract.TERMINAL for k in self._kids):
+                    return
+                await asyncio.sleep(every)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # (this job's own write failed: a ``wait`` raises it)
+            self._broken = e
+            raise
+        finally:
+            if self._following is asyncio.current_task():
                 self._following = None
-                return
-            await asyncio.sleep(every)
+            self._changed.set()
 
-    def _take(self, family: tuple[float, float, int, int, bytes]) -> bool | None:
-        """A roll-up read: if it changed, this job's progress, and its ``children`` if a status
+    def _take(self, family: Family) -> bool | None:
+        """A roll-up read: if it is newer, this job's progress, and its ``children`` if a status
         changed, go to its next write. Answers whether a status changed (None: nothing did)."""
-        if family == self._family:
+        if self._family is not None and family.version <= self._family.version:
             return None
-        changed = self._family is None or family[4] != self._family[4]
+        changed = self._family is None or family.members != self._family.members
         self._family = family
         self.last_report = time.monotonic()  # (its children move: it is not stalled)
         if changed:
-            children = json.loads(family[4])
+            children = json.loads(family.members)
             self._statuses = {child["id"]: child["status"] for child in children}
             self._pending["children"] = children
         self._pending["progress"] = pct = self._combined()
@@ -280,8 +297,13 @@ class JobContext:
             raise ValueError(f"wait: {', '.join(unknown)} not spawned by this attempt")
         while True:
             changed = self._changed
+            if self._broken is not None:
+                raise RuntimeError(f"wait: this job's children can no longer be followed: {self._broken!r}")
             if self._closed or self.cancel_requested:
                 raise asyncio.CancelledError()
+            if self._following is None:  # (it ended with this attempt's children; a wait for one run again)
+                self._following = asyncio.ensure_future(self._follow())
+                self._following.add_done_callback(_log_failure)
             states = [self._statuses.get(child) for child in ids]
             for child, state in zip(ids, states):
                 if state in (contract.FAILED, contract.CANCELLED):
@@ -298,14 +320,6 @@ class JobContext:
         rest = [child for child in self._kids if child not in self._waited]
         if rest:
             await self.wait(rest)
-
-    async def _stop_children(self) -> None:
-        """Cancel this job's children that have not ended (it failed for good or was cancelled)."""
-        family = await self.store.family(self.id)
-        if family is not None:
-            going = [child["id"] for child in json.loads(family[4]) if child["status"] not in contract.TERMINAL]
-            if going:
-                await self.store.stop(going)
 
     def close(self) -> None:
         """The attempt has ended: stop following children; a ``wait`` under way (a sync job's
@@ -424,7 +438,10 @@ class JobContext:
         """Write the final (or re-queued) state, with anything the throttle held back; ``after``:
         what the attempt leaves to the queue, in the same step (``Store.write``)."""
         if status in (contract.FAILED, contract.CANCELLED) and (self._kids or "children" in self.doc):
-            await self._stop_children()
+            try:  # (its children that have not ended are cancelled)
+                await self.store.stop_children(self.id)
+            except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+                self.log.warning("job %s: its children could not be told to stop: %r", self.id, e)
         async with self._lock:
             if self._timer is not None:
                 self._timer.cancel()
