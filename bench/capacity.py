@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:12} {us:6.1f} µs   {1e6 / us:>9,.0f} per second per Redis core")
     record = {"run": datetime.datetime.now().strftime("%Y%m%d-%H%M%S"), "scenario": "capacity", "n": a.n,
               "redis_us": figures, "machine": facts}  # fmt: skip
+    RESULTS.mkdir(parents=True, exist_ok=True)  # (a fresh checkout has none yet)
     with open(RESULTS / "results.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     return 0
