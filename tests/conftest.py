@@ -23,6 +23,14 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+@pytest.fixture
+def own_redis(tmp_path) -> Iterator[RedisProcess]:
+    """A Redis of the test's own (no persistence), for tests whose workers must see only their jobs."""
+    server = RedisProcess(tmp_path / "redis", appendonly=False).start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def tmp_session(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("session")

@@ -38,6 +38,12 @@ async def async_wait_until(condition: Callable[[], Any], timeout: float = 10.0, 
         await asyncio.sleep(0.02)
 
 
+async def ended_states(client: httpx.AsyncClient, job_ids: list[str]) -> list[str] | None:
+    """Each job's status once all have ended, else None (for ``async_wait_until``)."""
+    states = [(await client.get(f"/jobs/{job_id}?redirect=0")).json()["status"] for job_id in job_ids]
+    return states if all(state in TERMINAL for state in states) else None
+
+
 TEST_JOBS = "worker.demo,testjobs"  # the tests' own job types (tests/testjobs.py) beside the shipped demo
 
 

@@ -12,8 +12,7 @@ import httpx
 import pytest
 from websockets.asyncio.client import connect
 
-from core.devredis import RedisProcess
-from support import async_wait_until, start_server, start_worker, watch_sse
+from support import async_wait_until, ended_states, start_server, start_worker, watch_sse
 
 pytestmark = pytest.mark.anyio
 
@@ -25,13 +24,6 @@ FIVE = [
     {"type": "demo", "params": {"steps": 2, "interval": 0.3}, "weight": 0.5},
     {"type": "demo", "params": {"steps": 8, "interval": 0.08}},
 ]
-
-
-@pytest.fixture
-def own_redis(tmp_path):
-    server = RedisProcess(tmp_path / "redis", appendonly=False).start()
-    yield server
-    server.stop()
 
 
 async def submit_group(client: httpx.AsyncClient, members: list[dict], **body) -> dict:
@@ -208,11 +200,8 @@ async def test_a_fail_fast_group_fails_at_once_and_cancels_the_rest(own_redis, t
             assert docs[-1]["status"] == "failed" and docs[-1]["progress"] < 100
             ids = [c["id"] for c in group["children"]]
 
-            async def all_ended() -> list | None:
-                states = [(await client.get(f"/jobs/{i}?redirect=0")).json()["status"] for i in ids]
-                return states if "running" not in states and "queued" not in states else None
-
-            assert await async_wait_until(all_ended, 20, "the other children to stop") == ["cancelled", "failed", "cancelled"]
+            stopped = await async_wait_until(lambda: ended_states(client, ids), 20, "the other children to stop")
+            assert stopped == ["cancelled", "failed", "cancelled"]
     finally:
         worker.stop()
         server.stop()

@@ -14,17 +14,9 @@ import pytest
 import redis
 
 from core import contract, queue
-from core.devredis import RedisProcess
 from support import async_wait_until, start_server, start_worker
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def own_redis(tmp_path):
-    server = RedisProcess(tmp_path / "redis", appendonly=False).start()
-    yield server
-    server.stop()
 
 
 async def submit(client: httpx.AsyncClient, job_type: str, key: str = "", **body) -> dict:

@@ -12,8 +12,7 @@ import signal
 import httpx
 import pytest
 
-from core.devredis import RedisProcess
-from support import async_wait_until, start_server, start_worker, watch_sse
+from support import async_wait_until, ended_states, start_server, start_worker, watch_sse
 from test_groups import ws_watch
 
 pytestmark = pytest.mark.anyio
@@ -23,14 +22,6 @@ THREE = [  # (demo: `steps` reports of `interval` s each)
     {"params": {"steps": 10, "interval": 0.05}, "weight": 3},
     {"params": {"steps": 6, "interval": 0.1}, "weight": 2},
 ]
-ENDED = ("succeeded", "failed", "cancelled")
-
-
-@pytest.fixture
-def own_redis(tmp_path):
-    server = RedisProcess(tmp_path / "redis", appendonly=False).start()
-    yield server
-    server.stop()
 
 
 async def submit(client: httpx.AsyncClient, job_type: str, params: dict, **kwargs) -> dict:
@@ -117,11 +108,9 @@ async def test_a_failed_child_fails_its_parent_and_the_others_are_cancelled(own_
             assert docs[-1]["status"] == "failed" and docs[-1]["error"]["type"] == "ChildFailed", docs[-1]
             assert docs[-1]["children"][1]["id"] in docs[-1]["error"]["message"]
 
-            async def all_ended() -> list[str] | None:
-                states = [(await document(client, c["id"]))["status"] for c in docs[-1]["children"]]
-                return states if all(s in ENDED for s in states) else None
-
-            assert await async_wait_until(all_ended, 10, "the other children to stop") == ["cancelled", "failed", "cancelled"]
+            children = [c["id"] for c in docs[-1]["children"]]
+            stopped = await async_wait_until(lambda: ended_states(client, children), 10, "the other children to stop")
+            assert stopped == ["cancelled", "failed", "cancelled"]
     finally:
         worker.stop()
         server.stop()
@@ -142,11 +131,9 @@ async def test_cancelling_a_parent_cancels_its_children(own_redis, tmp_path):
             children = (await async_wait_until(under_way, 10, "a child to run"))["children"]
             assert (await client.delete(f"/jobs/{job['id']}")).status_code == 202
 
-            async def all_ended() -> list[str] | None:
-                states = [(await document(client, c["id"]))["status"] for c in [job, *children]]
-                return states if all(s in ENDED for s in states) else None
-
-            assert await async_wait_until(all_ended, 10, "the parent and its children to stop") == ["cancelled"] * 3
+            family = [job["id"], *(c["id"] for c in children)]
+            stopped = await async_wait_until(lambda: ended_states(client, family), 10, "the parent and its children to stop")
+            assert stopped == ["cancelled"] * 3
     finally:
         worker.stop()
         server.stop()
@@ -169,11 +156,7 @@ async def test_cancelling_a_parent_queued_for_its_retry_cancels_its_children(own
             assert (await document(client, child))["status"] == "running"
             assert (await client.delete(f"/jobs/{job['id']}")).status_code == 200
 
-            async def child_ended() -> str | None:
-                status = (await document(client, child))["status"]
-                return status if status in ENDED else None
-
-            assert await async_wait_until(child_ended, 10, "its child to stop") == "cancelled"
+            assert await async_wait_until(lambda: ended_states(client, [child]), 10, "its child to stop") == ["cancelled"]
     finally:
         worker.stop()
         server.stop()
