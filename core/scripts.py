@@ -490,6 +490,18 @@ end
 """
 
 
+# ``store_job`` of the job that the script's own fields name (``CREATE``, ``SPAWN``).
+STORE_THIS_JOB = """
+store_job({
+  job = job, index = index, record = record, queue = queue, queued = queued, waiting = waiting, order = order, job_id = job_id,
+  job_type = job_type, event = event, ttl = ttl, now_us = now_us, index_trim_below = index_trim_below,
+  queued_trim_below = queued_trim_below, payload = payload, record_ttl_ms = record_ttl_ms, params_json = params_json,
+  webhook_url = webhook_url, request_id = request_id, traceparent = traceparent, tenant = tenant, priority = priority,
+  step = step, unwatched = unwatched,
+})
+"""
+
+
 # Creating a job: ``admit``, then ``store_job``, then its first event and a wake-up for the
 # workers, all or nothing. Safe to run twice (a retry after a lost reply changes nothing: the job
 # is there, and that is checked first, before the rate counter). Returns 1 (created), 0 (already
@@ -507,13 +519,7 @@ CREATE = Script(
 if redis.call('EXISTS', job) == 1 then return 0 end
 local refused = admit(rate, rate_limit, rate_window, idempotency, idempotency_value, idempotency_ttl, queued, queued_trim_below, queue_cap, 1)
 if refused then return refused end
-store_job({
-  job = job, index = index, record = record, queue = queue, queued = queued, waiting = waiting, order = order, job_id = job_id,
-  job_type = job_type, event = event, ttl = ttl, now_us = now_us, index_trim_below = index_trim_below,
-  queued_trim_below = queued_trim_below, payload = payload, record_ttl_ms = record_ttl_ms, params_json = params_json,
-  webhook_url = webhook_url, request_id = request_id, traceparent = traceparent, tenant = tenant, priority = priority,
-  step = step, unwatched = unwatched,
-})
+""" + STORE_THIS_JOB + """
 redis.call('PUBLISH', channel, event)
 redis.call('PUBLISH', wake_channel, job_id)
 return 1
@@ -584,13 +590,8 @@ if was then
   if was ~= 'succeeded' and was ~= 'failed' and was ~= 'cancelled' then redis.call('DEL', cancel) end
   return family(was)
 end
-store_job({
-  job = job, index = index, record = record, queue = queue, queued = queued, waiting = waiting, order = order, job_id = job_id,
-  job_type = job_type, event = event, ttl = ttl, now_us = now_us, index_trim_below = index_trim_below,
-  queued_trim_below = queued_trim_below, payload = payload, record_ttl_ms = record_ttl_ms, params_json = params_json,
-  webhook_url = '', request_id = request_id, traceparent = traceparent, tenant = tenant, priority = priority, step = step,
-  unwatched = '',
-})
+local webhook_url, unwatched = '', ''  -- (a child has neither)
+""" + STORE_THIS_JOB + """
 local g = redis.call('HMGET', group, 'ids', 'members', job_id)
 local member = entry .. ',"status":"queued"}'
 if not g[1] then

@@ -233,17 +233,24 @@ class Store:
         self, job_id: str, tenant: str, idempotency_key: str | None, fingerprint: str, rate: tuple[str, int, int],
         request_id: str, traceparent: str, now_us: int,
     ) -> dict[str, Any]:  # fmt: skip
-        """The fields ``CREATE`` and ``CREATE_GROUP`` share: what ``admit`` checks, and what every
-        job they store is given (its index, TTLs, request id, trace context, tenant)."""
+        """The fields ``CREATE`` and ``CREATE_GROUP`` share: what ``admit`` checks, and ``_stored``."""
         s = self.settings
         return {
-            "index": contract.jobs_index(tenant), "idempotency": contract.idempotency_key(tenant, idempotency_key or ""),
-            "queued": contract.queued_set(tenant), "rate": rate[0] or contract.rate_key("submit", "-", 0), "ttl": s.job_ttl,
-            "now_us": now_us, "index_trim_below": now_us - s.tombstone_ttl * 1_000_000, "record_ttl_ms": queue.RECORD_TTL_MS,
-            "wake_channel": contract.WAKE_CHANNEL, "idempotency_value": f"{job_id} {fingerprint}" if idempotency_key else "",
-            "idempotency_ttl": s.idempotency_ttl, "queue_cap": s.queue_cap, "queued_trim_below": now_us - s.job_ttl * 1_000_000,
-            "request_id": request_id, "traceparent": traceparent, "rate_limit": rate[1] if rate[0] else 1 << 62,
-            "rate_window": rate[2] or 1, "tenant": tenant, "step": s.priority_step,
+            "idempotency": contract.idempotency_key(tenant, idempotency_key or ""), "rate": rate[0] or contract.rate_key("submit", "-", 0),
+            "idempotency_value": f"{job_id} {fingerprint}" if idempotency_key else "", "idempotency_ttl": s.idempotency_ttl,
+            "queue_cap": s.queue_cap, "rate_limit": rate[1] if rate[0] else 1 << 62, "rate_window": rate[2] or 1,
+            **self._stored(tenant, request_id, traceparent, now_us),
+        }  # fmt: skip
+
+    def _stored(self, tenant: str, request_id: str, traceparent: str, now_us: int) -> dict[str, Any]:
+        """What every job that ``CREATE``, ``CREATE_GROUP`` and ``SPAWN`` store is given (``store_job``):
+        its index, TTLs, request id, trace context, tenant, and the wake-up that follows it."""
+        s = self.settings
+        return {
+            "index": contract.jobs_index(tenant), "queued": contract.queued_set(tenant), "ttl": s.job_ttl, "now_us": now_us,
+            "index_trim_below": now_us - s.tombstone_ttl * 1_000_000, "queued_trim_below": now_us - s.job_ttl * 1_000_000,
+            "record_ttl_ms": queue.RECORD_TTL_MS, "wake_channel": contract.WAKE_CHANNEL, "request_id": request_id,
+            "traceparent": traceparent, "tenant": tenant, "step": s.priority_step,
         }  # fmt: skip
 
     async def _created(
@@ -421,21 +428,16 @@ class Store:
         """Queue running job ``parent``'s ``n``-th child of an attempt (``scripts.SPAWN``), or find it
         there from an earlier attempt: ``(child id, 'new', the state it was in or 'stopped' (the
         parent is not running), the parent's ``Family`` after it)``."""
-        s, parent_id = self.settings, parent["id"]
+        parent_id = parent["id"]
         child_id = contract.spawned_id(parent_id, n)
-        now_us = time.time_ns() // 1000
         child = {**contract.new_document(child_id, job_type, contract.now_iso(), None, queue_name, priority), "parent": parent_id}
         keys, args = scripts.SPAWN.fields(
             parent=contract.job_key(parent_id), job=contract.job_key(child_id), group=contract.group_key(parent_id),
-            cancel=contract.cancel_key(child_id), index=contract.jobs_index(tenant),
-            record=queue.record_key(child_id), queue=queue.queue_key(queue_name), queued=contract.queued_set(tenant),
+            cancel=contract.cancel_key(child_id), record=queue.record_key(child_id), queue=queue.queue_key(queue_name),
             order=queue.order_key(queue_name), waiting=queue.waiting_key(queue_name), job_id=child_id, job_type=job_type,
-            event=contract.pack(child, tenant), ttl=s.job_ttl, now_us=now_us,
-            index_trim_below=now_us - s.tombstone_ttl * 1_000_000, queued_trim_below=now_us - s.job_ttl * 1_000_000,
-            payload=queue.payload(job_type, (params,), now_ms()), record_ttl_ms=queue.RECORD_TTL_MS,
-            params_json=contract.dumps(params), request_id=request_id, traceparent=traceparent, tenant=tenant,
-            priority=priority, step=s.priority_step, channel=contract.channel(child_id), wake_channel=contract.WAKE_CHANNEL,
-            entry=contract.child_entry(child_id, job_type, weight), weight=weight,
+            event=contract.pack(child, tenant), payload=queue.payload(job_type, (params,), now_ms()), params_json=contract.dumps(params),
+            priority=priority, channel=contract.channel(child_id), entry=contract.child_entry(child_id, job_type, weight), weight=weight,
+            **self._stored(tenant, request_id, traceparent, time.time_ns() // 1000),
         )  # fmt: skip
         state, *family = await self._spawn(keys=keys, args=args)
         return child_id, _decode(state), Family.read(*family)
