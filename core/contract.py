@@ -195,7 +195,7 @@ GROUP_FIELDS = ("status", "progress", "seq", "updated_at", "started_at", "finish
 
 
 def group_key(job_id: str) -> str:
-    """Hash: a group's template, children and their states (``scripts.ROLLUP_LUA``)."""
+    """Hash: a group's template, or a job's spawned children, and the children's states (``scripts.ROLLUP_LUA``)."""
     return f"{PREFIX}group:{job_id}"
 
 
@@ -208,9 +208,18 @@ _PARENT = re.compile(rb',"parent":"(j_[A-Za-z0-9_-]{24})"\}$')
 
 
 def parent_of(doc_json: bytes) -> str | None:
-    """A child's group, read off the end of its document's JSON (``parent`` is its last field), or None."""
+    """A child's parent (its group, or the job that spawned it), read off the end of its document's
+    JSON (``parent`` is its last field), or None."""
     found = _PARENT.search(doc_json, max(0, len(doc_json) - 64))
     return found[1].decode() if found else None
+
+
+MAX_WEIGHT = 1_000_000  # a child's weight: above 0, at most this
+
+
+def is_weight(value: Any) -> bool:
+    """A child's weight (in a group or spawned): a number above 0, at most ``MAX_WEIGHT``."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value <= MAX_WEIGHT
 
 
 def child_entry(child_id: str, job_type: str, weight: float) -> bytes:

@@ -65,11 +65,7 @@ async def _submit(request: Request, span: Any) -> Response:
     registry = request.app.state.registry
     job_type, params, params_json = checked(payload, registry, settings)
     priority = checked_priority(payload, settings.max_priority_of(caller.tenant), registry[job_type].priority)
-    webhook = payload.get("webhook")
-    if "webhook" in payload:  # a URL; null is not "no webhook" (the schema says string)
-        problem = await webhooks.check_submitted(webhook, request.app.state.settings)
-        if problem:
-            raise invalid("webhook", problem)
+    webhook = await checked_webhook(payload, settings)
     unwatched = cancel_when_unwatched(payload, registry[job_type])
     key = idempotency_key(request)
     # accepted even when no live worker runs the type (one may be starting); the document says so
@@ -106,15 +102,11 @@ async def _submit_group(request: Request, span: Any, caller: Caller, payload: di
             raise invalid(f"{where}.{sorted(unknown)[0]}", "unknown field")
         job_type, params, params_json = checked(member, registry, settings, where + ".")
         weight = integral(member.get("weight", 1))
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight <= 1_000_000:
-            raise invalid(f"{where}.weight", "must be a number above 0, at most 1000000")
+        if not contract.is_weight(weight):
+            raise invalid(f"{where}.weight", f"must be a number above 0, at most {contract.MAX_WEIGHT}")
         own = priority if "priority" in payload else min(registry[job_type].priority, cap)
         children.append((job_type, params, params_json, weight, registry[job_type].queue, own))
-    webhook = payload.get("webhook")
-    if "webhook" in payload:  # the group's final state is POSTed to it
-        problem = await webhooks.check_submitted(webhook, settings)
-        if problem:
-            raise invalid("webhook", problem)
+    webhook = await checked_webhook(payload, settings)  # (the group's final state is POSTed to it)
     fail_fast = payload.get("fail_fast", False)
     if not isinstance(fail_fast, bool):
         raise invalid("fail_fast", "must be true or false")
@@ -147,6 +139,16 @@ def checked(payload: dict[str, Any], registry: dict[str, JobType], settings: Any
         errors = [{"field": ".".join([where + "params", *map(str, err["loc"])]), "message": err["msg"]} for err in e.errors()]
         raise Problem(422, "Invalid params", errors[0]["field"] + ": " + errors[0]["message"], errors=errors) from None
     return job_type, params, params_json
+
+
+async def checked_webhook(payload: dict[str, Any], settings: Any) -> str | None:
+    """The submit's ``webhook`` URL, checked; None without one (null is not "no webhook": the schema says string)."""
+    webhook = payload.get("webhook")
+    if "webhook" in payload:
+        problem = await webhooks.check_submitted(webhook, settings)
+        if problem:
+            raise invalid("webhook", problem)
+    return webhook
 
 
 def checked_priority(payload: dict[str, Any], cap: int, default: int) -> int:
@@ -336,19 +338,20 @@ async def cancel(request: Request) -> Response:
             if isinstance(refused, BaseException) and not (isinstance(refused, Problem) and refused.status == 409):
                 raise refused  # (a child that ended meanwhile, or is changing, is left as it is)
         return JSONAnswer((await load(request, job_id, caller)).doc, 202)
-    status, body = await cancel_job(request, job_id, caller)
+    status, body = await cancel_job(request, job_id, caller, event)
     if status == 200 and "children" in doc:  # a job that spawned, queued between attempts: its children stop too
         await request.app.state.store.stop_children(job_id)
     return JSONAnswer(body, status)
 
 
-async def cancel_job(request: Request, job_id: str, caller: Caller) -> tuple[int, bytes]:
-    """Cancel one job: ``(200, its cancelled document)`` if it was queued, ``(202, its document)``
-    once its worker is told to stop; ``409`` if it has ended."""
+async def cancel_job(request: Request, job_id: str, caller: Caller, event: Any = None) -> tuple[int, bytes]:
+    """Cancel one job (``event``: its stored event, if read already): ``(200, its cancelled
+    document)`` if it was queued, ``(202, its document)`` once its worker is told to stop; ``409``
+    if it has ended."""
     store = request.app.state.store
     redis = store.redis
     for _ in range(5):
-        event = await load(request, job_id, caller)
+        event = event or await load(request, job_id, caller)
         doc = json.loads(event.doc)
         if event.terminal:
             raise Problem(409, "Job already finished", f"Job {job_id!r} is {doc['status']}.", job_status=doc["status"])
@@ -356,6 +359,7 @@ async def cancel_job(request: Request, job_id: str, caller: Caller) -> tuple[int
             try:
                 doc = await store.write(doc, event.tenant, status=contract.CANCELLED, eta_s=None)
             except WriteRefused:
+                event = None
                 continue  # a worker took it, or it changed: look again
             await queue.dequeue(redis, doc.get("queue", queue.DEFAULT), job_id)
             return 200, contract.dumps(doc)

@@ -529,7 +529,7 @@ def params_schemas(registry: dict[str, JobType], max_priority: int = 9) -> tuple
     members = []
     for branch in branches:
         properties = {"type": branch["properties"]["type"], "params": branch["properties"]["params"]}
-        properties["weight"] = {"type": "number", "exclusiveMinimum": 0, "maximum": 1_000_000, "default": 1, "description": "its share of the group's progress"}
+        properties["weight"] = {"type": "number", "exclusiveMinimum": 0, "maximum": contract.MAX_WEIGHT, "default": 1, "description": "its share of the group's progress"}
         members.append({**branch, "properties": properties})
     group = {
         "type": "object",

@@ -194,8 +194,8 @@ class JobContext:
         kind = REGISTRY.get(job_type)
         if kind is None:
             raise ValueError(f"spawn: job type {job_type!r} is not registered in this worker")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight <= 1e6:
-            raise ValueError("spawn: weight must be a number above 0 and at most 1e6")
+        if not contract.is_weight(weight):
+            raise ValueError(f"spawn: weight must be a number above 0 and at most {contract.MAX_WEIGHT}")
         if isinstance(params, BaseModel):
             params = params.model_dump(mode="json")
         params = {} if params is None else params
@@ -223,9 +223,7 @@ class JobContext:
         self._kids.append(child_id)
         if self._take(family) is not None:  # (shown with this job's next write, throttled as progress is)
             await self._publish()
-        if self._following is None:
-            self._following = asyncio.ensure_future(self._follow())
-            self._following.add_done_callback(_log_failure)
+        self._follow_children()
         return child_id
 
     async def _run_again(self, child_id: str) -> None:
@@ -240,6 +238,12 @@ class JobContext:
             except WriteRefused:
                 await asyncio.sleep(0.2)  # its last attempt is still being closed, or it just changed
         raise RuntimeError(f"spawn: child {child_id} could not be queued again")
+
+    def _follow_children(self) -> None:
+        """Start ``_follow``, unless it runs."""
+        if self._following is None:
+            self._following = asyncio.ensure_future(self._follow())
+            self._following.add_done_callback(_log_failure)
 
     async def _follow(self) -> None:
         """Read the children's roll-up every ``CHILD_POLL`` s (``PROGRESS_INTERVAL`` if longer) and
@@ -301,9 +305,7 @@ class JobContext:
                 raise RuntimeError(f"wait: this job's children can no longer be followed: {self._broken!r}")
             if self._closed or self.cancel_requested:
                 raise asyncio.CancelledError()
-            if self._following is None:  # (it ended with this attempt's children; a wait for one run again)
-                self._following = asyncio.ensure_future(self._follow())
-                self._following.add_done_callback(_log_failure)
+            self._follow_children()  # (again, if it ended with this attempt's children: a wait for one run again)
             states = [self._statuses.get(child) for child in ids]
             for child, state in zip(ids, states):
                 if state in (contract.FAILED, contract.CANCELLED):
